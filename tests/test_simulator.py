@@ -56,7 +56,7 @@ def test_sorted_by_user_then_time(events):
     codes = events.user_id.cat.codes.to_numpy()
     assert (np.diff(codes) >= 0).all()
     same_user = np.diff(codes) == 0
-    assert (np.diff(events.event_time.to_numpy().astype("int64"))[same_user] >= 0).all()
+    assert (np.diff(events.event_time.astype("int64").to_numpy())[same_user] >= 0).all()
 
 
 def test_users_have_several_sessions_at_a_two_hour_gap(events):
