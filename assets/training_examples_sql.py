@@ -1,0 +1,141 @@
+"""SQL of the `user_splits` and `training_examples` tables (their assets live in training_data.py).
+
+Kept as plain functions over a DuckDB connection so that tests and benchmarks can run the exact
+queries the assets run, on any connection that has a `sessionized_events` relation.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+
+import duckdb
+import pandas as pd
+
+from assets.tasks import EngagementTask, TaskSet
+
+SPLITS = ("train", "valid", "test")
+
+
+def user_split_bucket_sql(user_column: str, seed: int) -> str:
+    """A stable bucket in [0, 10000) per user: md5, not DuckDB's hash(), which may change across versions.
+
+    Python twin for tests: int(hashlib.md5(f"{user_id}:{seed}".encode()).hexdigest()[:8], 16) % 10000.
+    """
+    return f"(('0x' || md5({user_column} || ':{int(seed)}')[1:8])::UBIGINT % 10000)"
+
+
+def user_splits_sql(seed: int, valid_share: float, test_share: float) -> str:
+    """Every user to exactly one split, so no user's history leaks across train/valid/test."""
+    if not (0 < valid_share < 1 and 0 < test_share < 1 and valid_share + test_share < 1):
+        raise ValueError(f"shares must be in (0, 1) and sum below 1: {valid_share=}, {test_share=}")
+    bucket = user_split_bucket_sql("user_id", seed)
+    test_end = round(test_share * 10000)
+    valid_end = test_end + round(valid_share * 10000)
+    return f"""
+        SELECT user_id,
+               CASE WHEN {bucket} < {test_end} THEN 'test'
+                    WHEN {bucket} < {valid_end} THEN 'valid'
+                    ELSE 'train' END AS split
+        FROM (SELECT DISTINCT user_id FROM sessionized_events)
+        ORDER BY user_id
+    """
+
+
+def cutoff_times(con: duckdb.DuckDBPyConnection, task_set: TaskSet) -> list[datetime]:
+    """Rolling cutoffs, newest first: the last one leaves a full label window before the data ends.
+
+    Cutoffs are whole hours (whole days for day-scale horizons), so that simulated sessions,
+    which start at random times, rarely straddle one.
+    """
+    data_end = con.execute("SELECT max(event_time) FROM sessionized_events").fetchall()[0][0]
+    if data_end is None:
+        raise ValueError("sessionized_events is empty: no cutoffs can be placed")
+    unit = "day" if task_set.horizon >= timedelta(days=1) else "hour"
+    last = pd.Timestamp(data_end - task_set.horizon).floor("D" if unit == "day" else "h").to_pydatetime()
+    return [last - k * task_set.cutoff_step for k in range(task_set.n_cutoffs)]
+
+
+def _label_select(tasks: tuple[EngagementTask, ...]) -> str:
+    return ",\n               ".join(f"CAST(({t.label_sql}) AS BOOLEAN) AS {t.column}" for t in tasks)
+
+
+def training_examples_sql(task_set: TaskSet, cutoffs: list[datetime]) -> str:
+    """One row per (user, cutoff) with the user active in the observation window before the cutoff.
+
+    Reads `sessionized_events` and `user_splits`. History is everything strictly before the
+    cutoff; labels come from events in [cutoff, cutoff + horizon), or from the first session with
+    events in that window (its events from the cutoff on) for `next_session` tasks.
+    """
+    if not cutoffs:
+        raise ValueError("no cutoffs")
+    values = ", ".join(f"(TIMESTAMP '{c:%Y-%m-%d %H:%M:%S}')" for c in cutoffs)
+    horizon = f"INTERVAL {int(task_set.horizon.total_seconds())} SECOND"
+    observation = f"INTERVAL {int(task_set.observation.total_seconds())} SECOND"
+    by_window = {w: tuple(t for t in task_set.tasks if t.window == w) for w in ("horizon", "next_session")}
+    joins, label_of = [], {}
+    for window, tasks in by_window.items():
+        if not tasks:
+            continue
+        source = "future" if window == "horizon" else "next_session"
+        joins.append(f"""
+        LEFT JOIN (
+            SELECT user_id, cutoff,
+               {_label_select(tasks)}
+            FROM {source} GROUP BY user_id, cutoff
+        ) AS {source}_labels USING (user_id, cutoff)""")
+        label_of.update({t.name: f"coalesce({source}_labels.{t.column}, false) AS {t.column}" for t in tasks})
+    columns = [label_of[t.name] for t in task_set.tasks]
+    return f"""
+    WITH cutoffs(cutoff) AS (VALUES {values}),
+    examples AS (
+        SELECT e.user_id, c.cutoff,
+               count(*) AS n_history_events,
+               count(DISTINCT e.session_id) AS n_history_sessions,
+               max(e.event_time) AS last_event_time
+        FROM sessionized_events e JOIN cutoffs c ON e.event_time < c.cutoff
+        GROUP BY e.user_id, c.cutoff
+        HAVING max(e.event_time) >= c.cutoff - {observation}
+    ),
+    first_seen_category AS (
+        SELECT user_id, category, min(event_time) AS first_seen
+        FROM sessionized_events WHERE category IS NOT NULL GROUP BY ALL
+    ),
+    first_seen_item AS (
+        SELECT user_id, item_id, min(event_time) AS first_seen
+        FROM sessionized_events WHERE item_id IS NOT NULL GROUP BY ALL
+    ),
+    future AS (
+        SELECT e.*, x.cutoff,
+               coalesce(fc.first_seen < x.cutoff, false) AS category_seen_before,
+               coalesce(fi.first_seen < x.cutoff, false) AS item_seen_before
+        FROM examples x
+        JOIN sessionized_events e
+          ON e.user_id = x.user_id AND e.event_time >= x.cutoff AND e.event_time < x.cutoff + {horizon}
+        LEFT JOIN first_seen_category fc ON fc.user_id = e.user_id AND fc.category = e.category
+        LEFT JOIN first_seen_item fi ON fi.user_id = e.user_id AND fi.item_id = e.item_id
+    ),
+    next_session AS (
+        SELECT * FROM future
+        QUALIFY session_index = min(session_index) OVER (PARTITION BY user_id, cutoff)
+    )
+    SELECT x.user_id || '@' || strftime(x.cutoff, '%Y-%m-%dT%H:%M:%S') AS example_id,
+           x.user_id, x.cutoff, s.split,
+           x.n_history_events, x.n_history_sessions,
+           epoch(x.cutoff) - epoch(x.last_event_time) AS seconds_since_last_event,
+           {", ".join(columns)}
+    FROM examples x
+    JOIN user_splits s USING (user_id)
+    {"".join(joins)}
+    ORDER BY x.cutoff, x.user_id
+    """
+
+
+def label_balance(examples: pd.DataFrame, task_set: TaskSet) -> pd.DataFrame:
+    """Positive rate per task and split: the first thing to read before trusting an AUROC."""
+    rows = []
+    for task in task_set.tasks:
+        for split in SPLITS:
+            labels = examples.loc[examples["split"] == split, task.column]
+            rows.append({"task": task.name, "kind": task.kind, "split": split, "examples": len(labels),
+                         "positives": int(labels.sum()), "positive_rate": float(labels.mean()) if len(labels) else float("nan")})
+    return pd.DataFrame(rows)
