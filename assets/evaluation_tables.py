@@ -1,0 +1,170 @@
+"""Turning model predictions into the `evaluation_metrics` rows and the markdown report.
+
+The training assets write, per model, a predictions table (one row per example: `example_id`,
+`split`, and `p_<task>` for each task the model was trained on) and, for the TRACE family, an
+embeddings table (`example_id`, `split`, `embedding`). Everything here is a function of those
+tables and the labels, so the numbers in the report can be recomputed from what is on disk.
+
+Seen tasks are scored from the models' own heads. Unseen tasks were never shown to any model:
+a logistic-regression probe is fitted on the frozen embeddings of the training users and scored
+on the test users, which is how the TRACE paper measures what a representation generalises to.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+from sklearn.linear_model import LogisticRegression
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+
+from model_lib.metrics import auprc, auroc, ndcg_at_k, paired_bootstrap_uplift_ci
+
+TRACE_METRICS = {"auroc": auroc, "auprc": auprc}
+BASELINE = "myopic"
+
+
+def _metric_rows(model: str, task: str, kind: str, y: np.ndarray, score: np.ndarray,
+                 metrics: Mapping[str, callable], split: str = "test") -> list[dict]:
+    return [{"model": model, "task": task, "task_kind": kind, "metric": name,
+             "value": float(fn(y, score)), "split": split} for name, fn in metrics.items()]
+
+
+def seen_task_scores(predictions: Mapping[str, pd.DataFrame], examples: pd.DataFrame,
+                     tasks: Sequence[str], split: str = "test") -> dict[str, dict[str, tuple[np.ndarray, np.ndarray]]]:
+    """{model: {task: (labels, scores)}} on the examples of `split`, aligned by example_id."""
+    labels = examples.loc[examples["split"] == split].set_index("example_id")
+    out: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]] = {}
+    for model, pred in predictions.items():
+        pred = pred.set_index("example_id").reindex(labels.index)
+        if pred.isna().any().any():
+            missing = int(pred.isna().any(axis=1).sum())
+            raise ValueError(f"{model}: {missing} test examples have no prediction")
+        out[model] = {t: (labels[f"label_{t}"].to_numpy(float), pred[f"p_{t}"].to_numpy(float)) for t in tasks}
+    return out
+
+
+def probe_scores(embeddings: Mapping[str, pd.DataFrame], examples: pd.DataFrame, tasks: Sequence[str],
+                 seed: int = 0) -> dict[str, dict[str, tuple[np.ndarray, np.ndarray]]]:
+    """Logistic-regression probes on frozen embeddings: fitted on train users, scored on test users."""
+    ex = examples.set_index("example_id")
+    out: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]] = {}
+    for model, emb in embeddings.items():
+        emb = emb.set_index("example_id")
+        train_ids = ex.index[ex["split"] == "train"].intersection(emb.index)
+        test_ids = ex.index[ex["split"] == "test"].intersection(emb.index)
+        x_train = np.stack(emb.loc[train_ids, "embedding"].to_numpy())
+        x_test = np.stack(emb.loc[test_ids, "embedding"].to_numpy())
+        out[model] = {}
+        for task in tasks:
+            y_train = ex.loc[train_ids, f"label_{task}"].to_numpy(int)
+            y_test = ex.loc[test_ids, f"label_{task}"].to_numpy(float)
+            if len(np.unique(y_train)) < 2:
+                score = np.full(len(test_ids), float(y_train.mean()) if len(y_train) else 0.5)
+            else:
+                probe = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000, random_state=seed))
+                score = probe.fit(x_train, y_train).predict_proba(x_test)[:, 1]
+            out[model][task] = (y_test, score)
+    return out
+
+
+def metric_rows(scores: Mapping[str, Mapping[str, tuple[np.ndarray, np.ndarray]]], task_kind: str) -> pd.DataFrame:
+    rows = []
+    for model, per_task in scores.items():
+        for task, (y, s) in per_task.items():
+            rows += _metric_rows(model, task, task_kind, y, s, TRACE_METRICS)
+    return pd.DataFrame(rows)
+
+
+def uplift_rows(scores: Mapping[str, Mapping[str, tuple[np.ndarray, np.ndarray]]], task_kind: str,
+                baseline: str = BASELINE, n_boot: int = 200, seed: int = 0) -> pd.DataFrame:
+    """Uplift in % of every model over the baseline per task, with paired bootstrap 95% intervals."""
+    if baseline not in scores:
+        return pd.DataFrame(columns=["model", "task", "task_kind", "metric", "uplift_pct", "ci_low", "ci_high"])
+    rows = []
+    for model, per_task in scores.items():
+        if model == baseline:
+            continue
+        for task, (y, s) in per_task.items():
+            y_base, s_base = scores[baseline][task]
+            assert np.array_equal(y, y_base, equal_nan=True), "uplift needs the same examples for both models"
+            for name, fn in TRACE_METRICS.items():
+                point, low, high = paired_bootstrap_uplift_ci(fn, y, s, s_base, n_boot=n_boot, seed=seed)
+                rows.append({"model": model, "task": task, "task_kind": task_kind, "metric": name,
+                             "uplift_pct": point, "ci_low": low, "ci_high": high})
+    return pd.DataFrame(rows)
+
+
+def mean_uplift(metrics: pd.DataFrame, baseline: str = BASELINE) -> pd.DataFrame:
+    """The papers' headline: uplift of the mean metric over tasks, per model, kind and metric."""
+    means = metrics.groupby(["model", "task_kind", "metric"], as_index=False)["value"].mean()
+    base = means[means["model"] == baseline].rename(columns={"value": "baseline"}).drop(columns="model")
+    out = means.merge(base, on=["task_kind", "metric"], how="left")
+    out["uplift_pct"] = 100.0 * (out["value"] - out["baseline"]) / out["baseline"]
+    return out
+
+
+def funnel_metric_rows(model: str, labels: np.ndarray, scores: np.ndarray, tasks: Sequence[str],
+                       funnel_tasks: Sequence[str]) -> pd.DataFrame:
+    """AUC per task and NDCG of the behaviour order for one conversion model on its test samples.
+
+    `labels`/`scores` are [n_samples, n_tasks] in `tasks` order. NDCG: for each sample the
+    list is its funnel stages; the relevance of a stage is its depth in the funnel (1, 2, ...)
+    if the behaviour happened and 0 if not, so a model that ranks the deepest behaviour that
+    happened first scores 1. Samples with no later behaviour have no relevant item and are
+    excluded (standard NDCG). Cut-off: the whole list (k = number of funnel stages).
+    """
+    rows = [{"model": model, "task": t, "task_kind": "seen", "metric": "auc",
+             "value": float(auroc(labels[:, i], scores[:, i])), "split": "test"} for i, t in enumerate(tasks)]
+    idx = [list(tasks).index(t) for t in funnel_tasks]
+    depth = np.arange(1, len(idx) + 1, dtype=float)
+    relevance = labels[:, idx] * depth
+    rows.append({"model": model, "task": "funnel_order", "task_kind": "seen", "metric": "ndcg",
+                 "value": ndcg_at_k(relevance, scores[:, idx]), "split": "test"})
+    return pd.DataFrame(rows)
+
+
+def _fmt(x: float) -> str:
+    return "n/a" if x is None or (isinstance(x, float) and np.isnan(x)) else f"{x:.4f}"
+
+
+def _pivot_markdown(df: pd.DataFrame, metric: str) -> str:
+    table = df[df["metric"] == metric].pivot_table(index="model", columns="task", values="value")
+    if table.empty:
+        return "_no rows_"
+    table["mean"] = table.mean(axis=1)
+    header = "| model | " + " | ".join(table.columns) + " |\n|---|" + "---|" * len(table.columns) + "\n"
+    body = "".join("| " + model + " | " + " | ".join(_fmt(v) for v in row) + " |\n" for model, row in table.iterrows())
+    return header + body
+
+
+def render_report(metrics: pd.DataFrame, uplifts: pd.DataFrame, dataset: str, notes: Sequence[str] = ()) -> str:
+    """The markdown report: tables shaped like the papers' (models x tasks, a mean column)."""
+    trace = metrics[metrics["metric"].isin(TRACE_METRICS)]
+    parts = [f"# Evaluation report: {dataset}\n", *[f"- {n}" for n in notes], ""]
+    for kind, title in (("seen", "Seen tasks (trained heads)"), ("unseen", "Unseen tasks (probes on frozen embeddings)")):
+        for metric in TRACE_METRICS:
+            part = trace[trace["task_kind"] == kind]
+            if not part.empty:
+                parts += [f"## {title}: {metric.upper()} (test split)\n", _pivot_markdown(part, metric)]
+    if not trace.empty:
+        mu = mean_uplift(trace)
+        mu = mu[mu["model"] != BASELINE]
+        parts += ["## Uplift of the mean over tasks vs the myopic baseline (%)\n",
+                  "| model | kind | metric | mean | myopic mean | uplift % |\n|---|---|---|---|---|---|\n"
+                  + "".join(f"| {r.model} | {r.task_kind} | {r.metric} | {_fmt(r.value)} | {_fmt(r.baseline)} | "
+                            f"{r.uplift_pct:+.2f} |\n" for r in mu.itertuples())]
+    if not uplifts.empty:
+        parts += ["## Per-task uplift vs myopic with paired bootstrap 95% intervals (%)\n",
+                  "| model | task | kind | metric | uplift % | 95% CI |\n|---|---|---|---|---|---|\n"
+                  + "".join(f"| {r.model} | {r.task} | {r.task_kind} | {r.metric} | {r.uplift_pct:+.2f} | "
+                            f"[{r.ci_low:+.2f}, {r.ci_high:+.2f}] |\n" for r in uplifts.itertuples())]
+    conv = metrics[metrics["metric"].isin(["auc", "ndcg"])]
+    if not conv.empty:
+        table = conv.assign(col=conv["task"] + " " + conv["metric"]).pivot_table(index="model", columns="col", values="value")
+        parts += ["## Conversion models (MTLDS family): AUC per task, NDCG of the behaviour order (test split)\n",
+                  "| model | " + " | ".join(table.columns) + " |\n|---|" + "---|" * len(table.columns) + "\n"
+                  + "".join("| " + m + " | " + " | ".join(_fmt(v) for v in row) + " |\n" for m, row in table.iterrows())]
+    return "\n".join(parts) + "\n"
