@@ -20,7 +20,10 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from model_lib.metrics import auprc, auroc, ndcg_at_k, paired_bootstrap_uplift_ci
+import torch
+
+from model_lib.metrics import auprc, auroc, paired_bootstrap_uplift_ci
+from model_lib.mtlds import funnel_depth, per_user_ndcg
 
 TRACE_METRICS = {"auroc": auroc, "auprc": auprc}
 BASELINE = "myopic"
@@ -106,23 +109,15 @@ def mean_uplift(metrics: pd.DataFrame, baseline: str = BASELINE) -> pd.DataFrame
     return out
 
 
-def funnel_metric_rows(model: str, labels: np.ndarray, scores: np.ndarray, tasks: Sequence[str],
-                       funnel_tasks: Sequence[str]) -> pd.DataFrame:
-    """AUC per task and NDCG of the behaviour order for one conversion model on its test samples.
-
-    `labels`/`scores` are [n_samples, n_tasks] in `tasks` order. NDCG: for each sample the
-    list is its funnel stages; the relevance of a stage is its depth in the funnel (1, 2, ...)
-    if the behaviour happened and 0 if not, so a model that ranks the deepest behaviour that
-    happened first scores 1. Samples with no later behaviour have no relevant item and are
-    excluded (standard NDCG). Cut-off: the whole list (k = number of funnel stages).
-    """
+def conversion_metric_rows(model: str, predictions: pd.DataFrame, tasks: list[str], funnel_tasks: list[str]) -> pd.DataFrame:
+    """AUC per task and per-user NDCG of the funnel order (model_lib.mtlds.evaluate's definitions)."""
+    labels = predictions[[f"label_{t}" for t in tasks]].to_numpy(np.float32)
     rows = [{"model": model, "task": t, "task_kind": "seen", "metric": "auc",
-             "value": float(auroc(labels[:, i], scores[:, i])), "split": "test"} for i, t in enumerate(tasks)]
-    idx = [list(tasks).index(t) for t in funnel_tasks]
-    depth = np.arange(1, len(idx) + 1, dtype=float)
-    relevance = labels[:, idx] * depth
+             "value": auroc(labels[:, i], predictions[f"p_{t}"].to_numpy()), "split": "test"} for i, t in enumerate(tasks)]
+    depth = funnel_depth(torch.as_tensor(labels[:, : len(funnel_tasks)])).numpy()
+    groups = pd.factorize(predictions["user_id"])[0]
     rows.append({"model": model, "task": "funnel_order", "task_kind": "seen", "metric": "ndcg",
-                 "value": ndcg_at_k(relevance, scores[:, idx]), "split": "test"})
+                 "value": per_user_ndcg(groups, depth, predictions["score"].to_numpy()), "split": "test"})
     return pd.DataFrame(rows)
 
 

@@ -5,7 +5,6 @@ import pandas as pd
 import pytest
 
 from assets.evaluation_tables import (
-    funnel_metric_rows,
     mean_uplift,
     metric_rows,
     probe_scores,
@@ -59,18 +58,6 @@ def test_probes_find_signal_only_where_the_embedding_has_it(data):
     rows = metric_rows(probe_scores(embs, examples, ["a"]), "unseen").set_index(["model", "metric"]).value
     assert rows["trace", "auroc"] > 0.75
     assert abs(rows["myopic", "auroc"] - 0.5) < 0.1
-
-
-def test_funnel_ndcg_rewards_ranking_the_deepest_behaviour_first():
-    labels = np.array([[1, 1, 0], [1, 0, 1], [0, 0, 0]], dtype=float)  # tasks: cart, buy, fav
-    perfect = np.array([[0.5, 0.9, 0.1], [0.9, 0.1, 0.5], [0.2, 0.1, 0.3]])
-    reversed_ = np.array([[0.9, 0.5, 0.1], [0.9, 0.1, 0.5], [0.2, 0.1, 0.3]])
-    best = funnel_metric_rows("m", labels, perfect, ["cart", "buy", "fav"], ["cart", "buy"])
-    worse = funnel_metric_rows("m", labels, reversed_, ["cart", "buy", "fav"], ["cart", "buy"])
-    ndcg = lambda df: df.loc[df.metric == "ndcg", "value"].item()
-    assert ndcg(best) == pytest.approx(1.0)
-    assert ndcg(worse) < 1.0
-    assert set(best[best.metric == "auc"].task) == {"cart", "buy", "fav"}
 
 
 def test_report_has_the_papers_tables(data):

@@ -1,0 +1,138 @@
+"""MTLDS (four aggregation operators) and its baselines on the funnel samples, logged and registered.
+
+One asset per model, from one factory: `mtlds_linear_model`, `mtlds_mul_model`,
+`mtlds_max_model`, `mtlds_sum_model`, `single_task_model`, `shared_bottom_model`, `esmm_model`,
+`mmoe_model`. The configured primary aggregation (linear, the paper's best) is registered in
+MLflow as `mtlds`; every other model under its own name. Each writes its test-split predictions
+(`user_id`, `label_<task>`, `p_<task>`, `score`) for `evaluation_metrics`.
+"""
+
+
+import dagster as dg
+import mlflow
+import numpy as np
+import pandas as pd
+import torch
+from pydantic import Field
+
+from assets.training_data import funnel_examples, funnel_spec_for
+from model_lib.funnel_samples import samples_to_tensors
+from model_lib.metrics import auroc
+from model_lib.conversion_service import ConversionModel
+from model_lib.mtlds import AGGREGATIONS, MTLDSConfig, evaluate, predict
+from model_lib.mtlds_baselines import BASELINES, build_model
+from model_lib.training import EpochReport, TrainConfig, fit
+from resources.event_sources import EventSource
+from resources.mlflow_tracking import MLflowTracking
+from resources.paths import TraceDagsterPaths
+from resources.warehouse import DuckDBWarehouse
+
+CONVERSION_MODELS = tuple(f"mtlds_{a}" for a in AGGREGATIONS) + tuple(BASELINES)
+PRIMARY_MTLDS = "mtlds_linear"  # registered as `mtlds` (contract.md)
+GROUP = "conversion_models"
+OWNERS = ["team:ml-platform"]
+LOADER = "model_lib.conversion_service:ConversionModel.load"
+DESCRIPTIONS = {
+    "mtlds_linear": "MTLDS, linear aggregation (learned weights) + SoftSort permutation loss.",
+    "mtlds_mul": "MTLDS, multiplicative aggregation + SoftSort permutation loss.",
+    "mtlds_max": "MTLDS, max aggregation + SoftSort permutation loss.",
+    "mtlds_sum": "MTLDS, sum aggregation + SoftSort permutation loss.",
+    "single_task": "Baseline: one independent network per behaviour.",
+    "shared_bottom": "Baseline: shared-bottom multi-task network, BCE only.",
+    "esmm": "Baseline: ESMM, CTR x CVR over the entire space.",
+    "mmoe": "Baseline: multi-gate mixture of experts.",
+}
+
+
+class ConversionTrainingConfig(dg.Config):
+    epochs: int = Field(default=8, description="Upper bound; early stopping on validation loss.")
+    batch_size: int = 512
+    learning_rate: float = 2e-3
+    weight_decay: float = 1e-4
+    patience: int = 2
+    seed: int = 0
+    tau: float = Field(default=1.0, description="SoftSort temperature (sharper settings hurt NDCG on Taobao; see model_lib/mtlds.py).")
+    perm_weight: float = Field(default=1.0, description="Weight of the permutation loss.")
+    torch_threads: int = 1
+
+
+def registered_name(model: str) -> str:
+    return "mtlds" if model == PRIMARY_MTLDS else model
+
+
+def build_conversion_model_asset(model_name: str) -> dg.AssetsDefinition:
+    @dg.asset(
+        name=f"{model_name}_model",
+        group_name=GROUP,
+        owners=OWNERS,
+        kinds={"pytorch", "mlflow"},
+        deps=[funnel_examples],
+        description=DESCRIPTIONS[model_name] + f" Registered in MLflow as `{registered_name(model_name)}`.",
+        tags={"model_family": "mtlds"},
+    )
+    def _train(context: dg.AssetExecutionContext, config: ConversionTrainingConfig, warehouse: DuckDBWarehouse,
+               event_source: EventSource, paths: TraceDagsterPaths, mlflow_tracking: MLflowTracking) -> dg.Output[dict]:
+        torch.set_num_threads(config.torch_threads)
+        spec = funnel_spec_for(event_source)
+        with warehouse.connect(read_only=True) as con:
+            samples = con.sql("SELECT * FROM funnel_examples").df()
+        splits = {s: samples[samples["split"] == s].reset_index(drop=True) for s in ("train", "valid", "test")}
+        data = {s: samples_to_tensors(frame, spec) for s, frame in splits.items()}
+        cfg = MTLDSConfig.from_spec(spec, tau=config.tau, perm_weight=config.perm_weight)
+        model = build_model(model_name, cfg, seed=config.seed)
+        train_config = TrainConfig(epochs=config.epochs, batch_size=config.batch_size, learning_rate=config.learning_rate,
+                                   weight_decay=config.weight_decay, patience=config.patience, seed=config.seed,
+                                   num_threads=config.torch_threads)
+        out_dir = paths.home_dir / "models" / model_name / context.run_id
+        out_dir.mkdir(parents=True, exist_ok=True)
+
+        def on_epoch(report: EpochReport) -> None:
+            mlflow.log_metrics({"train_loss": report.train_loss, "valid_loss": report.valid_loss,
+                                "samples_per_second": report.samples_per_second}, step=report.epoch)
+            context.log.info(f"{model_name} epoch {report.epoch}: train {report.train_loss:.4f} "
+                             f"valid {report.valid_loss:.4f} ({report.samples_per_second:.0f} samples/s)")
+
+        tags = {"dagster.run_id": context.run_id, "model": model_name, "model_family": "mtlds"}
+        with mlflow_tracking.start_run(run_name=f"{model_name}-{context.run_id[:8]}", tags=tags) as run:
+            mlflow.log_params({**config.model_dump(), "model": model_name, "funnel": " < ".join(spec.funnel),
+                               "extra_labels": ",".join(spec.extra_labels),
+                               **{f"n_{s}": len(f) for s, f in splits.items()}})
+            fit_result = fit(model, data["train"], data["valid"], train_config, on_epoch=on_epoch,
+                             checkpoint_path=paths.checkpoints_dir / f"{model_name}-{context.run_id}.pt")
+            artifact = ConversionModel(model_name, model, spec).save(out_dir / "model.pt")
+            probs, scores = predict(model, data["test"])
+            test = splits["test"]
+            predictions = pd.DataFrame({"user_id": test["user_id"].astype(str).to_numpy(), "score": scores})
+            for t, task in enumerate(cfg.tasks):
+                predictions[f"label_{task}"] = test[f"label_{task}"].to_numpy()
+                predictions[f"p_{task}"] = probs[:, t]
+            predictions.to_parquet(out_dir / "predictions.parquet", index=False)
+            metrics = evaluate(model, data["test"])
+            flat = {f"test_auc_{t}": v for t, v in metrics["auc"].items()} | {"test_ndcg": metrics["ndcg"]}
+            mlflow.log_metrics({k: v for k, v in flat.items() if np.isfinite(v)} | {"best_epoch": fit_result.best_epoch})
+            input_example = test.head(5)
+            registered = mlflow_tracking.log_model_artifact(
+                artifact, registered_model_name=registered_name(model_name), loader=LOADER,
+                predict_method="predict_frame", input_example=input_example,
+                version_tags={"dagster.run_id": context.run_id, "model": model_name,
+                              f"test_auc_{spec.funnel[-1]}": f"{metrics['auc'][spec.funnel[-1]]:.6f}"},
+            )
+        history = pd.DataFrame([r.__dict__ for r in fit_result.history])
+        value = {"model": model_name, "artifact": str(artifact), "predictions": str(out_dir / "predictions.parquet"),
+                 "mlflow_run_id": run.info.run_id, "registered_model": registered.name, "version": registered.version,
+                 "model_uri": registered.model_uri, "tasks": list(cfg.tasks), "funnel_tasks": list(cfg.funnel_tasks),
+                 f"test_auc_{spec.funnel[-1]}": metrics["auc"][spec.funnel[-1]], "test_ndcg": metrics["ndcg"]}
+        return dg.Output(value, metadata={
+            "registered_version": dg.MetadataValue.text(registered.model_uri),
+            "mlflow_run_id": run.info.run_id,
+            "test_ndcg": metrics["ndcg"],
+            **{f"test_auc_{t}": v for t, v in metrics["auc"].items()},
+            "best_epoch": fit_result.best_epoch,
+            "training_history": dg.MetadataValue.md(history.round(4).to_markdown(index=False)),
+        })
+
+    return _train
+
+
+conversion_model_assets = [build_conversion_model_asset(name) for name in CONVERSION_MODELS]
+

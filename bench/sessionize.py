@@ -1,0 +1,151 @@
+"""Ingestion + sessionization of simulated events: DuckDB SQL (the assets' code) vs pandas.
+
+    .venv/bin/python -m bench.sessionize                 # 10M events
+    .venv/bin/python -m bench.sessionize --events 1000000
+
+Both paths start from the same simulated parquet file and produce the same tables: validated
+events (null keys, time range, exact duplicates) and sessionized events with every column of
+docs/ARCHITECTURE.md, written as parquet. The DuckDB path is `assets.ingestion.ingest` +
+`assets.sessionization.build_sessionized_events`, exactly what the assets run; the pandas path
+is `bench/pandas_reference.py`. Each runs in its own subprocess so that its peak memory (VmHWM,
+which is per process image and not inherited across exec) is its own. Generating the input is
+not timed; reading it is.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+DEFAULT_WORKDIR = Path("/tmp/trace_dagster_bench")
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident set size (VmHWM), in bytes."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def simulated_input(events: int, workdir: Path, seed: int) -> tuple[Path, int]:
+    """A simulated parquet with about `events` rows (cached by size and seed)."""
+    from resources.simulator import SimulatorConfig, expected_events_per_user, write_simulated_parquet
+
+    per_user = expected_events_per_user(SimulatorConfig(seed=seed))
+    n_users = max(1, math.ceil(events / per_user))
+    path = workdir / f"simulated_n_users={n_users}_seed={seed}.parquet"
+    if not path.exists():
+        workdir.mkdir(parents=True, exist_ok=True)
+        started = time.perf_counter()
+        rows = write_simulated_parquet(SimulatorConfig(n_users=n_users, seed=seed), path)
+        print(f"generated {rows:,} events for {n_users:,} users in "
+              f"{time.perf_counter() - started:.1f} s (not timed below)", flush=True)
+    import pyarrow.parquet as pq
+
+    return path, pq.ParquetFile(path).metadata.num_rows
+
+
+def run_duckdb(input_path: Path, out_dir: Path, gap: float) -> dict:
+    from assets.ingestion import ingest
+    from assets.sessionization import SESSIONIZED_EVENTS, build_sessionized_events
+    from resources.event_sources import InputFile, get_format
+    from resources.paths import TraceDagsterPaths
+    from resources.warehouse import DuckDBWarehouse
+
+    warehouse = DuckDBWarehouse(paths=TraceDagsterPaths(home=str(out_dir)))
+    started = time.perf_counter()
+    with warehouse.connect() as con:
+        summary = ingest(warehouse, con, [InputFile(input_path, "parquet", get_format("canonical"))])
+        rows = build_sessionized_events(warehouse, con, gap)
+        seconds = time.perf_counter() - started
+        sessions = con.execute(
+            f"SELECT count(DISTINCT session_id) FROM {SESSIONIZED_EVENTS}"
+        ).fetchall()[0][0]
+    return {"seconds": seconds, "accepted": summary.rows_accepted,
+            "rejected": summary.rows_rejected, "sessionized": rows, "sessions": sessions}
+
+
+def run_pandas(input_path: Path, out_dir: Path, gap: float) -> dict:
+    import numpy as np
+    import pandas as pd
+
+    from bench.pandas_reference import sessionize_pandas, validate_pandas
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    events = pd.read_parquet(input_path)
+    events["source_file"] = str(input_path)
+    events["source_row"] = np.arange(1, len(events) + 1, dtype="int64")
+    accepted, rejected = validate_pandas(events)
+    accepted = accepted.assign(ingested_at=pd.Timestamp.now(tz="UTC").tz_localize(None))
+    accepted.to_parquet(out_dir / "raw_events.parquet", index=False)
+    rejected.to_parquet(out_dir / "rejected_events.parquet", index=False)
+    sessionized = sessionize_pandas(accepted, gap)
+    sessionized.to_parquet(out_dir / "sessionized_events.parquet", index=False)
+    seconds = time.perf_counter() - started
+    return {"seconds": seconds, "accepted": len(accepted), "rejected": len(rejected),
+            "sessionized": len(sessionized), "sessions": int(sessionized["session_id"].nunique())}
+
+
+def child(path_kind: str, input_path: Path, out_dir: Path, gap: float) -> None:
+    shutil.rmtree(out_dir, ignore_errors=True)
+    result = (run_duckdb if path_kind == "duckdb" else run_pandas)(input_path, out_dir, gap)
+    result["peak_rss_bytes"] = peak_rss_bytes()
+    shutil.rmtree(out_dir, ignore_errors=True)
+    print("RESULT " + json.dumps(result), flush=True)
+
+
+def measure(path_kind: str, input_path: Path, workdir: Path, gap: float) -> dict:
+    out = subprocess.run(
+        [sys.executable, "-m", "bench.sessionize", "--child", path_kind, "--input", str(input_path),
+         "--workdir", str(workdir / f"out_{path_kind}"), "--gap", str(gap)],
+        capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1],
+    )
+    lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
+    if out.returncode != 0 or not lines:
+        sys.exit(f"{path_kind} path failed (exit {out.returncode}):\n{out.stderr[-3000:]}")
+    return json.loads(lines[-1][len("RESULT "):])
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--events", type=int, default=10_000_000)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--gap", type=float, default=7200.0, help="session gap, seconds")
+    parser.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR)
+    parser.add_argument("--child", choices=["duckdb", "pandas"], help=argparse.SUPPRESS)
+    parser.add_argument("--input", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child:
+        child(args.child, args.input, args.workdir, args.gap)
+        return
+
+    input_path, n_events = simulated_input(args.events, args.workdir, args.seed)
+    print(f"input: {n_events:,} simulated events ({input_path.stat().st_size / 2**20:.0f} MiB "
+          f"parquet), session gap {args.gap:.0f} s", flush=True)
+    results = {kind: measure(kind, input_path, args.workdir, args.gap) for kind in ("duckdb", "pandas")}
+    for kind, r in results.items():
+        print(f"{kind:>7}: {r['seconds']:7.2f} s  {n_events / r['seconds']:>12,.0f} events/s  "
+              f"peak RSS {r['peak_rss_bytes'] / 2**30:5.2f} GiB  "
+              f"accepted {r['accepted']:,}  rejected {r['rejected']:,}  sessions {r['sessions']:,}")
+    same = all(results["duckdb"][k] == results["pandas"][k]
+               for k in ("accepted", "rejected", "sessionized", "sessions"))
+    ratio = results["pandas"]["seconds"] / results["duckdb"]["seconds"]
+    print(f"speed-up DuckDB / pandas: {ratio:.1f}x (target >= 10x); "
+          f"DuckDB peak {results['duckdb']['peak_rss_bytes'] / 2**30:.2f} GiB (target < 4 GiB); "
+          f"outputs agree: {'yes' if same else 'NO'}")
+    if not same:
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,176 @@
+"""TRACE on this CPU: training throughput against the machine's matmul rate, serving latency.
+
+    .venv/bin/python -m bench.trace_model            # full run
+    .venv/bin/python -m bench.trace_model --quick    # < 30 s, same figures
+
+Measured side by side in one run, on simulated users (resources.simulator, sessionized by the
+pandas reference in bench/pandas_reference.py):
+
+- dense float32 matmul rate (GFLOP/s) on the training thread count: the ceiling for this model;
+- TRACE training throughput (sequences/s of forward + backward + AdamW on full-length
+  sequences), and the same as a fraction of the matmul rate, using an analytic count of the
+  model's FLOPs per sequence (``trace_flops_per_sequence``; training = 3 x forward);
+- single-user embedding latency on one thread, end to end (the user's events as a DataFrame ->
+  encoder -> network -> embedding), p50 and p99 over many requests; target p99 < 5 ms;
+- batched embedding throughput (users/s, encoding included) on one thread and on all threads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+import pandas as pd
+import torch
+
+from bench.pandas_reference import sessionize_pandas
+from model_lib.embedding_service import UserModel
+from model_lib.encoding import EncoderConfig, SequenceEncoder, prepare_events
+from model_lib.trace import TRACEConfig, count_parameters
+from model_lib.trace_baselines import build_model, make_config
+from model_lib.training import iterate_batches, set_seed
+
+TASKS = ("task_0", "task_1", "task_2", "task_3", "task_4")
+
+
+def trace_flops_per_sequence(c: TRACEConfig) -> float:
+    """Forward FLOPs (2 per multiply-add) of one full-length sequence; embedding lookups,
+    norms and activations are ignored (they are memory-bound, not FLOPs)."""
+    L, D = c.max_len, c.d_model
+    per_token_block = 2 * D * 3 * D + 2 * D * D + 2 * 2 * D * c.d_ff + 2 * 2 * L * D  # qkv, proj, ff, QK^T and AV
+    per_token = 2 * c.n_time_features * D + c.n_layers * per_token_block
+    return L * per_token + 2 * D * c.embedding_dim + 2 * c.embedding_dim * c.n_tasks
+
+
+def matmul_gflops(threads: int, n: int = 1024, seconds: float = 1.0) -> float:
+    torch.set_num_threads(threads)
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    for _ in range(3):
+        a @ b
+    best, deadline = 0.0, time.perf_counter() + seconds
+    while time.perf_counter() < deadline:
+        t = time.perf_counter()
+        a @ b
+        best = max(best, 2 * n**3 / (time.perf_counter() - t))
+    return best / 1e9
+
+
+def simulated_events(n_users: int, seed: int) -> pd.DataFrame:
+    from resources.simulator import SimulatorConfig, simulate_events
+
+    raw = simulate_events(SimulatorConfig(n_users=n_users, days=35, seed=seed))
+    raw = raw.assign(source_file="simulator", source_row=np.arange(1, len(raw) + 1))
+    return sessionize_pandas(raw).drop(columns=["source_file", "source_row"])
+
+
+def training_throughput(model, batch: dict, steps: int, threads: int) -> float:
+    torch.set_num_threads(threads)
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+
+    def step():
+        loss = model.loss(batch)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    for _ in range(2):
+        step()
+    t = time.perf_counter()
+    for _ in range(steps):
+        step()
+    return steps * len(batch["mask"]) / (time.perf_counter() - t)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="small sizes, < 30 s")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="threads for training / batched figures")
+    parser.add_argument("--max-len", type=int, default=128)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    n_users, steps, requests, batch_size = (400, 4, 300, 128) if args.quick else (3000, 20, 2000, 256)
+    threads = max(1, args.threads)
+    started = time.perf_counter()
+
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads available, using {threads}; "
+          f"max_len={args.max_len}; {'quick' if args.quick else 'full'} run")
+    gflops = matmul_gflops(threads, seconds=0.5 if args.quick else 2.0)
+    gflops_1 = matmul_gflops(1, seconds=0.5 if args.quick else 2.0)
+    print(f"matmul_gflops={gflops:.1f} (1024x1024 float32, {threads} threads); matmul_gflops_1thread={gflops_1:.1f}")
+
+    # --- data and model --------------------------------------------------------------------
+    events = simulated_events(n_users, args.seed)
+    ev = prepare_events(events)
+    last = events.groupby("user_id", observed=True)["event_time"].max()
+    examples = pd.DataFrame({"user_id": last.index.astype(str), "cutoff": last.to_numpy() + pd.Timedelta(hours=1)})
+    encoder = SequenceEncoder(EncoderConfig(max_len=args.max_len)).fit(ev, examples)
+    set_seed(args.seed)
+    model = build_model("trace", make_config("trace", encoder, TASKS))
+    service = UserModel("trace", model, encoder)
+    cfg = model.config
+    flops = trace_flops_per_sequence(cfg)
+    print(f"events={len(events):,} users={len(examples):,} params={count_parameters(model):,} "
+          f"forward_mflops_per_sequence={flops / 1e6:.2f}")
+
+    # --- training throughput on full-length sequences (the cost ceiling per sequence) ------
+    t0 = time.perf_counter()
+    encoded = encoder.transform(ev, examples)
+    encode_per_s = len(examples) / (time.perf_counter() - t0)
+    full = {k: v[:batch_size].clone() for k, v in encoded.items()}
+    rows = len(full["mask"])
+    if rows < batch_size:  # tile to a full batch
+        reps = -(-batch_size // rows)
+        full = {k: v.repeat(reps, *([1] * (v.dim() - 1)))[:batch_size] for k, v in full.items()}
+    full["mask"] = torch.ones_like(full["mask"])  # every position real: the FLOP count's assumption
+    full["event_pos"] = torch.arange(cfg.max_len).flip(0).expand(batch_size, -1).to(torch.int32).contiguous()
+    full["labels"] = torch.randint(0, 2, (batch_size, len(TASKS))).float()
+    seq_per_s = training_throughput(model, full, steps, threads)
+    achieved = seq_per_s * 3 * flops / 1e9
+    print(f"train_sequences_per_s={seq_per_s:.0f} (batch {batch_size}, full length {cfg.max_len}, {threads} threads)")
+    print(f"train_gflops={achieved:.2f} fraction_of_matmul={achieved / gflops:.3f}")
+    real_len = encoded["mask"].sum(1).float()
+    print(f"encode_examples_per_s={encode_per_s:.0f} (mean real length {real_len.mean():.1f} of {cfg.max_len})")
+
+    # --- batched embedding throughput (encoding included) -----------------------------------
+    model.eval()
+    for n_threads in sorted({1, threads}):
+        torch.set_num_threads(n_threads)
+        t0 = time.perf_counter()
+        emb = service.embed(ev, examples, batch_size=1024)
+        rate = len(examples) / (time.perf_counter() - t0)
+        print(f"batch_users_per_s_{n_threads}thread={rate:.0f} (embedding dim {emb.shape[1]})")
+
+    # --- single-user latency, one thread, end to end ---------------------------------------
+    torch.set_num_threads(1)
+    sizes = events.groupby("user_id", observed=True).size()
+    heavy = sizes.index[np.argsort(sizes.to_numpy())[-20:]]  # the longest histories: worst case
+    by_user = {u: events[events["user_id"] == u] for u in heavy}
+    as_of = {u: last.loc[u] + pd.Timedelta(hours=1) for u in heavy}
+    users = list(heavy)
+    for u in users[:3]:
+        service.embed_user(by_user[u], as_of=as_of[u])  # warm-up
+    lat = np.empty(requests)
+    for i in range(requests):
+        u = users[i % len(users)]
+        t = time.perf_counter()
+        service.embed_user(by_user[u], as_of=as_of[u])
+        lat[i] = (time.perf_counter() - t) * 1e3
+    one = encoder.transform(by_user[users[0]], pd.DataFrame({"user_id": [str(users[0])], "cutoff": [as_of[users[0]]]}))
+    fwd = np.empty(requests)
+    with torch.inference_mode():
+        for i in range(requests):
+            t = time.perf_counter()
+            model.embed(one)
+            fwd[i] = (time.perf_counter() - t) * 1e3
+    print(f"single_user: {requests} requests, users with {sizes.loc[heavy].min()}-{sizes.loc[heavy].max()} events, 1 thread, end to end")
+    print(f"p50_ms={np.percentile(lat, 50):.2f}")
+    print(f"p99_ms={np.percentile(lat, 99):.2f}")
+    print(f"forward_only_p50_ms={np.percentile(fwd, 50):.2f} forward_only_p99_ms={np.percentile(fwd, 99):.2f}")
+    print(f"target_p99_ms=5 met={bool(np.percentile(lat, 99) < 5)}")
+    print(f"total_seconds={time.perf_counter() - started:.1f}")
+
+
+if __name__ == "__main__":
+    main()

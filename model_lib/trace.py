@@ -1,0 +1,257 @@
+"""TRACE: Transformer-based user Representations from Attributed Clickstream Event sequences.
+
+Black et al., 2024 (arXiv 2409.12972); see ../shared/design/papers.md. The model, per event
+(shapes with B = batch, L = max_len, C = categorical columns, F = time features, D = d_model):
+
+    x = sum_c Emb_c(cat_ids[..., c])            # page name + attributes      [B, L, D]
+      + Linear(time_features)                   # engineered time features    [B, L, D]
+      + EventPosEmb(event_pos) + SessionPosEmb(session_pos)   # learned, independent
+    x = Block^n_layers(x, padding mask)         # 1 block, 8 heads, width 32, ff 128
+    h = max over real events of x               # global max pooling          [B, D]
+    u = GELU(Linear(h))                         # shared dense layer: the user embedding [B, E]
+    logits = Linear(u)                          # one linear head per task    [B, T]
+
+and the loss is the sum over tasks of class-weighted binary cross-entropy.
+
+Choices the paper leaves to us (papers.md): pre-LayerNorm blocks (stable without warm-up);
+GELU on the shared layer; the T task heads are one ``Linear(E, T)``, which is exactly T
+independent linear heads side by side; positions count back from the cutoff (encoding.py).
+Class weights: the secondary summary gives w_k = 1 / positive rate for positives; we use the
+*balanced* form w_pos = 1 / (2 p), w_neg = 1 / (2 (1 - p)) by default, which gives positives
+the same relative weight against negatives as 1/p does up to the (1-p) factor, but keeps every
+task's loss on the same scale (mean weight 1) so that no task dominates the sum;
+``class_weighting="inverse_positive_rate"`` gives the summary's form. Missing labels (NaN)
+are masked out of the loss.
+
+The sequence -> pooled-vector part is ``SequenceUserModel.pool``; the baselines
+(trace_baselines.py) override only that, and share the embedding, heads, loss and inference.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+CLASS_WEIGHTINGS = ("balanced", "inverse_positive_rate", "none")
+
+
+@dataclass
+class TRACEConfig:
+    vocab_sizes: tuple[int, ...] = (16,)  # one embedding table per categorical column (encoder)
+    n_time_features: int = 7
+    n_tasks: int = 5
+    max_len: int = 128  # event positions 0 .. max_len-1
+    max_sessions: int = 32  # session positions 0 .. max_sessions-1
+    d_model: int = 32
+    n_heads: int = 8
+    d_ff: int = 128
+    n_layers: int = 1
+    dropout: float = 0.1
+    embedding_dim: int = 32  # size of the user embedding (shared dense layer)
+    use_event_positions: bool = True  # ablation switches: the paper's open question
+    use_session_positions: bool = True
+    class_weighting: str = "balanced"
+    task_names: tuple[str, ...] = field(default_factory=tuple)
+
+
+def class_weights_from_labels(labels: Tensor, scheme: str = "balanced") -> Tensor:
+    """[N, T] labels in {0, 1, NaN} -> [T, 2] weights (negative, positive) per task."""
+    if scheme not in CLASS_WEIGHTINGS:
+        raise ValueError(f"class_weighting must be one of {CLASS_WEIGHTINGS}, got {scheme!r}")
+    labels = labels.double()
+    observed = ~torch.isnan(labels)
+    n = observed.sum(0).clamp(min=1)
+    p = (torch.nan_to_num(labels, nan=0.0).sum(0) / n).clamp(1e-4, 1 - 1e-4)  # [T]
+    if scheme == "balanced":
+        w = torch.stack([0.5 / (1 - p), 0.5 / p], dim=1)
+    elif scheme == "inverse_positive_rate":
+        w = torch.stack([torch.ones_like(p), 1.0 / p], dim=1)
+    else:
+        w = torch.ones(len(p), 2, dtype=torch.float64)
+    return w.float()
+
+
+def weighted_multitask_bce(logits: Tensor, labels: Tensor, class_weights: Tensor) -> Tensor:
+    """Sum over tasks of the class-weighted mean BCE over the rows whose label is not NaN.
+
+    logits, labels: [B, T]; class_weights: [T, 2] (negative, positive).
+    """
+    observed = ~torch.isnan(labels)  # [B, T]
+    y = torch.nan_to_num(labels, nan=0.0)
+    w = torch.where(y > 0.5, class_weights[:, 1], class_weights[:, 0]) * observed  # [B, T]
+    per_elem = F.binary_cross_entropy_with_logits(logits, y, reduction="none")  # [B, T]
+    per_task = (w * per_elem).sum(0) / observed.sum(0).clamp(min=1)  # [T]
+    return per_task.sum()
+
+
+def attention_mask(mask: Tensor) -> Tensor:
+    """Padding mask [B, L] with an all-padding row (a user with no history) given one visible
+    slot, so attention never softmaxes over nothing; that slot holds PAD ids and zeros."""
+    empty = ~mask.any(dim=1, keepdim=True)  # [B, 1]
+    first = torch.zeros_like(mask)
+    first[:, 0] = True
+    return mask | (empty & first)
+
+
+def masked_max_pool(x: Tensor, mask: Tensor) -> Tensor:
+    """Global max pooling over real positions: x [B, L, D], mask [B, L] -> [B, D]."""
+    return x.masked_fill(~mask.unsqueeze(-1), float("-inf")).max(dim=1).values
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention over real events. No dropout on the attention weights: on CPU
+    it cost as much as the attention itself (measured: 104 vs 38 ms fwd+bwd at B=128, L=64),
+    and the block keeps dropout on its residual branches."""
+
+    def __init__(self, d_model: int, n_heads: int):
+        super().__init__()
+        if d_model % n_heads:
+            raise ValueError(f"d_model {d_model} is not divisible by n_heads {n_heads}")
+        self.n_heads = n_heads
+        self.qkv = nn.Linear(d_model, 3 * d_model)
+        self.proj = nn.Linear(d_model, d_model)
+
+    def forward(self, x: Tensor, mask: Tensor) -> Tensor:
+        B, L, D = x.shape
+        q, k, v = self.qkv(x).split(D, dim=2)  # each [B, L, D]
+        q, k, v = (t.view(B, L, self.n_heads, D // self.n_heads).transpose(1, 2) for t in (q, k, v))  # [B, H, L, Dh]
+        keys = mask[:, None, None, :]  # [B, 1, 1, L]: every query may attend to every real event
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=keys)  # [B, H, L, Dh]
+        return self.proj(y.transpose(1, 2).reshape(B, L, D))
+
+
+class Block(nn.Module):
+    """Pre-LayerNorm transformer encoder block (bidirectional: a user's past has no future)."""
+
+    def __init__(self, d_model: int, n_heads: int, d_ff: int, dropout: float):
+        super().__init__()
+        self.ln1 = nn.LayerNorm(d_model)
+        self.attn = SelfAttention(d_model, n_heads)
+        self.ln2 = nn.LayerNorm(d_model)
+        self.ff = nn.Sequential(nn.Linear(d_model, d_ff), nn.GELU(), nn.Linear(d_ff, d_model))
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: Tensor, mask: Tensor) -> Tensor:
+        x = x + self.drop(self.attn(self.ln1(x), mask))
+        return x + self.drop(self.ff(self.ln2(x)))
+
+
+class EventEmbedding(nn.Module):
+    """Per-event input vector: attribute embeddings + time projection (+ event/session positions)."""
+
+    def __init__(self, vocab_sizes, n_time_features, d_model, max_len=0, max_sessions=0, padding_idx=0):
+        super().__init__()
+        self.categorical = nn.ModuleList(nn.Embedding(v, d_model, padding_idx=padding_idx) for v in vocab_sizes)
+        self.time = nn.Linear(n_time_features, d_model) if n_time_features else None
+        self.event_pos = nn.Embedding(max_len, d_model) if max_len else None
+        self.session_pos = nn.Embedding(max_sessions, d_model) if max_sessions else None
+
+    def forward(self, batch: dict[str, Tensor]) -> Tensor:
+        ids = batch["cat_ids"]  # [B, L, C]
+        x = sum(emb(ids[..., c]) for c, emb in enumerate(self.categorical))  # [B, L, D]
+        if self.time is not None:
+            x = x + self.time(batch["time_features"])
+        if self.event_pos is not None:
+            x = x + self.event_pos(batch["event_pos"])
+        if self.session_pos is not None:
+            x = x + self.session_pos(batch["session_pos"])
+        return x
+
+
+class SequenceUserModel(nn.Module):
+    """Shared by TRACE and its baselines: pooled sequence -> user embedding -> task logits.
+
+    Subclasses implement ``pool(batch) -> [B, H]`` and set ``self.pooled_dim``.
+    """
+
+    pooled_dim: int
+
+    def _init_heads(self, embedding_dim: int, n_tasks: int, class_weighting: str) -> None:
+        if class_weighting not in CLASS_WEIGHTINGS:
+            raise ValueError(f"class_weighting must be one of {CLASS_WEIGHTINGS}, got {class_weighting!r}")
+        self.class_weighting = class_weighting
+        self.shared = nn.Linear(self.pooled_dim, embedding_dim)
+        self.heads = nn.Linear(embedding_dim, n_tasks)  # row t of the weight = head of task t
+        # saved in the state dict, so a loaded model computes the same loss
+        self.register_buffer("class_weights", torch.ones(n_tasks, 2))
+
+    def set_class_weights(self, labels: Tensor) -> Tensor:
+        """Set the loss weights from the training labels [N, T] (NaN = missing)."""
+        self.class_weights.copy_(class_weights_from_labels(labels, self.class_weighting))
+        return self.class_weights
+
+    def pool(self, batch: dict[str, Tensor]) -> Tensor:  # [B, H]
+        raise NotImplementedError
+
+    def embed(self, batch: dict[str, Tensor]) -> Tensor:
+        """User embedding [B, E]: the output of the shared dense layer."""
+        return F.gelu(self.shared(self.pool(batch)))
+
+    def forward(self, batch: dict[str, Tensor]) -> Tensor:
+        """Task logits [B, T]."""
+        return self.heads(self.embed(batch))
+
+    def predict_proba(self, batch: dict[str, Tensor]) -> Tensor:
+        return torch.sigmoid(self.forward(batch))  # [B, T]
+
+    def loss(self, batch: dict[str, Tensor]) -> Tensor:
+        return weighted_multitask_bce(self.forward(batch), batch["labels"].float(), self.class_weights)
+
+
+class TRACE(SequenceUserModel):
+    def __init__(self, config: TRACEConfig):
+        super().__init__()
+        self.config = c = config
+        self.embedding = EventEmbedding(
+            c.vocab_sizes,
+            c.n_time_features,
+            c.d_model,
+            max_len=c.max_len if c.use_event_positions else 0,
+            max_sessions=c.max_sessions if c.use_session_positions else 0,
+        )
+        self.drop = nn.Dropout(c.dropout)
+        self.blocks = nn.ModuleList(Block(c.d_model, c.n_heads, c.d_ff, c.dropout) for _ in range(c.n_layers))
+        self.ln_f = nn.LayerNorm(c.d_model)
+        self.pooled_dim = c.d_model
+        self._init_heads(c.embedding_dim, c.n_tasks, c.class_weighting)
+
+    def pool(self, batch: dict[str, Tensor]) -> Tensor:
+        mask = attention_mask(batch["mask"])  # [B, L]
+        x = self.drop(self.embedding(batch))  # [B, L, D]
+        for block in self.blocks:
+            x = block(x, mask)
+        return masked_max_pool(self.ln_f(x), mask)  # [B, D]
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def sinusoidal_table(n_positions: int, dim: int) -> Tensor:
+    """Fixed sin/cos position table [n_positions, dim] (Vaswani et al. 2017)."""
+    pos = torch.arange(n_positions, dtype=torch.float32)[:, None]
+    freq = torch.exp(torch.arange(0, dim, 2, dtype=torch.float32) * (-math.log(10000.0) / dim))
+    table = torch.zeros(n_positions, dim)
+    table[:, 0::2] = torch.sin(pos * freq)
+    table[:, 1::2] = torch.cos(pos * freq)[:, : dim // 2]
+    return table
+
+
+__all__ = [
+    "TRACEConfig",
+    "TRACE",
+    "SequenceUserModel",
+    "EventEmbedding",
+    "Block",
+    "SelfAttention",
+    "class_weights_from_labels",
+    "weighted_multitask_bce",
+    "attention_mask",
+    "masked_max_pool",
+    "sinusoidal_table",
+    "count_parameters",
+]

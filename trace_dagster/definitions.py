@@ -1,0 +1,81 @@
+"""The Dagster code location: assets, checks, resources, jobs, schedules and sensors of trace-dagster.
+
+Glue only: what each asset does lives in `assets/`, how state is stored in `resources/`.
+Resources read their settings from the environment when used (`TRACE_DAGSTER_HOME`,
+`TRACE_DAGSTER_EVENTS`, `TRACE_DAGSTER_EVENTS_FORMAT`, `MLFLOW_TRACKING_URI`), so this module
+loads with no variable set.
+"""
+
+from __future__ import annotations
+
+import dagster as dg
+
+from assets.conversion_models import conversion_model_assets
+from assets.drift import drift_below_threshold, drift_report, model_outputs_stable
+from assets.embeddings import user_embeddings, user_embeddings_are_complete
+from assets.evaluation import evaluation_metrics, evaluation_metrics_are_complete
+from assets.ingestion import ingested_events, ingestion_checks
+from assets.promotion import model_promotion
+from assets.sequence_models import sequence_model_assets
+from assets.sessionization import sessionization_checks, sessionized_events
+from assets.training_data import (
+    funnel_examples,
+    funnel_examples_have_conversions,
+    training_examples,
+    training_examples_labels_are_learnable,
+    training_examples_users_in_one_split,
+    user_splits,
+)
+from resources.event_sources import EventSource
+from resources.mlflow_tracking import MLflowTracking
+from resources.paths import TraceDagsterPaths
+from resources.warehouse import DuckDBWarehouse
+from trace_dagster.jobs import JOBS
+from trace_dagster.schedules import SCHEDULES
+from trace_dagster.sensors import SENSORS
+
+ASSETS = [
+        ingested_events,
+        sessionized_events,
+        user_splits,
+        training_examples,
+        funnel_examples,
+        *sequence_model_assets,
+        *conversion_model_assets,
+        evaluation_metrics,
+        model_promotion,
+        user_embeddings,
+        drift_report,
+]
+ASSET_CHECKS = [
+        ingestion_checks,
+        sessionization_checks,
+        training_examples_users_in_one_split,
+        training_examples_labels_are_learnable,
+        funnel_examples_have_conversions,
+        evaluation_metrics_are_complete,
+        user_embeddings_are_complete,
+        drift_below_threshold,
+        model_outputs_stable,
+]
+
+
+def build_resources(home: str = "", tracking_uri: str | None = None, **event_source: object) -> dict:
+    """The resources of the code location; tests pass a tmp home, a tmp MLflow store, a small simulator."""
+    paths = TraceDagsterPaths(home=home)
+    return {
+        "paths": paths,
+        "warehouse": DuckDBWarehouse(paths=paths),
+        "event_source": EventSource(paths=paths, **event_source),
+        "mlflow_tracking": MLflowTracking(tracking_uri=tracking_uri),
+    }
+
+
+defs = dg.Definitions(
+    assets=ASSETS,
+    asset_checks=ASSET_CHECKS,
+    jobs=JOBS,
+    schedules=SCHEDULES,
+    sensors=SENSORS,
+    resources=build_resources(),
+)

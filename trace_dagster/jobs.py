@@ -1,0 +1,63 @@
+"""Jobs: what a person or a sensor can launch.
+
+- `full_pipeline` (contract.md): every asset, from `raw_events` to `drift_report`.
+- `ingest_and_monitor`: new events in, the champion's embeddings refreshed, drift checked; no
+  training. What the new-files sensor launches.
+- `retrain_models`: examples, every model, evaluation, gated promotion, embeddings, drift.
+  What the weekly schedule and the drift sensor launch.
+- `rollback_champion`: restore the `previous` version of a registered model as `champion`.
+"""
+
+
+import dagster as dg
+from pydantic import Field
+
+from resources.mlflow_tracking import MLflowTracking
+
+INGESTION_ASSETS = ("raw_events", "rejected_events", "sessionized_events")
+MONITORING_ASSETS = ("user_embeddings", "drift_report")
+
+full_pipeline = dg.define_asset_job(
+    "full_pipeline",
+    selection=dg.AssetSelection.all(),
+    description="Every asset and check: raw events to drift report (contract.md).",
+)
+
+ingest_and_monitor = dg.define_asset_job(
+    "ingest_and_monitor",
+    selection=dg.AssetSelection.assets(*INGESTION_ASSETS, *MONITORING_ASSETS),
+    description="Ingest new event files, refresh the champion's user embeddings, check drift.",
+)
+
+retrain_models = dg.define_asset_job(
+    "retrain_models",
+    selection=dg.AssetSelection.assets("user_splits").downstream(),
+    description="Rebuild examples, retrain every model, evaluate, promote a winner, refresh embeddings, check drift.",
+)
+
+
+class RollbackConfig(dg.Config):
+    model_name: str = Field(default="trace", description="Registered model whose champion is rolled back.")
+    expected_champion: str = Field(default="", description="Only roll back if this version is still champion.")
+
+
+@dg.op(description="Make `previous` the `champion` again; the demoted version keeps its number and tags.")
+def rollback_registered_model(context: dg.OpExecutionContext, config: RollbackConfig,
+                              mlflow_tracking: MLflowTracking) -> None:
+    result = mlflow_tracking.rollback(config.model_name, config.expected_champion or None)
+    context.log.info(f"{config.model_name}: {result.reason}")
+    if not result.rolled_back:
+        raise dg.Failure(f"nothing rolled back: {result.reason}",
+                         metadata={"champion": str(result.champion_version), "previous": str(result.previous_version)})
+    context.log_event(dg.AssetObservation(
+        asset_key=dg.AssetKey("model_promotion"),
+        metadata={"rollback": result.reason, "model": config.model_name, "champion": str(result.champion_version),
+                  "demoted": str(result.demoted_version)}))
+
+
+@dg.job(description="Restore the previous champion of a registered model (trace or mtlds).")
+def rollback_champion():
+    rollback_registered_model()
+
+
+JOBS = [full_pipeline, ingest_and_monitor, retrain_models, rollback_champion]

@@ -1,0 +1,73 @@
+"""Sensors: new event files start ingestion once; a failed drift check starts retraining once.
+
+Both keep a cursor and give every run request a run key derived from what triggered it, so a
+re-evaluation (a restarted daemon, a second tick on the same state) never launches twice.
+"""
+
+
+import hashlib
+import json
+
+import dagster as dg
+
+from resources.event_sources import EventSource
+from trace_dagster.jobs import ingest_and_monitor, retrain_models
+
+DRIFT_CHECK = dg.AssetCheckKey(dg.AssetKey("drift_report"), "drift_below_threshold")
+
+
+def file_fingerprints(event_source: EventSource) -> dict[str, str]:
+    """path -> "size:mtime_ns" of every readable input file; a changed file is a new file."""
+    inputs, _ignored = event_source.list_inputs()
+    out = {}
+    for item in inputs:
+        stat = item.path.stat()
+        out[str(item.path)] = f"{stat.st_size}:{stat.st_mtime_ns}"
+    return out
+
+
+@dg.sensor(
+    job=ingest_and_monitor,
+    minimum_interval_seconds=60,
+    default_status=dg.DefaultSensorStatus.RUNNING,
+    description="Launches ingestion (and monitoring) when files appear or change under TRACE_DAGSTER_EVENTS.",
+)
+def new_event_files(context: dg.SensorEvaluationContext, event_source: EventSource):
+    if event_source.uses_simulator:
+        return dg.SkipReason("TRACE_DAGSTER_EVENTS is unset: the built-in simulator has no new files")
+    seen = json.loads(context.cursor) if context.cursor else {}
+    current = file_fingerprints(event_source)
+    new = {path: fp for path, fp in current.items() if seen.get(path) != fp}
+    if not new:
+        return dg.SkipReason(f"no new files among {len(current)}")
+    run_key = "new-files-" + hashlib.sha256(json.dumps(sorted(new.items())).encode()).hexdigest()[:16]
+    context.update_cursor(json.dumps({**seen, **current}, sort_keys=True))
+    return dg.RunRequest(run_key=run_key, tags={"trace_dagster/trigger": "new_files",
+                                                "trace_dagster/new_files": str(len(new))})
+
+
+@dg.sensor(
+    job=retrain_models,
+    minimum_interval_seconds=60,
+    default_status=dg.DefaultSensorStatus.RUNNING,
+    description="Launches retraining when the drift check on drift_report fails (once per failed check).",
+)
+def retrain_on_drift(context: dg.SensorEvaluationContext):
+    last_seen = int(context.cursor) if context.cursor else 0
+    history = context.instance.event_log_storage.get_asset_check_execution_history(DRIFT_CHECK, limit=50)
+    newer = sorted((r for r in history if r.id > last_seen), key=lambda r: r.id)
+    # A record is created PLANNED and completed in place: never move the cursor past a running one.
+    planned = [r.id for r in newer if r.status.value == "PLANNED"]
+    newer = [r for r in newer if r.status.value != "PLANNED" and (not planned or r.id < min(planned))]
+    if not newer:
+        return dg.SkipReason("no new completed drift check results")
+    context.update_cursor(str(newer[-1].id))
+    failed = [r for r in newer if r.status.value == "FAILED"]
+    if not failed:
+        return dg.SkipReason(f"{len(newer)} new drift check result(s), none failed")
+    latest = failed[-1]
+    return dg.RunRequest(run_key=f"drift-check-{latest.id}",
+                         tags={"trace_dagster/trigger": "drift", "trace_dagster/drift_check_run": latest.run_id})
+
+
+SENSORS = [new_event_files, retrain_on_drift]
