@@ -258,3 +258,25 @@ def test_null_keys_and_missing_provenance_fail(check_con):
     check_con.execute("UPDATE rejected_events SET reason = NULL")
     assert not check_raw_keys_not_null(check_con).passed
     assert not check_rejected_provenance(check_con).passed
+
+
+def test_definitions_load_and_every_warehouse_step_is_in_the_pool(home, monkeypatch):
+    """DuckDB has one writer per file: the instance the CLI makes runs the pool one at a time."""
+    import dagster as dg
+
+    from resources.warehouse import WAREHOUSE_POOL
+    from trace_dagster.cli import prepare_instance
+    from trace_dagster.definitions import defs
+
+    job = defs.resolve_job_def("full_pipeline")
+    assert {k.to_user_string() for k in job.asset_layer.executable_asset_keys} >= {
+        "raw_events", "rejected_events", "sessionized_events"
+    }  # fmt: skip
+    ours = ("ingested_events", "ingestion_checks", "sessionized_events", "sessionization_checks")
+    pools = {node.name: node.definition.pool for node in job.graph.nodes if node.name in ours}
+    assert pools == dict.fromkeys(ours, WAREHOUSE_POOL)
+
+    monkeypatch.delenv("DAGSTER_HOME", raising=False)  # restored after the test
+    dagster_home = prepare_instance(home)
+    with dg.DagsterInstance.from_config(str(dagster_home)) as instance:
+        assert instance.get_concurrency_config().pool_config.default_pool_limit == 1
