@@ -336,6 +336,7 @@ def markdown_table(frame: pd.DataFrame, max_rows: int = 10) -> str:
         dg.AssetSpec(
             RAW_EVENTS,
             group_name="ingestion",
+            owners=["team:data-platform"],
             kinds={"duckdb", "parquet"},
             description="Accepted input events in the canonical format, with source_file, "
             "source_row (1-based) and ingested_at.",
@@ -343,6 +344,7 @@ def markdown_table(frame: pd.DataFrame, max_rows: int = 10) -> str:
         dg.AssetSpec(
             REJECTED_EVENTS,
             group_name="ingestion",
+            owners=["team:data-platform"],
             kinds={"duckdb", "parquet"},
             description="Input rows that were not accepted: source_file, source_row, raw, reason.",
         ),
@@ -523,8 +525,10 @@ def check_rejected_provenance(con: duckdb.DuckDBPyConnection) -> dg.AssetCheckRe
                           description="rows read = rows in raw_events + rejected_events, per file and run"),
         dg.AssetCheckSpec("rejected_share_below_threshold", asset=RAW_EVENTS, blocking=True,
                           description="rejected share of the latest run <= max_rejected_share"),
-        dg.AssetCheckSpec("keys_not_null", asset=RAW_EVENTS, blocking=True),
-        dg.AssetCheckSpec("provenance_complete", asset=REJECTED_EVENTS),
+        dg.AssetCheckSpec("keys_not_null", asset=RAW_EVENTS, blocking=True,
+                          description="no accepted event lacks user_id, event_time or event_name"),
+        dg.AssetCheckSpec("provenance_complete", asset=REJECTED_EVENTS,
+                          description="every rejected row keeps its source_file, source_row, raw text and reason"),
     ],
     pool=WAREHOUSE_POOL,
 )  # fmt: skip

@@ -95,8 +95,11 @@ class SessionizationConfig(dg.Config):
 @dg.asset(
     deps=[RAW_EVENTS],
     group_name="ingestion",
+    owners=["team:data-platform"],
     kinds={"duckdb", "parquet"},
     pool=WAREHOUSE_POOL,
+    description="Accepted events split into sessions at an inactivity gap (2 h by default), with "
+    "session and event positions and time features, computed in DuckDB SQL.",
 )
 def sessionized_events(
     context: dg.AssetExecutionContext, config: SessionizationConfig, warehouse: DuckDBWarehouse
@@ -197,10 +200,13 @@ def check_rows_match_raw_events(con: duckdb.DuckDBPyConnection) -> dg.AssetCheck
 
 @dg.multi_asset_check(
     specs=[
-        dg.AssetCheckSpec("keys_not_null", asset=SESSIONIZED_EVENTS, blocking=True),
-        dg.AssetCheckSpec("positions_contiguous", asset=SESSIONIZED_EVENTS, blocking=True),
+        dg.AssetCheckSpec("keys_not_null", asset=SESSIONIZED_EVENTS, blocking=True,
+                          description="no null user, session or position"),
+        dg.AssetCheckSpec("positions_contiguous", asset=SESSIONIZED_EVENTS, blocking=True,
+                          description="event_index, session_index, event_index_in_session run 0..n-1 without gaps"),
         dg.AssetCheckSpec("rows_match_raw_events", asset=SESSIONIZED_EVENTS, blocking=True,
-                          additional_deps=[RAW_EVENTS]),
+                          additional_deps=[RAW_EVENTS],
+                          description="one sessionized row per accepted raw event"),
     ],
     pool=WAREHOUSE_POOL,
 )  # fmt: skip

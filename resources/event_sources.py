@@ -542,7 +542,7 @@ class EventSource(dg.ConfigurableResource):
         default="", description="canonical, taobao, rees46 or retailrocket; empty means env."
     )
     simulator_n_users: int = 2000
-    simulator_days: int = 28
+    simulator_days: int = 35  # the simulator task set's three weekly cutoffs, each with 14 days of labels
     simulator_seed: int = 0
     simulator_start_date: str = "2026-01-05"
 

@@ -77,10 +77,29 @@ def run(args: argparse.Namespace) -> int:
                 print(f"  materialized {event.asset_key.to_user_string()}"
                       + (f" ({rows.value:,} rows)" if rows is not None else ""))
             for evaluation in result.get_asset_check_evaluations():
-                status = "passed" if evaluation.passed else "FAILED"
+                if evaluation.passed:
+                    status = "passed"
+                else:
+                    status = "WARNING" if evaluation.severity == dg.AssetCheckSeverity.WARN else "FAILED"
                 print(f"  check {evaluation.asset_key.to_user_string()}:"
                       f"{evaluation.check_name} {status}")
+            print(where_to_look(dagster_home))
             return 0 if result.success else 1
+
+
+def where_to_look(dagster_home: Path) -> str:
+    """The closing lines of a run: the report, the UI and MLflow, each with its command."""
+    home = Path(os.environ[HOME_ENV_VAR])
+    tracking = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{home / 'mlflow.db'}"
+    return "\n".join([
+        "",
+        "Where to look:",
+        f"  evaluation report   {home / 'reports' / 'evaluation_latest.md'}",
+        f"  embedding map, drift reports (HTML)   {home / 'reports'}/",
+        f"  warehouse           {home / 'warehouse.duckdb'}  (tables: see README)",
+        "  Dagster UI          .venv/bin/trace-dagster dev    -> http://127.0.0.1:3000",
+        f"  MLflow UI           .venv/bin/mlflow ui --backend-store-uri {tracking} -p 5000",
+    ])
 
 
 def dev(args: argparse.Namespace) -> int:
