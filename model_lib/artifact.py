@@ -64,6 +64,11 @@ def save_artifact(path: str | Path, kind: str, model: SequenceUserModel, encoder
         "state_dict": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
         "metadata": metadata,
     }
+    return save_atomically(state, path)
+
+
+def save_atomically(state: dict, path: str | Path) -> Path:
+    """torch.save to a temporary name, then rename: a reader never sees half a file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
@@ -83,4 +88,4 @@ def load_artifact(path: str | Path) -> Artifact:
     return Artifact(kind, model, SequenceEncoder.from_state_dict(state["encoder"]), state["metadata"])
 
 
-__all__ = ["ARTIFACT_FORMAT", "Artifact", "save_artifact", "load_artifact", "config_to_dict", "config_from_dict"]
+__all__ = ["ARTIFACT_FORMAT", "Artifact", "save_artifact", "save_atomically", "load_artifact", "config_to_dict", "config_from_dict"]

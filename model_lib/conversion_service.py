@@ -14,6 +14,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
+from model_lib.artifact import save_atomically
 from model_lib.funnel_samples import FunnelSpec, samples_to_tensors
 from model_lib.mtlds import FunnelModel, MTLDSConfig, predict
 from model_lib.mtlds_baselines import build_model
@@ -59,12 +60,7 @@ class ConversionModel:
             "spec": _spec_to_dict(self.spec),
             "state_dict": {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()},
         }
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        torch.save(state, tmp)
-        tmp.replace(path)
-        return path
+        return save_atomically(state, path)
 
     @classmethod
     def load(cls, path: str | Path) -> "ConversionModel":
