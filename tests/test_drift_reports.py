@@ -176,3 +176,10 @@ def test_embedding_drift(tmp_path):
     assert not same.drift_detected
     assert moved.drift_detected and moved.drift_score > same.drift_score
     assert Path(moved.report_path).stat().st_size > 0
+
+
+def test_drift_asset_default_threshold_matches_the_drift_functions():
+    from assets.drift import DEFAULT_DRIFT_SHARE_THRESHOLD as asset_default
+    from assets.drift_reports import DEFAULT_DRIFT_SHARE_THRESHOLD as function_default
+
+    assert asset_default == function_default

@@ -10,7 +10,7 @@ import json
 
 import dagster as dg
 
-from resources.event_sources import EventSource
+from resources.event_sources import EventSource, EventSourceError
 from trace_dagster.jobs import ingest_and_monitor, retrain_models
 
 DRIFT_CHECK = dg.AssetCheckKey(dg.AssetKey("drift_report"), "drift_below_threshold")
@@ -36,7 +36,10 @@ def new_event_files(context: dg.SensorEvaluationContext, event_source: EventSour
     if event_source.uses_simulator:
         return dg.SkipReason("TRACE_DAGSTER_EVENTS is unset: the built-in simulator has no new files")
     seen = json.loads(context.cursor) if context.cursor else {}
-    current = file_fingerprints(event_source)
+    try:
+        current = file_fingerprints(event_source)
+    except EventSourceError as error:  # e.g. a drop folder with no event file yet: wait, say why
+        return dg.SkipReason(str(error))
     new = {path: fp for path, fp in current.items() if seen.get(path) != fp}
     if not new:
         return dg.SkipReason(f"no new files among {len(current)}")
@@ -44,6 +47,11 @@ def new_event_files(context: dg.SensorEvaluationContext, event_source: EventSour
     context.update_cursor(json.dumps({**seen, **current}, sort_keys=True))
     return dg.RunRequest(run_key=run_key, tags={"trace_dagster/trigger": "new_files",
                                                 "trace_dagster/new_files": str(len(new))})
+
+
+def _run_in_progress(instance: dg.DagsterInstance, run_id: str) -> bool:
+    run = instance.get_run_by_id(run_id)
+    return run is not None and not run.is_finished
 
 
 @dg.sensor(
@@ -56,9 +64,11 @@ def retrain_on_drift(context: dg.SensorEvaluationContext):
     last_seen = int(context.cursor) if context.cursor else 0
     history = context.instance.event_log_storage.get_asset_check_execution_history(DRIFT_CHECK, limit=50)
     newer = sorted((r for r in history if r.id > last_seen), key=lambda r: r.id)
-    # A record is created PLANNED and completed in place: never move the cursor past a running one.
-    planned = [r.id for r in newer if r.status.value == "PLANNED"]
-    newer = [r for r in newer if r.status.value != "PLANNED" and (not planned or r.id < min(planned))]
+    # A record is created PLANNED and completed in place: never move the cursor past one whose run
+    # is still going. A PLANNED record of a finished run (it failed before the check ran) stays
+    # PLANNED forever: step over it, or it would hide every later failure.
+    running = [r.id for r in newer if r.status.value == "PLANNED" and _run_in_progress(context.instance, r.run_id)]
+    newer = [r for r in newer if not running or r.id < min(running)]
     if not newer:
         return dg.SkipReason("no new completed drift check results")
     context.update_cursor(str(newer[-1].id))

@@ -1,0 +1,99 @@
+"""The weekly retraining schedule, and the jobs of the code location as Dagster resolves them."""
+
+from datetime import datetime, timedelta, timezone
+
+import dagster as dg
+import pytest
+from dagster._utils.schedules import cron_string_iterator  # the daemon's own tick iterator
+
+from trace_dagster.definitions import defs
+from trace_dagster.schedules import weekly_retraining
+
+INGESTION_ASSETS = {"raw_events", "rejected_events", "sessionized_events"}
+TRAINING_ASSETS = {"user_splits", "training_examples", "funnel_examples", "trace_model", "myopic_model",
+                   "vanilla_transformer_model", "lstm_model", "mtlds_linear_model", "evaluation_metrics",
+                   "model_promotion"}
+
+
+def ticks(n: int, after: datetime) -> list[datetime]:
+    """The schedule's next `n` tick times after `after`, as the scheduler daemon computes them."""
+    times = cron_string_iterator(after.timestamp(), weekly_retraining.cron_schedule,
+                                 weekly_retraining.execution_timezone)
+    return [next(times) for _ in range(n)]
+
+
+def evaluate(at: datetime) -> dg.RunRequest:
+    with dg.build_schedule_context(scheduled_execution_time=at) as context:
+        data = weekly_retraining.evaluate_tick(context)
+    assert data.skip_message is None
+    assert len(data.run_requests) == 1
+    return data.run_requests[0]
+
+
+def test_cron_is_weekly_in_utc():
+    assert weekly_retraining.execution_timezone == "UTC"
+    times = ticks(6, datetime(2026, 3, 1, tzinfo=timezone.utc))  # spans the EU/US DST changes
+    assert {b - a for a, b in zip(times, times[1:])} == {timedelta(days=7)}
+    assert {(t.weekday(), t.hour, t.minute) for t in times} == {(0, 3, 0)}  # Mondays 03:00
+
+
+def test_each_tick_requests_one_retraining_keyed_by_its_time():
+    first, second = ticks(2, datetime(2026, 1, 1, tzinfo=timezone.utc))
+    request = evaluate(first)
+    assert weekly_retraining.job_name == "retrain_models"
+    assert request.job_name in (None, "retrain_models")  # None: the schedule's own job
+    assert first.isoformat() in request.run_key
+    assert request.tags["trace_dagster/tick"] == first.isoformat()
+    assert evaluate(first).run_key == request.run_key  # same tick again (daemon restart): one run
+    assert evaluate(second).run_key != request.run_key
+
+
+def test_scheduled_run_config_is_valid_for_the_resolved_job():
+    request = evaluate(ticks(1, datetime(2026, 1, 1, tzinfo=timezone.utc))[0])
+    job = defs.resolve_job_def(weekly_retraining.job_name)
+    config = dg.validate_run_config(job, request.run_config)
+    assert "model_promotion" in config["ops"]  # resolved with every asset's default config
+
+
+def test_a_wrong_run_config_is_rejected():
+    """The validation above can fail: an unknown op or a mistyped field is an error."""
+    job = defs.resolve_job_def("retrain_models")
+    with pytest.raises(dg.DagsterInvalidConfigError):
+        dg.validate_run_config(job, {"ops": {"model_promotion": {"config": {"margin": "a lot"}}}})
+    with pytest.raises(dg.DagsterInvalidConfigError):
+        dg.validate_run_config(job, {"ops": {"raw_events": {"config": {}}}})  # not in retrain_models
+
+
+def selected_assets(job_name: str) -> set[str]:
+    job = defs.resolve_job_def(job_name)
+    return {key.to_user_string() for key in job.asset_layer.selected_asset_keys}
+
+
+def test_every_job_resolves():
+    jobs = {job.name: job for job in defs.resolve_all_job_defs()}
+    assert {"full_pipeline", "ingest_and_monitor", "retrain_models", "rollback_champion"} <= set(jobs)
+    every_asset = {key.to_user_string() for key in defs.resolve_asset_graph().get_all_asset_keys()}
+    assert selected_assets("full_pipeline") == every_asset
+    assert "rollback_registered_model" in {node.name for node in jobs["rollback_champion"].nodes_in_topological_order}
+
+
+def test_retrain_models_trains_evaluates_promotes_but_does_not_ingest():
+    assets = selected_assets("retrain_models")
+    assert TRAINING_ASSETS <= assets
+    assert {"user_embeddings", "drift_report"} <= assets  # refreshed with the new champion
+    assert not assets & INGESTION_ASSETS
+
+
+def test_ingest_and_monitor_ingests_and_monitors_but_does_not_train():
+    assets = selected_assets("ingest_and_monitor")
+    assert assets == {*INGESTION_ASSETS, "user_embeddings", "drift_report"}
+    assert not assets & TRAINING_ASSETS
+    model_assets = {a for a in selected_assets("full_pipeline") if a.endswith("_model")}
+    assert model_assets and not assets & model_assets
+
+
+def test_sensors_and_schedule_target_those_jobs():
+    repository = defs.get_repository_def()
+    assert repository.get_schedule_def("weekly_retraining").job_name == "retrain_models"
+    assert repository.get_sensor_def("new_event_files").job_name == "ingest_and_monitor"
+    assert repository.get_sensor_def("retrain_on_drift").job_name == "retrain_models"
