@@ -110,10 +110,14 @@ def build_conversion_model_asset(model_name: str) -> dg.AssetsDefinition:
             metrics = evaluate(model, data["test"])
             flat = {f"test_auc_{t}": v for t, v in metrics["auc"].items()} | {"test_ndcg": metrics["ndcg"]}
             mlflow.log_metrics({k: v for k, v in flat.items() if np.isfinite(v)} | {"best_epoch": fit_result.best_epoch})
-            input_example = test.head(5)
+            # MLflow's schema inference rejects tz-aware datetimes: the example carries them as naive UTC.
+            input_example = test.head(5).copy()
+            for column in input_example.select_dtypes(include=["datetimetz"]).columns:
+                input_example[column] = input_example[column].dt.tz_convert("UTC").dt.tz_localize(None)
+            signature = mlflow.models.infer_signature(input_example, ConversionModel(model_name, model, spec).predict_frame(input_example))
             registered = mlflow_tracking.log_model_artifact(
                 artifact, registered_model_name=registered_name(model_name), loader=LOADER,
-                predict_method="predict_frame", input_example=input_example,
+                predict_method="predict_frame", input_example=input_example, signature=signature,
                 version_tags={"dagster.run_id": context.run_id, "model": model_name,
                               f"test_auc_{spec.funnel[-1]}": f"{metrics['auc'][spec.funnel[-1]]:.6f}"},
             )

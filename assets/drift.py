@@ -6,7 +6,9 @@ plus every newer file). Three Evidently 0.7 reports, all saved as HTML under `re
 - input drift on per-session features (event mix, length, duration, gaps, hour, weekday,
   attributes): the share of drifted columns against `drift_share_threshold`; this is the
   contract's `dataset_drift` and the check the retraining sensor watches;
-- embedding drift of the champion's user embeddings (at the last cutoff vs `user_embeddings`);
+- embedding drift of the champion's user embeddings: users active in the observation window
+  before the last cutoff, against `user_embeddings` of the users active in the same window
+  before `as_of`;
 - prediction drift of the champion's task probabilities computed from those embeddings.
 One row per check run is appended to the `drift_report` table.
 """
@@ -76,10 +78,18 @@ def drift_report(context: dg.AssetExecutionContext, config: DriftConfig, warehou
                    min(event_time) OVER (PARTITION BY session_id) AS session_start
             FROM sessionized_events ORDER BY user_id, event_index""").df()
         reference_examples = con.sql(
-            "SELECT example_id, user_id, cutoff FROM training_examples WHERE cutoff = (SELECT max(cutoff) FROM training_examples)").df()
-        current_embeddings = con.sql(
-            f"SELECT user_id, embedding FROM user_embeddings WHERE model_name = {sql_literal(MODEL_NAME)} "
-            f"AND model_version = {sql_literal(str(version))}").df()
+            "SELECT example_id, user_id, cutoff, seconds_since_last_event FROM training_examples "
+            "WHERE cutoff = (SELECT max(cutoff) FROM training_examples)").df()
+        # Like with like: the reference is the users active within the observation window before
+        # the cutoff (that is what an example is), so the current side is the users active within
+        # the same window before `as_of`; comparing against every user ever seen would flag drift
+        # on every run just because the population grew.
+        window_seconds = float(reference_examples["seconds_since_last_event"].max())
+        current_embeddings = con.sql(f"""
+            SELECT u.user_id, u.embedding FROM user_embeddings u
+            JOIN (SELECT user_id, max(event_time) AS last_event FROM sessionized_events GROUP BY user_id) e USING (user_id)
+            WHERE u.model_name = {sql_literal(MODEL_NAME)} AND u.model_version = {sql_literal(str(version))}
+              AND e.last_event >= u.as_of - to_seconds(CAST({window_seconds} AS BIGINT))""").df()
     before = sessions["session_start"] < pd.Timestamp(cutoff)
     if before.all() or (~before).all():
         raise dg.Failure(f"cannot split sessions at the last training cutoff {cutoff}: one window is empty")
@@ -111,6 +121,7 @@ def drift_report(context: dg.AssetExecutionContext, config: DriftConfig, warehou
         "embedding_report_path": str(embeddings.report_path), "prediction_drift": bool(predictions.dataset_drift),
         "prediction_drift_share": float(predictions.drift_share), "prediction_report_path": str(predictions.report_path),
         "model_version": str(version), "dagster_run_id": context.run_id,
+        "reference_users": len(reference_examples), "current_users": len(current_embeddings),
     }])
     with warehouse.connect() as con:
         con.register("drift_row", row)

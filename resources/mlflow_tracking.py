@@ -335,18 +335,6 @@ class MLflowTracking(dg.ConfigurableResource):
         )
 
     def load_model(self, model_uri: str) -> Any:
-        """The model object behind a registered version (e.g. "models:/trace/3" or "models:/trace@champion").
-
-        Goes through `mlflow.pyfunc.load_model`, the path a serving process takes, and unwraps our
-        pyfunc wrapper, so custom methods (`embed`, `predict_proba`, ...) are there.
-        """
-        self.ensure_store()
-        uri = self.resolved_tracking_uri()
-        mlflow.set_tracking_uri(uri)
-        mlflow.set_registry_uri(uri)
-        return mlflow.pyfunc.load_model(model_uri).unwrap_python_model().model
-
-    def load_model(self, model_uri: str) -> Any:
         """The object a registered version wraps (e.g. `models:/trace/3`), loaded through MLflow.
 
         What the version's loader returned (for TRACE, model_lib's artifact with `embed()` and
