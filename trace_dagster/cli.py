@@ -57,13 +57,15 @@ def full_pipeline_job():
 def run(args: argparse.Namespace) -> int:
     import dagster as dg
 
+    from trace_dagster.jobs import execution_config
+
     dagster_home = prepare_instance()
     print(f"TRACE_DAGSTER_HOME={os.environ[HOME_ENV_VAR]}\nDAGSTER_HOME={dagster_home}")
     with dg.DagsterInstance.get() as instance:
         storage = instance.event_log_storage
         if storage.supports_global_concurrency_limits:
             storage.set_concurrency_slots(WAREHOUSE_POOL, 1)
-        run_config = {"execution": {"config": {"multiprocess": {"max_concurrent": args.max_concurrent}}}}
+        run_config = execution_config(args.max_concurrent)
         with dg.execute_job(
             dg.reconstructable(full_pipeline_job),
             instance=instance,
