@@ -61,6 +61,10 @@ def run(args: argparse.Namespace) -> int:
 
     dagster_home = prepare_instance()
     print(f"TRACE_DAGSTER_HOME={os.environ[HOME_ENV_VAR]}\nDAGSTER_HOME={dagster_home}")
+    # MLflow's SQLite store is created once, here, before steps log to it in parallel.
+    from resources.mlflow_tracking import MLflowTracking
+
+    MLflowTracking().ensure_store()
     with dg.DagsterInstance.get() as instance:
         storage = instance.event_log_storage
         if storage.supports_global_concurrency_limits:
