@@ -15,13 +15,14 @@ import pandas as pd
 import torch
 from pydantic import Field
 
+from assets.model_training import ModelTrainingConfig, epoch_logger
 from assets.training_data import funnel_examples, funnel_spec_for
 from model_lib.funnel_samples import samples_to_tensors
 from model_lib.metrics import auroc
 from model_lib.conversion_service import ConversionModel
 from model_lib.mtlds import AGGREGATIONS, MTLDSConfig, evaluate, predict
 from model_lib.mtlds_baselines import BASELINES, build_model
-from model_lib.training import EpochReport, TrainConfig, fit
+from model_lib.training import fit
 from resources.event_sources import EventSource
 from resources.mlflow_tracking import MLflowTracking
 from resources.paths import TraceDagsterPaths
@@ -44,16 +45,13 @@ DESCRIPTIONS = {
 }
 
 
-class ConversionTrainingConfig(dg.Config):
+class ConversionTrainingConfig(ModelTrainingConfig):
     epochs: int = Field(default=8, description="Upper bound; early stopping on validation loss.")
     batch_size: int = 512
-    learning_rate: float = 2e-3
     weight_decay: float = 1e-4
     patience: int = 2
-    seed: int = 0
     tau: float = Field(default=1.0, description="SoftSort temperature (sharper settings hurt NDCG on Taobao; see model_lib/mtlds.py).")
     perm_weight: float = Field(default=1.0, description="Weight of the permutation loss.")
-    torch_threads: int = 1
 
 
 def registered_name(model: str) -> str:
@@ -80,24 +78,16 @@ def build_conversion_model_asset(model_name: str) -> dg.AssetsDefinition:
         data = {s: samples_to_tensors(frame, spec) for s, frame in splits.items()}
         cfg = MTLDSConfig.from_spec(spec, tau=config.tau, perm_weight=config.perm_weight)
         model = build_model(model_name, cfg, seed=config.seed)
-        train_config = TrainConfig(epochs=config.epochs, batch_size=config.batch_size, learning_rate=config.learning_rate,
-                                   weight_decay=config.weight_decay, patience=config.patience, seed=config.seed,
-                                   num_threads=config.torch_threads)
         out_dir = paths.home_dir / "models" / model_name / context.run_id
         out_dir.mkdir(parents=True, exist_ok=True)
-
-        def on_epoch(report: EpochReport) -> None:
-            mlflow.log_metrics({"train_loss": report.train_loss, "valid_loss": report.valid_loss,
-                                "samples_per_second": report.samples_per_second}, step=report.epoch)
-            context.log.info(f"{model_name} epoch {report.epoch}: train {report.train_loss:.4f} "
-                             f"valid {report.valid_loss:.4f} ({report.samples_per_second:.0f} samples/s)")
 
         tags = {"dagster.run_id": context.run_id, "model": model_name, "model_family": "mtlds"}
         with mlflow_tracking.start_run(run_name=f"{model_name}-{context.run_id[:8]}", tags=tags) as run:
             mlflow.log_params({**config.model_dump(), "model": model_name, "funnel": " < ".join(spec.funnel),
                                "extra_labels": ",".join(spec.extra_labels),
                                **{f"n_{s}": len(f) for s, f in splits.items()}})
-            fit_result = fit(model, data["train"], data["valid"], train_config, on_epoch=on_epoch,
+            fit_result = fit(model, data["train"], data["valid"], config.train_config(),
+                             on_epoch=epoch_logger(context, model_name, unit="samples/s"),
                              checkpoint_path=paths.checkpoints_dir / f"{model_name}-{context.run_id}.pt")
             artifact = ConversionModel(model_name, model, spec).save(out_dir / "model.pt")
             probs, scores = predict(model, data["test"])

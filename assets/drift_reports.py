@@ -170,6 +170,16 @@ def _prepare_categorical(frame: pd.DataFrame, columns: Sequence[str]) -> pd.Data
     return frame
 
 
+def _save_html(snapshot: Any, html_path: str | Path | None) -> str | None:
+    """Write the Evidently snapshot as HTML (folders created); its path, or None when not asked for."""
+    if html_path is None:
+        return None
+    html_path = Path(html_path)
+    html_path.parent.mkdir(parents=True, exist_ok=True)
+    snapshot.save_html(str(html_path))
+    return str(html_path)
+
+
 def input_drift(
     reference: pd.DataFrame,
     current: pd.DataFrame,
@@ -251,12 +261,7 @@ def input_drift(
         raise RuntimeError("Evidently's report has no DriftedColumnsCount")
     per_column = pd.DataFrame(rows, columns=["column", "column_type", "stattest", "stattest_threshold", "score", "drifted"])
 
-    report_path = None
-    if html_path is not None:
-        html_path = Path(html_path)
-        html_path.parent.mkdir(parents=True, exist_ok=True)
-        snapshot.save_html(str(html_path))
-        report_path = str(html_path)
+    report_path = _save_html(snapshot, html_path)
     return DriftResult(
         dataset_drift=drift_share >= threshold,
         drift_share=drift_share,
@@ -366,12 +371,7 @@ def embedding_drift(
     method_score, detected, method_name = method(current.copy(), reference.copy())
     if not np.isclose(method_score, score, rtol=1e-6, atol=1e-9):
         raise RuntimeError(f"Evidently's score {score} differs from the method's {method_score}")
-    report_path = None
-    if html_path is not None:
-        html_path = Path(html_path)
-        html_path.parent.mkdir(parents=True, exist_ok=True)
-        snapshot.save_html(str(html_path))
-        report_path = str(html_path)
+    report_path = _save_html(snapshot, html_path)
     return EmbeddingDriftResult(
         drift_detected=bool(detected),
         drift_score=score,

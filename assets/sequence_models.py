@@ -23,11 +23,11 @@ import pandas as pd
 import torch
 from pydantic import Field
 
+from assets.model_training import ModelTrainingConfig, epoch_logger
 from assets.training_data import read_tasks, training_examples
 from model_lib.encoding import EncoderConfig
 from model_lib.embedding_service import UserModel
 from model_lib.metrics import auprc, auroc
-from model_lib.training import EpochReport, TrainConfig
 from resources.mlflow_tracking import MLflowTracking
 from resources.paths import TraceDagsterPaths
 from resources.warehouse import DuckDBWarehouse
@@ -45,15 +45,8 @@ DESCRIPTIONS = {
 }
 
 
-class SequenceTrainingConfig(dg.Config):
-    epochs: int = Field(default=12, description="Upper bound; early stopping on validation loss.")
-    batch_size: int = 128
-    learning_rate: float = 2e-3
-    weight_decay: float = 1e-2
-    patience: int = 3
+class SequenceTrainingConfig(ModelTrainingConfig):
     max_len: int = Field(default=128, description="Most recent events per example.")
-    seed: int = 0
-    torch_threads: int = Field(default=1, description="torch threads of this step (the executor runs two at once).")
 
 
 def load_sequence_inputs(warehouse: DuckDBWarehouse) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
@@ -67,15 +60,6 @@ def load_sequence_inputs(warehouse: DuckDBWarehouse) -> tuple[pd.DataFrame, pd.D
               AND event_time < (SELECT max(cutoff) FROM training_examples)
             ORDER BY user_id, event_index""").df()
     return examples, events, tasks
-
-
-def _epoch_logger(context: dg.AssetExecutionContext, model: str):
-    def on_epoch(report: EpochReport) -> None:
-        mlflow.log_metrics({"train_loss": report.train_loss, "valid_loss": report.valid_loss,
-                            "samples_per_second": report.samples_per_second}, step=report.epoch)
-        context.log.info(f"{model} epoch {report.epoch}: train {report.train_loss:.4f} valid {report.valid_loss:.4f} "
-                         f"({report.samples_per_second:.0f} seq/s){' best' if report.is_best else ''}")
-    return on_epoch
 
 
 def build_sequence_model_asset(kind: str) -> dg.AssetsDefinition:
@@ -98,9 +82,6 @@ def build_sequence_model_asset(kind: str) -> dg.AssetsDefinition:
         train, valid = examples[examples["split"] == "train"], examples[examples["split"] == "valid"]
         out_dir = paths.home_dir / "models" / kind / context.run_id
         out_dir.mkdir(parents=True, exist_ok=True)
-        train_config = TrainConfig(epochs=config.epochs, batch_size=config.batch_size, learning_rate=config.learning_rate,
-                                   weight_decay=config.weight_decay, patience=config.patience, seed=config.seed,
-                                   num_threads=config.torch_threads)
         tags = {"dagster.run_id": context.run_id, "model": kind, "model_family": "trace",
                 "task_set": str(tasks["task_set"].iloc[0])}
         with mlflow_tracking.start_run(run_name=f"{kind}-{context.run_id[:8]}", tags=tags) as run:
@@ -108,8 +89,8 @@ def build_sequence_model_asset(kind: str) -> dg.AssetsDefinition:
                                "n_train": len(train), "n_valid": len(valid), "n_events": len(events)})
             model, fit_result = UserModel.train(
                 kind, events, train, valid, label_columns,
-                encoder_config=EncoderConfig(max_len=config.max_len), train_config=train_config,
-                on_epoch=_epoch_logger(context, kind),
+                encoder_config=EncoderConfig(max_len=config.max_len), train_config=config.train_config(),
+                on_epoch=epoch_logger(context, kind, unit="seq/s"),
                 checkpoint_path=paths.checkpoints_dir / f"{kind}-{context.run_id}.pt",  # a retried step resumes
             )
             artifact = model.save(out_dir / "model.pt", metadata={"dagster_run_id": context.run_id})
