@@ -46,10 +46,16 @@ DESCRIPTIONS = {
 
 
 class ConversionTrainingConfig(ModelTrainingConfig):
+    """Defaults are the widths and regularisation validated on the Taobao slices in
+    tests/test_mtlds_taobao.py: wider, barely regularised networks overfit after one epoch there."""
+
     epochs: int = Field(default=8, description="Upper bound; early stopping on validation loss.")
-    batch_size: int = 512
-    weight_decay: float = 1e-4
+    batch_size: int = 256
+    learning_rate: float = 1e-3
     patience: int = 2
+    bottom: list[int] = Field(default=[64, 32], description="Shared-bottom widths (MMoE: each expert).")
+    tower: list[int] = Field(default=[16], description="Per-task tower widths.")
+    embed_dim: int = Field(default=8, description="Width of the hashed id embeddings.")
     tau: float = Field(default=1.0, description="SoftSort temperature (sharper settings hurt NDCG on Taobao; see model_lib/mtlds.py).")
     perm_weight: float = Field(default=1.0, description="Weight of the permutation loss.")
 
@@ -76,7 +82,8 @@ def build_conversion_model_asset(model_name: str) -> dg.AssetsDefinition:
             samples = con.sql("SELECT * FROM funnel_examples").df()
         splits = {s: samples[samples["split"] == s].reset_index(drop=True) for s in ("train", "valid", "test")}
         data = {s: samples_to_tensors(frame, spec) for s, frame in splits.items()}
-        cfg = MTLDSConfig.from_spec(spec, tau=config.tau, perm_weight=config.perm_weight)
+        cfg = MTLDSConfig.from_spec(spec, tau=config.tau, perm_weight=config.perm_weight, bottom=tuple(config.bottom),
+                                    tower=tuple(config.tower), embed_dim=config.embed_dim)
         model = build_model(model_name, cfg, seed=config.seed)
         out_dir = paths.home_dir / "models" / model_name / context.run_id
         out_dir.mkdir(parents=True, exist_ok=True)
