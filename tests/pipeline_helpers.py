@@ -19,7 +19,8 @@ from assets.conversion_models import CONVERSION_MODELS
 from assets.sequence_models import SEQUENCE_MODELS
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-TAOBAO_FILES = [SHARED_DATA / "taobao_userbehavior" / f for f in ("userbehavior_head.csv.gz", "userbehavior_tail.csv.gz")]
+TAOBAO_FILES = [(SHARED_DATA / "taobao_userbehavior" / f).resolve()  # ingestion records resolved paths
+                for f in ("userbehavior_head.csv.gz", "userbehavior_tail.csv.gz")]
 
 #: The contract's tables (shared/design/contract.md) and the columns each must hold.
 CONTRACT_TABLES = {
