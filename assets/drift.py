@@ -19,7 +19,6 @@ from datetime import datetime, timezone
 import dagster as dg
 import numpy as np
 import pandas as pd
-import torch
 from pydantic import Field
 
 from assets.embeddings import MODEL_NAME, user_embeddings
@@ -47,12 +46,10 @@ def _sample(frame: pd.DataFrame, n: int, seed: int) -> pd.DataFrame:
     return frame if len(frame) <= n else frame.sample(n=n, random_state=seed)
 
 
-def head_probabilities(model, embeddings: np.ndarray) -> pd.DataFrame:
-    """Task probabilities from embeddings through the model's heads (no re-encoding needed)."""
-    with torch.inference_mode():
-        logits = model.model.heads(torch.as_tensor(np.asarray(embeddings, dtype=np.float32)))
-    names = [t.removeprefix("label_") for t in model.task_names]
-    return pd.DataFrame(torch.sigmoid(logits).numpy(), columns=[f"p_{t}" for t in names])
+def task_probabilities(model, embeddings: np.ndarray) -> pd.DataFrame:
+    """`p_<task>` columns of the champion's heads on the embeddings (no re-encoding)."""
+    proba = model.proba_from_embeddings(embeddings)
+    return proba.rename(columns={c: "p_" + c.removeprefix("label_") for c in proba.columns})
 
 
 @dg.asset(
@@ -109,7 +106,7 @@ def drift_report(context: dg.AssetExecutionContext, config: DriftConfig, warehou
                          f"(need {MIN_EMBEDDING_ROWS}); materialize user_embeddings for champion v{version}")
     current_emb = np.stack(current_embeddings["embedding"].to_numpy())
     embeddings = embedding_drift(reference_emb, current_emb, reports / f"drift-embeddings-{stamp}.html")
-    predictions = prediction_drift(head_probabilities(model, reference_emb), head_probabilities(model, current_emb),
+    predictions = prediction_drift(task_probabilities(model, reference_emb), task_probabilities(model, current_emb),
                                    html_path=reports / f"drift-predictions-{stamp}.html")
 
     row = pd.DataFrame([{

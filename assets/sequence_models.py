@@ -94,12 +94,12 @@ def build_sequence_model_asset(kind: str) -> dg.AssetsDefinition:
                 checkpoint_path=paths.checkpoints_dir / f"{kind}-{context.run_id}.pt",  # a retried step resumes
             )
             artifact = model.save(out_dir / "model.pt", metadata={"dagster_run_id": context.run_id})
-            probabilities = model.predict_proba(events, examples)
+            embeddings = model.embed(events, examples)  # encoded once: the probabilities come from the heads
+            probabilities = model.proba_from_embeddings(embeddings)
             predictions = pd.DataFrame({"example_id": examples["example_id"].to_numpy(), "split": examples["split"].to_numpy()})
             for task, column in zip(seen["task"], label_columns):
                 predictions[f"p_{task}"] = probabilities[column].to_numpy()
             predictions.to_parquet(out_dir / "predictions.parquet", index=False)
-            embeddings = model.embed(events, examples)
             pd.DataFrame({"example_id": examples["example_id"].to_numpy(), "split": examples["split"].to_numpy(),
                           "embedding": list(embeddings)}).to_parquet(out_dir / "embeddings.parquet", index=False)
 

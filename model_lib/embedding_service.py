@@ -97,8 +97,17 @@ class UserModel:
 
     def predict_proba(self, events: pd.DataFrame | PreparedEvents, examples: pd.DataFrame, batch_size: int = 2048) -> pd.DataFrame:
         """Probability per task, one column per task name, index aligned with ``examples``."""
-        out = self._run(self.encoder.transform(events, examples), self.model.predict_proba, batch_size)
-        return pd.DataFrame(out.reshape(len(examples), len(self.task_names)), columns=list(self.task_names), index=examples.index)
+        return self.proba_from_embeddings(self.embed(events, examples, batch_size), index=examples.index)
+
+    @torch.inference_mode()
+    def proba_from_embeddings(self, embeddings: np.ndarray, index: pd.Index | None = None) -> pd.DataFrame:
+        """Task probabilities of users already embedded: the heads on the embedding (forward = heads(embed)).
+
+        Callers that need both embeddings and probabilities encode once and call this.
+        """
+        self.model.eval()
+        logits = self.model.heads(torch.as_tensor(np.asarray(embeddings, dtype=np.float32).reshape(-1, self.embedding_dim)))
+        return pd.DataFrame(torch.sigmoid(logits).numpy(), columns=list(self.task_names), index=index)
 
     def embed_user(self, user_events: pd.DataFrame, as_of=None) -> np.ndarray:
         """Embedding [E] of one user from their sessionized events (real-time serving).
