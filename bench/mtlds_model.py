@@ -24,10 +24,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from model_lib.funnel_samples import FUNNELS, build_funnel_samples, samples_to_tensors  # noqa: E402
-from model_lib.mtlds import MTLDSConfig  # noqa: E402
-from model_lib.mtlds_baselines import MODEL_NAMES, build_model  # noqa: E402
-from model_lib.training import iterate_batches  # noqa: E402
+from model_lib.funnel_samples import FUNNELS, build_funnel_samples, samples_to_tensors
+from model_lib.mtlds import MTLDSConfig
+from model_lib.mtlds_baselines import MODEL_NAMES, build_model
+from model_lib.training import iterate_batches
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "taobao_userbehavior"
 SPEC = replace(FUNNELS["taobao"], item_buckets=2**12, category_buckets=2**10)
@@ -94,8 +94,10 @@ def main() -> None:
     batches = [b for b in batches if len(b["labels"]) == args.batch_size][:steps]
     cfg = MTLDSConfig.from_spec(SPEC, bottom=(128, 64), tower=(32,), embed_dim=16)
     print(f"data: {note}")
-    print(f"torch {torch.__version__}, threads {args.threads}, batch {args.batch_size}, list_size {cfg.list_size}, "
-          f"bottom {cfg.bottom}, tower {cfg.tower}; {rounds} rounds x {len(batches)} steps, medians")
+    print(
+        f"torch {torch.__version__}, threads {args.threads}, batch {args.batch_size}, list_size {cfg.list_size}, "
+        f"bottom {cfg.bottom}, tower {cfg.tower}; {rounds} rounds x {len(batches)} steps, medians"
+    )
 
     # The same MTLDS weights with and without the permutation term, interleaved.
     torch.manual_seed(0)
@@ -114,8 +116,10 @@ def main() -> None:
     for name, s in med.items():
         print(f"  {name:24s} {s * 1e3:7.2f} ms/step  {args.batch_size / s:9,.0f} samples/s")
     extra = med["with permutation loss"] - med["without (BCE only)"]
-    print(f"  SoftSort term: +{extra * 1e3:.2f} ms/step = {100 * extra / med['without (BCE only)']:.1f}% of a step "
-          f"without it ({100 * extra / med['with permutation loss']:.1f}% of a full step)")
+    print(
+        f"  SoftSort term: +{extra * 1e3:.2f} ms/step = {100 * extra / med['without (BCE only)']:.1f}% of a step "
+        f"without it ({100 * extra / med['with permutation loss']:.1f}% of a full step)"
+    )
 
     print("\nevery model, default losses (same widths)")
     round_robin = {name: make_step(build_model(name, cfg)) for name in MODEL_NAMES if name != "mtlds"}

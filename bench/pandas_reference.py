@@ -33,12 +33,12 @@ def sessionize_pandas(events: pd.DataFrame, session_gap_seconds: float = 7200) -
     new_session = first_of_user | (gap > session_gap_seconds)
 
     df["event_index"] = by_user.cumcount().astype("int32")
-    df["session_index"] = (new_session.astype("int32").groupby(df["user_id"], sort=False,
-                                                                observed=True).cumsum() - 1)
+    df["session_index"] = new_session.astype("int32").groupby(df["user_id"], sort=False, observed=True).cumsum() - 1
     df["session_index"] = df["session_index"].astype("int32")
     df["session_id"] = df["user_id"].astype(str) + ":" + df["session_index"].astype(str)
-    session_start_micros = micros.groupby([df["user_id"], df["session_index"]], sort=False,
-                                          observed=True).transform("min")
+    session_start_micros = micros.groupby([df["user_id"], df["session_index"]], sort=False, observed=True).transform(
+        "min"
+    )
     df["event_index_in_session"] = (
         df.groupby(["user_id", "session_index"], sort=False, observed=True).cumcount()
     ).astype("int32")

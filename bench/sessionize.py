@@ -5,8 +5,8 @@
 
 Both paths start from the same simulated parquet file and produce the same tables: validated
 events (null keys, time range, exact duplicates) and sessionized events with every column of
-docs/ARCHITECTURE.md, written as parquet. The DuckDB path is `assets.ingestion.ingest` +
-`assets.sessionization.build_sessionized_events`, exactly what the assets run; the pandas path
+docs/ARCHITECTURE.md, written as parquet. The DuckDB path is `assets.ingestion.raw_events.ingest` +
+`assets.ingestion.sessionized_events.build_sessionized_events`, exactly what the assets run; the pandas path
 is `bench/pandas_reference.py`. Each runs in its own subprocess so that its peak memory (VmHWM,
 which is per process image and not inherited across exec) is its own. Generating the input is
 not timed; reading it is.
@@ -38,7 +38,7 @@ def peak_rss_bytes() -> int:
 
 def simulated_input(events: int, workdir: Path, seed: int) -> tuple[Path, int]:
     """A simulated parquet with about `events` rows (cached by size and seed)."""
-    from resources.simulator import SimulatorConfig, expected_events_per_user, write_simulated_parquet
+    from resources.event_sources.simulator import SimulatorConfig, expected_events_per_user, write_simulated_parquet
 
     per_user = expected_events_per_user(SimulatorConfig(seed=seed))
     n_users = max(1, math.ceil(events / per_user))
@@ -47,16 +47,19 @@ def simulated_input(events: int, workdir: Path, seed: int) -> tuple[Path, int]:
         workdir.mkdir(parents=True, exist_ok=True)
         started = time.perf_counter()
         rows = write_simulated_parquet(SimulatorConfig(n_users=n_users, seed=seed), path)
-        print(f"generated {rows:,} events for {n_users:,} users in "
-              f"{time.perf_counter() - started:.1f} s (not timed below)", flush=True)
+        print(
+            f"generated {rows:,} events for {n_users:,} users in "
+            f"{time.perf_counter() - started:.1f} s (not timed below)",
+            flush=True,
+        )
     import pyarrow.parquet as pq
 
     return path, pq.ParquetFile(path).metadata.num_rows
 
 
 def run_duckdb(input_path: Path, out_dir: Path, gap: float) -> dict:
-    from assets.ingestion import ingest
-    from assets.sessionization import SESSIONIZED_EVENTS, build_sessionized_events
+    from assets.ingestion.raw_events import ingest
+    from assets.ingestion.sessionized_events import SESSIONIZED_EVENTS, build_sessionized_events
     from resources.event_sources import InputFile, get_format
     from resources.paths import TraceDagsterPaths
     from resources.warehouse import DuckDBWarehouse
@@ -67,11 +70,14 @@ def run_duckdb(input_path: Path, out_dir: Path, gap: float) -> dict:
         summary = ingest(warehouse, con, [InputFile(input_path, "parquet", get_format("canonical"))])
         rows = build_sessionized_events(warehouse, con, gap)
         seconds = time.perf_counter() - started
-        sessions = con.execute(
-            f"SELECT count(DISTINCT session_id) FROM {SESSIONIZED_EVENTS}"
-        ).fetchall()[0][0]
-    return {"seconds": seconds, "accepted": summary.rows_accepted,
-            "rejected": summary.rows_rejected, "sessionized": rows, "sessions": sessions}
+        sessions = con.execute(f"SELECT count(DISTINCT session_id) FROM {SESSIONIZED_EVENTS}").fetchall()[0][0]
+    return {
+        "seconds": seconds,
+        "accepted": summary.rows_accepted,
+        "rejected": summary.rows_rejected,
+        "sessionized": rows,
+        "sessions": sessions,
+    }
 
 
 def run_pandas(input_path: Path, out_dir: Path, gap: float) -> dict:
@@ -92,8 +98,13 @@ def run_pandas(input_path: Path, out_dir: Path, gap: float) -> dict:
     sessionized = sessionize_pandas(accepted, gap)
     sessionized.to_parquet(out_dir / "sessionized_events.parquet", index=False)
     seconds = time.perf_counter() - started
-    return {"seconds": seconds, "accepted": len(accepted), "rejected": len(rejected),
-            "sessionized": len(sessionized), "sessions": int(sessionized["session_id"].nunique())}
+    return {
+        "seconds": seconds,
+        "accepted": len(accepted),
+        "rejected": len(rejected),
+        "sessionized": len(sessionized),
+        "sessions": int(sessionized["session_id"].nunique()),
+    }
 
 
 def child(path_kind: str, input_path: Path, out_dir: Path, gap: float) -> None:
@@ -106,14 +117,27 @@ def child(path_kind: str, input_path: Path, out_dir: Path, gap: float) -> None:
 
 def measure(path_kind: str, input_path: Path, workdir: Path, gap: float) -> dict:
     out = subprocess.run(
-        [sys.executable, "-m", "bench.sessionize", "--child", path_kind, "--input", str(input_path),
-         "--workdir", str(workdir / f"out_{path_kind}"), "--gap", str(gap)],
-        capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1],
+        [
+            sys.executable,
+            "-m",
+            "bench.sessionize",
+            "--child",
+            path_kind,
+            "--input",
+            str(input_path),
+            "--workdir",
+            str(workdir / f"out_{path_kind}"),
+            "--gap",
+            str(gap),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).resolve().parents[1],
     )
     lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
     if out.returncode != 0 or not lines:
         sys.exit(f"{path_kind} path failed (exit {out.returncode}):\n{out.stderr[-3000:]}")
-    return json.loads(lines[-1][len("RESULT "):])
+    return json.loads(lines[-1][len("RESULT ") :])
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -130,19 +154,27 @@ def main(argv: list[str] | None = None) -> None:
         return
 
     input_path, n_events = simulated_input(args.events, args.workdir, args.seed)
-    print(f"input: {n_events:,} simulated events ({input_path.stat().st_size / 2**20:.0f} MiB "
-          f"parquet), session gap {args.gap:.0f} s", flush=True)
+    print(
+        f"input: {n_events:,} simulated events ({input_path.stat().st_size / 2**20:.0f} MiB "
+        f"parquet), session gap {args.gap:.0f} s",
+        flush=True,
+    )
     results = {kind: measure(kind, input_path, args.workdir, args.gap) for kind in ("duckdb", "pandas")}
     for kind, r in results.items():
-        print(f"{kind:>7}: {r['seconds']:7.2f} s  {n_events / r['seconds']:>12,.0f} events/s  "
-              f"peak RSS {r['peak_rss_bytes'] / 2**30:5.2f} GiB  "
-              f"accepted {r['accepted']:,}  rejected {r['rejected']:,}  sessions {r['sessions']:,}")
-    same = all(results["duckdb"][k] == results["pandas"][k]
-               for k in ("accepted", "rejected", "sessionized", "sessions"))
+        print(
+            f"{kind:>7}: {r['seconds']:7.2f} s  {n_events / r['seconds']:>12,.0f} events/s  "
+            f"peak RSS {r['peak_rss_bytes'] / 2**30:5.2f} GiB  "
+            f"accepted {r['accepted']:,}  rejected {r['rejected']:,}  sessions {r['sessions']:,}"
+        )
+    same = all(
+        results["duckdb"][k] == results["pandas"][k] for k in ("accepted", "rejected", "sessionized", "sessions")
+    )
     ratio = results["pandas"]["seconds"] / results["duckdb"]["seconds"]
-    print(f"speed-up DuckDB / pandas: {ratio:.1f}x (target >= 10x); "
-          f"DuckDB peak {results['duckdb']['peak_rss_bytes'] / 2**30:.2f} GiB (target < 4 GiB); "
-          f"outputs agree: {'yes' if same else 'NO'}")
+    print(
+        f"speed-up DuckDB / pandas: {ratio:.1f}x (target >= 10x); "
+        f"DuckDB peak {results['duckdb']['peak_rss_bytes'] / 2**30:.2f} GiB (target < 4 GiB); "
+        f"outputs agree: {'yes' if same else 'NO'}"
+    )
     if not same:
         sys.exit(1)
 

@@ -3,7 +3,7 @@
     .venv/bin/python -m bench.trace_model            # full run
     .venv/bin/python -m bench.trace_model --quick    # < 30 s, same figures
 
-Measured side by side in one run, on simulated users (resources.simulator, sessionized by the
+Measured side by side in one run, on simulated users (resources.event_sources.simulator, sessionized by the
 pandas reference in bench/pandas_reference.py):
 
 - dense float32 matmul rate (GFLOP/s) on the training thread count: the ceiling for this model;
@@ -29,7 +29,7 @@ from model_lib.embedding_service import UserModel
 from model_lib.encoding import EncoderConfig, SequenceEncoder, prepare_events
 from model_lib.trace import TRACEConfig, count_parameters
 from model_lib.trace_baselines import build_model, make_config
-from model_lib.training import iterate_batches, set_seed
+from model_lib.training import set_seed
 
 TASKS = ("task_0", "task_1", "task_2", "task_3", "task_4")
 
@@ -57,7 +57,7 @@ def matmul_gflops(threads: int, n: int = 1024, seconds: float = 1.0) -> float:
 
 
 def simulated_events(n_users: int, seed: int) -> pd.DataFrame:
-    from resources.simulator import SimulatorConfig, simulate_events
+    from resources.event_sources.simulator import SimulatorConfig, simulate_events
 
     raw = simulate_events(SimulatorConfig(n_users=n_users, days=35, seed=seed))
     raw = raw.assign(source_file="simulator", source_row=np.arange(1, len(raw) + 1))
@@ -86,7 +86,9 @@ def training_throughput(model, batch: dict, steps: int, threads: int) -> float:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="small sizes, < 30 s")
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="threads for training / batched figures")
+    parser.add_argument(
+        "--threads", type=int, default=torch.get_num_threads(), help="threads for training / batched figures"
+    )
     parser.add_argument("--max-len", type=int, default=128)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
@@ -94,8 +96,10 @@ def main(argv: list[str] | None = None) -> None:
     threads = max(1, args.threads)
     started = time.perf_counter()
 
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads available, using {threads}; "
-          f"max_len={args.max_len}; {'quick' if args.quick else 'full'} run")
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads available, using {threads}; "
+        f"max_len={args.max_len}; {'quick' if args.quick else 'full'} run"
+    )
     gflops = matmul_gflops(threads, seconds=0.5 if args.quick else 2.0)
     gflops_1 = matmul_gflops(1, seconds=0.5 if args.quick else 2.0)
     print(f"matmul_gflops={gflops:.1f} (1024x1024 float32, {threads} threads); matmul_gflops_1thread={gflops_1:.1f}")
@@ -111,8 +115,10 @@ def main(argv: list[str] | None = None) -> None:
     service = UserModel("trace", model, encoder)
     cfg = model.config
     flops = trace_flops_per_sequence(cfg)
-    print(f"events={len(events):,} users={len(examples):,} params={count_parameters(model):,} "
-          f"forward_mflops_per_sequence={flops / 1e6:.2f}")
+    print(
+        f"events={len(events):,} users={len(examples):,} params={count_parameters(model):,} "
+        f"forward_mflops_per_sequence={flops / 1e6:.2f}"
+    )
 
     # --- training throughput on full-length sequences (the cost ceiling per sequence) ------
     t0 = time.perf_counter()
@@ -164,7 +170,9 @@ def main(argv: list[str] | None = None) -> None:
             t = time.perf_counter()
             model.embed(one)
             fwd[i] = (time.perf_counter() - t) * 1e3
-    print(f"single_user: {requests} requests, users with {sizes.loc[heavy].min()}-{sizes.loc[heavy].max()} events, 1 thread, end to end")
+    print(
+        f"single_user: {requests} requests, users with {sizes.loc[heavy].min()}-{sizes.loc[heavy].max()} events, 1 thread, end to end"
+    )
     print(f"p50_ms={np.percentile(lat, 50):.2f}")
     print(f"p99_ms={np.percentile(lat, 99):.2f}")
     print(f"forward_only_p50_ms={np.percentile(fwd, 50):.2f} forward_only_p99_ms={np.percentile(fwd, 99):.2f}")

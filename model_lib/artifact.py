@@ -50,8 +50,9 @@ def _check_primitive(value, where: str = "metadata") -> None:
         raise TypeError(f"{where}: {type(value).__name__} is not loadable with weights_only=True")
 
 
-def save_artifact(path: str | Path, kind: str, model: SequenceUserModel, encoder: SequenceEncoder,
-                  metadata: dict | None = None) -> Path:
+def save_artifact(
+    path: str | Path, kind: str, model: SequenceUserModel, encoder: SequenceEncoder, metadata: dict | None = None
+) -> Path:
     """Write the artifact atomically (tmp file + rename); returns the path."""
     get_kind(kind)
     metadata = dict(metadata or {})
@@ -88,4 +89,12 @@ def load_artifact(path: str | Path) -> Artifact:
     return Artifact(kind, model, SequenceEncoder.from_state_dict(state["encoder"]), state["metadata"])
 
 
-__all__ = ["ARTIFACT_FORMAT", "Artifact", "save_artifact", "save_atomically", "load_artifact", "config_to_dict", "config_from_dict"]
+__all__ = [
+    "ARTIFACT_FORMAT",
+    "Artifact",
+    "config_from_dict",
+    "config_to_dict",
+    "load_artifact",
+    "save_artifact",
+    "save_atomically",
+]

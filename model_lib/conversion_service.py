@@ -32,7 +32,9 @@ def _spec_to_dict(spec: FunnelSpec) -> dict:
 
 def _spec_from_dict(d: dict) -> FunnelSpec:
     horizon = None if d["horizon"] is None else pd.Timedelta(seconds=d["horizon"])
-    return FunnelSpec(**{**d, "funnel": tuple(d["funnel"]), "extra_labels": tuple(d["extra_labels"]), "horizon": horizon})
+    return FunnelSpec(
+        **{**d, "funnel": tuple(d["funnel"]), "extra_labels": tuple(d["extra_labels"]), "horizon": horizon}
+    )
 
 
 @dataclass
@@ -63,10 +65,12 @@ class ConversionModel:
         return save_atomically(state, path)
 
     @classmethod
-    def load(cls, path: str | Path) -> "ConversionModel":
+    def load(cls, path: str | Path) -> ConversionModel:
         state = torch.load(Path(path), map_location="cpu", weights_only=True)
         if state.get("format") != CONVERSION_ARTIFACT_FORMAT:
-            raise ValueError(f"{path}: conversion artifact format {state.get('format')!r}, this code reads {CONVERSION_ARTIFACT_FORMAT}")
+            raise ValueError(
+                f"{path}: conversion artifact format {state.get('format')!r}, this code reads {CONVERSION_ARTIFACT_FORMAT}"
+            )
         cfg = MTLDSConfig(**{k: tuple(v) if k in _TUPLE_FIELDS else v for k, v in state["config"].items()})
         model = build_model(state["name"], cfg)
         model.load_state_dict(state["state_dict"])
@@ -74,4 +78,4 @@ class ConversionModel:
         return cls(state["name"], model, _spec_from_dict(state["spec"]))
 
 
-__all__ = ["ConversionModel", "CONVERSION_ARTIFACT_FORMAT"]
+__all__ = ["CONVERSION_ARTIFACT_FORMAT", "ConversionModel"]

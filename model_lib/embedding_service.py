@@ -9,9 +9,9 @@ never changes a result.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 import pandas as pd
@@ -64,7 +64,7 @@ class UserModel:
         train_config: TrainConfig | None = None,
         on_epoch: Callable[[EpochReport], None] | None = None,
         checkpoint_path: str | Path | None = None,
-    ) -> tuple["UserModel", FitResult]:
+    ) -> tuple[UserModel, FitResult]:
         """Fit the encoder on the training examples, then the network with ``training.fit``.
 
         ``events`` must hold the (sessionized) histories of both example sets; only events before
@@ -83,19 +83,25 @@ class UserModel:
 
     # ------------------------------------------------------------------ inference
     @torch.inference_mode()
-    def _run(self, batch_tensors: dict[str, Tensor], fn: Callable[[dict[str, Tensor]], Tensor], batch_size: int) -> np.ndarray:
+    def _run(
+        self, batch_tensors: dict[str, Tensor], fn: Callable[[dict[str, Tensor]], Tensor], batch_size: int
+    ) -> np.ndarray:
         self.model.eval()
         outs = [fn(b) for b in iterate_batches(batch_tensors, batch_size)]
         if not outs:
             return np.zeros((0, 0), dtype=np.float32)
         return torch.cat(outs).numpy()
 
-    def embed(self, events: pd.DataFrame | PreparedEvents, examples: pd.DataFrame, batch_size: int = 2048) -> np.ndarray:
+    def embed(
+        self, events: pd.DataFrame | PreparedEvents, examples: pd.DataFrame, batch_size: int = 2048
+    ) -> np.ndarray:
         """User embeddings float32 [N, E], one row per example (user as of its cutoff)."""
         out = self._run(self.encoder.transform(events, examples), self.model.embed, batch_size)
         return out.reshape(len(examples), self.embedding_dim)
 
-    def predict_proba(self, events: pd.DataFrame | PreparedEvents, examples: pd.DataFrame, batch_size: int = 2048) -> pd.DataFrame:
+    def predict_proba(
+        self, events: pd.DataFrame | PreparedEvents, examples: pd.DataFrame, batch_size: int = 2048
+    ) -> pd.DataFrame:
         """Probability per task, one column per task name, index aligned with ``examples``."""
         return self.proba_from_embeddings(self.embed(events, examples, batch_size), index=examples.index)
 
@@ -106,7 +112,9 @@ class UserModel:
         Callers that need both embeddings and probabilities encode once and call this.
         """
         self.model.eval()
-        logits = self.model.heads(torch.as_tensor(np.asarray(embeddings, dtype=np.float32).reshape(-1, self.embedding_dim)))
+        logits = self.model.heads(
+            torch.as_tensor(np.asarray(embeddings, dtype=np.float32).reshape(-1, self.embedding_dim))
+        )
         return pd.DataFrame(torch.sigmoid(logits).numpy(), columns=list(self.task_names), index=index)
 
     def embed_user(self, user_events: pd.DataFrame, as_of=None) -> np.ndarray:
@@ -132,19 +140,27 @@ class UserModel:
         if events.empty:
             return pd.DataFrame(columns=columns)
         last = pd.to_datetime(events.groupby("user_id", sort=True, observed=True)["event_time"].max(), utc=True)
-        examples = pd.DataFrame({"user_id": last.index.astype(str), "cutoff": last.to_numpy() + pd.Timedelta(seconds=1)})
+        examples = pd.DataFrame(
+            {"user_id": last.index.astype(str), "cutoff": last.to_numpy() + pd.Timedelta(seconds=1)}
+        )
         vectors = self.embed(events.assign(user_id=events["user_id"].astype(str)), examples, batch_size)
         return pd.DataFrame(np.column_stack([examples["user_id"].to_numpy(object), vectors]), columns=columns).astype(
-            {c: "float32" for c in columns[1:]})
+            {c: "float32" for c in columns[1:]}
+        )
 
-    def evaluate(self, events: pd.DataFrame | PreparedEvents, examples: pd.DataFrame, label_columns: Sequence[str] | None = None) -> pd.DataFrame:
+    def evaluate(
+        self, events: pd.DataFrame | PreparedEvents, examples: pd.DataFrame, label_columns: Sequence[str] | None = None
+    ) -> pd.DataFrame:
         """Long frame (task, metric, value) of AUROC and AUPRC on the given labelled examples."""
         label_columns = list(label_columns or self.task_names)
         proba = self.predict_proba(events, examples)
         rows = []
         for task in label_columns:
             y = examples[task].astype("Float64").to_numpy(dtype=np.float64, na_value=np.nan)
-            rows += [(task, "auroc", auroc(y, proba[task].to_numpy())), (task, "auprc", auprc(y, proba[task].to_numpy()))]
+            rows += [
+                (task, "auroc", auroc(y, proba[task].to_numpy())),
+                (task, "auprc", auprc(y, proba[task].to_numpy())),
+            ]
         return pd.DataFrame(rows, columns=["task", "metric", "value"])
 
     # ------------------------------------------------------------------ persistence
@@ -152,7 +168,7 @@ class UserModel:
         return save_artifact(path, self.kind, self.model, self.encoder, metadata)
 
     @classmethod
-    def load(cls, path: str | Path) -> "UserModel":
+    def load(cls, path: str | Path) -> UserModel:
         art = load_artifact(path)
         return cls(art.kind, art.model, art.encoder)
 

@@ -97,7 +97,7 @@ class Vocabulary:
         return np.where(idx < 0, OOV, idx + 2).astype(np.int32)
 
     @classmethod
-    def from_counts(cls, values: np.ndarray, counts: np.ndarray, min_count: int) -> "Vocabulary":
+    def from_counts(cls, values: np.ndarray, counts: np.ndarray, min_count: int) -> Vocabulary:
         keep = counts >= min_count
         values, counts = values[keep], counts[keep]
         order = np.lexsort((values.astype(str), -counts))
@@ -195,7 +195,9 @@ def prepare_events(events: pd.DataFrame) -> PreparedEvents:
     session_first = np.maximum.accumulate(np.where(new_session, np.arange(n), 0)) if n else np.zeros(0, np.int64)
     # users without events (unused categories) get an empty range
     offsets = np.searchsorted(codes, np.arange(len(users) + 1), side="left").astype(np.int64)
-    return PreparedEvents(events, order.astype(np.int64), pd.Index(users, dtype=object), offsets, time_ns, sess, session_first)
+    return PreparedEvents(
+        events, order.astype(np.int64), pd.Index(users, dtype=object), offsets, time_ns, sess, session_first
+    )
 
 
 def _first_not_before(time_ns: np.ndarray, lo: np.ndarray, hi: np.ndarray, cutoff: np.ndarray) -> np.ndarray:
@@ -260,7 +262,9 @@ class SequenceEncoder:
         return _Windows(ev, start, end, cutoff, rows, mask)
 
     # ------------------------------------------------------------------ fit / transform
-    def fit(self, events: pd.DataFrame | PreparedEvents, examples: pd.DataFrame, chunk_size: int = 16384) -> "SequenceEncoder":
+    def fit(
+        self, events: pd.DataFrame | PreparedEvents, examples: pd.DataFrame, chunk_size: int = 16384
+    ) -> SequenceEncoder:
         """Vocabularies and time statistics from the events the training examples see."""
         ev = events if isinstance(events, PreparedEvents) else prepare_events(events)
         frame = ev.frame
@@ -316,7 +320,9 @@ class SequenceEncoder:
         dow = ev.values("day_of_week", rows) * (2 * np.pi / 7)
         return np.stack([log_prev, log_sess, to_cutoff, np.sin(hour), np.cos(hour), np.sin(dow), np.cos(dow)], axis=-1)
 
-    def transform(self, events: pd.DataFrame | PreparedEvents, examples: pd.DataFrame, chunk_size: int = 16384) -> dict[str, Tensor]:
+    def transform(
+        self, events: pd.DataFrame | PreparedEvents, examples: pd.DataFrame, chunk_size: int = 16384
+    ) -> dict[str, Tensor]:
         """Tensors for ``examples`` (same row order), see the module docstring. Pass a
         ``PreparedEvents`` to encode several example sets against one frame without re-sorting."""
         if not self.fitted:
@@ -324,7 +330,9 @@ class SequenceEncoder:
         ev = events if isinstance(events, PreparedEvents) else prepare_events(events)
         if len(examples) <= chunk_size:
             return self._transform_chunk(ev, examples)
-        chunks = [self._transform_chunk(ev, examples.iloc[lo : lo + chunk_size]) for lo in range(0, len(examples), chunk_size)]
+        chunks = [
+            self._transform_chunk(ev, examples.iloc[lo : lo + chunk_size]) for lo in range(0, len(examples), chunk_size)
+        ]
         return {k: torch.cat([c[k] for c in chunks]) for k in chunks[0]}
 
     def transform_user(self, user_events: pd.DataFrame, cutoff) -> dict[str, Tensor]:
@@ -342,7 +350,9 @@ class SequenceEncoder:
         new_session = np.ones(n, bool)
         new_session[1:] = sess[1:] != sess[:-1]
         session_first = np.maximum.accumulate(np.where(new_session, np.arange(n), 0)) if n else np.zeros(0, np.int64)
-        ev = PreparedEvents(user_events, order, pd.Index([""], dtype=object), np.array([0, n]), time_ns[order], sess, session_first)
+        ev = PreparedEvents(
+            user_events, order, pd.Index([""], dtype=object), np.array([0, n]), time_ns[order], sess, session_first
+        )
         cutoff_ns = _utc_ns(pd.Series([pd.Timestamp(cutoff)]))
         end = np.searchsorted(ev.time_ns, cutoff_ns, side="left").astype(np.int64)
         return self._encode(self._window_rows(ev, np.zeros(1, np.int64), end, cutoff_ns))
@@ -417,9 +427,11 @@ class SequenceEncoder:
         }
 
     @classmethod
-    def from_state_dict(cls, state: dict) -> "SequenceEncoder":
+    def from_state_dict(cls, state: dict) -> SequenceEncoder:
         if tuple(state["time_features"]) != TIME_FEATURES:
-            raise ValueError(f"artifact was encoded with time features {state['time_features']}, this code has {TIME_FEATURES}")
+            raise ValueError(
+                f"artifact was encoded with time features {state['time_features']}, this code has {TIME_FEATURES}"
+            )
         cfg = dict(state["config"])
         if cfg["categorical_columns"] is not None:
             cfg["categorical_columns"] = tuple(cfg["categorical_columns"])
@@ -433,13 +445,13 @@ class SequenceEncoder:
 
 
 __all__ = [
-    "PAD",
-    "OOV",
     "MISSING",
+    "OOV",
+    "PAD",
     "TIME_FEATURES",
     "EncoderConfig",
-    "Vocabulary",
     "PreparedEvents",
-    "prepare_events",
     "SequenceEncoder",
+    "Vocabulary",
+    "prepare_events",
 ]

@@ -42,7 +42,7 @@ class FunnelSpec:
 
     funnel: tuple[str, ...]  # ordered stages; funnel[0] defines the samples, the rest are labels
     extra_labels: tuple[str, ...] = ()  # labelled behaviours outside the order (Taobao ``fav``)
-    horizon: pd.Timedelta | None = pd.Timedelta(days=2)  # None: until the end of the frame
+    horizon: pd.Timedelta | None = pd.Timedelta(days=2)  # noqa: RUF009 (immutable) None: until the end of the frame
     drop_censored: bool = True
     user_buckets: int = 2**14
     item_buckets: int = 2**16
@@ -100,9 +100,7 @@ def stable_bucket(values: pd.Series, buckets: int, salt: str = "") -> np.ndarray
     codes, uniques = pd.factorize(values, use_na_sentinel=True)
     hashed = np.fromiter(
         (
-            int.from_bytes(hashlib.blake2b(f"{salt}{u}".encode(), digest_size=8).digest(), "little")
-            % (buckets - 1)
-            + 1
+            int.from_bytes(hashlib.blake2b(f"{salt}{u}".encode(), digest_size=8).digest(), "little") % (buckets - 1) + 1
             for u in uniques
         ),
         dtype=np.int64,
@@ -176,7 +174,9 @@ def build_funnel_samples(events: pd.DataFrame, spec: FunnelSpec) -> pd.DataFrame
 
     # Labels: a stage event on the same item at or after the anchor, within the horizon.
     for task in spec.tasks:
-        hits = ev.loc[ev["event_name"] == task, KEY + ["event_time"]].merge(anchors[KEY + ["anchor_time", "_row"]], on=KEY)
+        hits = ev.loc[ev["event_name"] == task, KEY + ["event_time"]].merge(
+            anchors[KEY + ["anchor_time", "_row"]], on=KEY
+        )
         later = hits["event_time"] >= hits["anchor_time"]
         if spec.horizon is not None:
             later &= hits["event_time"] <= hits["anchor_time"] + spec.horizon
@@ -198,7 +198,9 @@ def build_funnel_samples(events: pd.DataFrame, spec: FunnelSpec) -> pd.DataFrame
 
     entries = ev[is_entry & ev["category"].notna()]
     cat_past = _past_counts(
-        anchors[anchors["category"].notna()], entries, ["user_id", "category"],
+        anchors[anchors["category"].notna()],
+        entries,
+        ["user_id", "category"],
         {"user_prior_category_views": pd.Series(True, index=entries.index)},
     )
     anchors = anchors.join(cat_past[["user_prior_category_views"]], on="_row")
@@ -222,8 +224,10 @@ def build_funnel_samples(events: pd.DataFrame, spec: FunnelSpec) -> pd.DataFrame
     if spec.drop_censored:
         anchors = anchors[~anchors["censored"]]
     columns = (
-        KEY + ["category", "anchor_time", "censored", "user_bucket", "item_bucket", "category_bucket", "hour", "weekday"]
-        + spec.dense_columns + spec.label_columns
+        KEY
+        + ["category", "anchor_time", "censored", "user_bucket", "item_bucket", "category_bucket", "hour", "weekday"]
+        + spec.dense_columns
+        + spec.label_columns
     )
     return anchors.sort_values(["user_id", "anchor_time", "item_id"], kind="stable")[columns].reset_index(drop=True)
 
@@ -292,11 +296,11 @@ def dense_width(spec: FunnelSpec) -> int:
 
 
 __all__ = [
-    "FunnelSpec",
     "FUNNELS",
-    "stable_bucket",
+    "FunnelSpec",
     "build_funnel_samples",
-    "split_by_user",
-    "samples_to_tensors",
     "dense_width",
+    "samples_to_tensors",
+    "split_by_user",
+    "stable_bucket",
 ]

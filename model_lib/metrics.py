@@ -8,7 +8,7 @@ Conventions (so that every caller treats edge cases the same way):
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 from scipy.stats import rankdata
@@ -148,4 +148,4 @@ def ndcg_at_k(true_relevance: np.ndarray, scores: np.ndarray, k: int | None = No
     return float(np.mean(dcg[valid] / idcg[valid]))
 
 
-__all__ = ["auroc", "auprc", "uplift_pct", "bootstrap_ci", "paired_bootstrap_uplift_ci", "ndcg_at_k"]
+__all__ = ["auprc", "auroc", "bootstrap_ci", "ndcg_at_k", "paired_bootstrap_uplift_ci", "uplift_pct"]

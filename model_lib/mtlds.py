@@ -109,7 +109,7 @@ class MTLDSConfig:
         return self.funnel_tasks + self.extra_tasks
 
     @classmethod
-    def from_spec(cls, spec: FunnelSpec, **overrides) -> "MTLDSConfig":
+    def from_spec(cls, spec: FunnelSpec, **overrides) -> MTLDSConfig:
         """Tasks and vocabulary sizes from a ``funnel_samples.FunnelSpec``."""
         base = dict(
             funnel_tasks=spec.funnel_tasks,
@@ -354,7 +354,9 @@ def predict(model: FunnelModel, data: dict[str, Tensor], batch_size: int = 4096)
     return torch.cat(probs).numpy(), torch.cat(scores).numpy()
 
 
-def per_user_ndcg(groups: np.ndarray, relevance: np.ndarray, scores: np.ndarray, k: int | None = None, seed: int = 0) -> float:
+def per_user_ndcg(
+    groups: np.ndarray, relevance: np.ndarray, scores: np.ndarray, k: int | None = None, seed: int = 0
+) -> float:
     """NDCG@k of each user's items ranked by ``scores``, averaged over users with a relevant item.
 
     Lists are padded (relevance 0, score -inf: ranked last, no gain). Items are shuffled within
@@ -394,18 +396,18 @@ def evaluate(model: FunnelModel, data: dict[str, Tensor], k: int | None = None, 
 
 __all__ = [
     "AGGREGATIONS",
-    "MTLDSConfig",
-    "softsort",
-    "funnel_depth",
-    "target_permutation",
-    "permutation_loss",
+    "MTLDS",
     "Aggregation",
-    "mlp",
     "FunnelInput",
     "FunnelModel",
+    "MTLDSConfig",
     "SharedBottomTowers",
-    "MTLDS",
-    "predict",
-    "per_user_ndcg",
     "evaluate",
+    "funnel_depth",
+    "mlp",
+    "per_user_ndcg",
+    "permutation_loss",
+    "predict",
+    "softsort",
+    "target_permutation",
 ]

@@ -27,7 +27,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from model_lib.mtlds import AGGREGATIONS, MTLDS, FunnelInput, FunnelModel, MTLDSConfig, SharedBottomTowers, funnel_depth, mlp
+from model_lib.mtlds import (
+    AGGREGATIONS,
+    MTLDS,
+    FunnelInput,
+    FunnelModel,
+    MTLDSConfig,
+    SharedBottomTowers,
+    funnel_depth,
+    mlp,
+)
 
 
 def _head(in_dim: int, cfg: MTLDSConfig) -> nn.Sequential:
@@ -143,4 +152,4 @@ def build_model(name: str, cfg: MTLDSConfig, seed: int | None = None) -> FunnelM
     raise ValueError(f"unknown model {name!r}; expected one of {MODEL_NAMES}")
 
 
-__all__ = ["SingleTask", "SharedBottom", "ESMM", "MMoE", "BASELINES", "MODEL_NAMES", "build_model"]
+__all__ = ["BASELINES", "ESMM", "MODEL_NAMES", "MMoE", "SharedBottom", "SingleTask", "build_model"]

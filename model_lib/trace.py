@@ -242,16 +242,16 @@ def sinusoidal_table(n_positions: int, dim: int) -> Tensor:
 
 
 __all__ = [
-    "TRACEConfig",
     "TRACE",
-    "SequenceUserModel",
-    "EventEmbedding",
     "Block",
+    "EventEmbedding",
     "SelfAttention",
-    "class_weights_from_labels",
-    "weighted_multitask_bce",
+    "SequenceUserModel",
+    "TRACEConfig",
     "attention_mask",
+    "class_weights_from_labels",
+    "count_parameters",
     "masked_max_pool",
     "sinusoidal_table",
-    "count_parameters",
+    "weighted_multitask_bce",
 ]

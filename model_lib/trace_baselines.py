@@ -15,8 +15,8 @@ Every kind shares the training loop, the tasks, the user-embedding layer, the he
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
-from typing import Callable
 
 from torch import Tensor, nn
 
@@ -97,8 +97,13 @@ class LSTMUserModel(SequenceUserModel):
         self.config = c = config
         self.embedding = EventEmbedding(c.vocab_sizes, c.n_time_features, c.d_model, c.max_len, c.max_sessions)
         self.drop = nn.Dropout(c.dropout)
-        self.lstm = nn.LSTM(c.d_model, c.hidden_size, num_layers=c.n_layers, batch_first=True,
-                            dropout=c.dropout if c.n_layers > 1 else 0.0)
+        self.lstm = nn.LSTM(
+            c.d_model,
+            c.hidden_size,
+            num_layers=c.n_layers,
+            batch_first=True,
+            dropout=c.dropout if c.n_layers > 1 else 0.0,
+        )
         self.pooled_dim = c.hidden_size
         self._init_heads(c.embedding_dim, c.n_tasks, c.class_weighting)
 
@@ -167,14 +172,14 @@ def build_model(kind: str, config) -> SequenceUserModel:
 
 
 __all__ = [
-    "VanillaTransformerConfig",
-    "VanillaTransformer",
+    "MODEL_KINDS",
     "LSTMConfig",
     "LSTMUserModel",
     "ModelKind",
-    "MODEL_KINDS",
-    "get_kind",
-    "encoder_config_for",
-    "make_config",
+    "VanillaTransformer",
+    "VanillaTransformerConfig",
     "build_model",
+    "encoder_config_for",
+    "get_kind",
+    "make_config",
 ]

@@ -19,9 +19,9 @@ import math
 import os
 import random
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -62,7 +62,7 @@ class FitResult:
 def set_seed(seed: int) -> None:
     """Seed python, numpy and torch (CPU) so that initialisation and dropout are repeatable."""
     random.seed(seed)
-    np.random.seed(seed % (2**32))
+    np.random.seed(seed % (2**32))  # noqa: NPY002 (code we do not own may use the global RNG)
     torch.manual_seed(seed)
 
 
@@ -145,9 +145,7 @@ def fit(
         torch.set_num_threads(config.num_threads)
     set_seed(config.seed)
 
-    optimizer = torch.optim.AdamW(
-        model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay
-    )
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
     generator = torch.Generator().manual_seed(config.seed)
     result = FitResult()
     best_state = _clone_state(model)
@@ -178,12 +176,12 @@ def fit(
         model.train()
         started = time.perf_counter()
         total, count = 0.0, 0
-        for step, batch in enumerate(
-            iterate_batches(train, config.batch_size, shuffle=True, generator=generator)
-        ):
+        for step, batch in enumerate(iterate_batches(train, config.batch_size, shuffle=True, generator=generator)):
             loss = model.loss(batch)
             if not torch.isfinite(loss):
-                raise FloatingPointError(f"non-finite training loss {float(loss.detach())} at epoch {epoch}, step {step}")
+                raise FloatingPointError(
+                    f"non-finite training loss {float(loss.detach())} at epoch {epoch}, step {step}"
+                )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if config.grad_clip is not None:
@@ -240,11 +238,11 @@ def fit(
 
 
 __all__ = [
-    "TrainConfig",
     "EpochReport",
     "FitResult",
-    "set_seed",
-    "iterate_batches",
+    "TrainConfig",
     "evaluate_loss",
     "fit",
+    "iterate_batches",
+    "set_seed",
 ]

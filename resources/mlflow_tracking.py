@@ -29,7 +29,7 @@ import sysconfig
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -40,7 +40,7 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 from pydantic import Field
 
-from resources import mlflow_models
+from assets.model_registry import pyfunc_model as mlflow_models
 
 CHAMPION = "champion"
 PREVIOUS = "previous"
@@ -85,7 +85,7 @@ def _file_lock(lock_path: Path) -> Iterator[None]:
 
 
 def _utc_now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+    return datetime.now(UTC).isoformat(timespec="seconds")
 
 
 def _installed_package_dirs() -> list[Path]:
@@ -230,9 +230,7 @@ class MLflowTracking(dg.ConfigurableResource):
             if experiment is not None:
                 return experiment.experiment_id
             try:
-                return client.create_experiment(
-                    self.experiment_name, artifact_location=self.artifact_location()
-                )
+                return client.create_experiment(self.experiment_name, artifact_location=self.artifact_location())
             except MlflowException:  # created meanwhile by a process outside our lock (server)
                 experiment = client.get_experiment_by_name(self.experiment_name)
                 if experiment is None:
@@ -289,7 +287,7 @@ class MLflowTracking(dg.ConfigurableResource):
         `mlflow.pyfunc.load_model("models:/<name>/<version>")` works in a fresh process. There,
         `.unwrap_python_model()` exposes the object (`.model`, and `.embed(...)` by delegation),
         and `.predict(frame)` returns the output of `predict_method` as a DataFrame.
-        `input_format` / `input_adapter`: see `resources.mlflow_models.ArtifactModel`.
+        `input_format` / `input_adapter`: see `assets.model_registry.pyfunc_model.ArtifactModel`.
         """
         artifact = Path(artifact_path_on_disk)
         if not artifact.is_file():
@@ -403,8 +401,13 @@ class MLflowTracking(dg.ConfigurableResource):
             decided_at = _utc_now()
             if champion == challenger:  # nothing to decide; its own promotion tags stay as they are
                 return PromotionDecision(
-                    False, champion, previous, delta, f"version {challenger} is already {CHAMPION}",
-                    challenger, decided_at,
+                    False,
+                    champion,
+                    previous,
+                    delta,
+                    f"version {challenger} is already {CHAMPION}",
+                    challenger,
+                    decided_at,
                 )
             if not checks_passed:
                 promote, reason = False, "an asset check failed"
@@ -468,24 +471,29 @@ class MLflowTracking(dg.ConfigurableResource):
             champion, previous = aliases.get(CHAMPION), aliases.get(PREVIOUS)
             if expected_champion is not None and champion != str(expected_champion):
                 return RollbackResult(
-                    False, champion, None, previous,
+                    False,
+                    champion,
+                    None,
+                    previous,
                     f"{CHAMPION} is v{champion}, not v{expected_champion}: nothing rolled back",
                 )
             if previous is None or previous == champion:
-                return RollbackResult(
-                    False, champion, None, previous, f"no {PREVIOUS} version to roll back to"
-                )
+                return RollbackResult(False, champion, None, previous, f"no {PREVIOUS} version to roll back to")
             client = self.client()
             client.set_registered_model_alias(model_name, CHAMPION, previous)
             client.delete_registered_model_alias(model_name, PREVIOUS)
             now = _utc_now()
             if champion is not None:
                 self._set_tags(
-                    model_name, champion,
+                    model_name,
+                    champion,
                     {TAG_PREFIX + "rolled_back_at": now, TAG_PREFIX + "rolled_back_to": previous},
                 )
             self._set_tags(model_name, previous, {TAG_PREFIX + "restored_at": now})
             return RollbackResult(
-                True, previous, champion, None,
+                True,
+                previous,
+                champion,
+                None,
                 f"v{champion} rolled back to v{previous}" if champion else f"v{previous} restored",
             )

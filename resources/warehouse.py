@@ -17,7 +17,7 @@ import time
 import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import dagster as dg
@@ -41,16 +41,14 @@ def quote_ident(name: str) -> str:
 
 def utc_now() -> datetime:
     """Naive UTC timestamp: the warehouse stores every TIMESTAMP in UTC without a zone."""
-    return datetime.now(timezone.utc).replace(tzinfo=None)
+    return datetime.now(UTC).replace(tzinfo=None)
 
 
 class DuckDBWarehouse(dg.ConfigurableResource):
     """Connections to the warehouse and atomic publication of parquet-backed tables."""
 
     paths: TraceDagsterPaths
-    memory_limit: str = Field(
-        default="3GB", description="DuckDB memory_limit; larger work spills to the home's tmp/."
-    )
+    memory_limit: str = Field(default="3GB", description="DuckDB memory_limit; larger work spills to the home's tmp/.")
     threads: int = Field(default=0, description="DuckDB worker threads; 0 lets DuckDB decide.")
     lock_timeout_seconds: float = Field(
         default=120.0,
@@ -109,12 +107,8 @@ class DuckDBWarehouse(dg.ConfigurableResource):
         stamp = utc_now().strftime("%Y%m%dT%H%M%S%f")
         final = directory / f"{table}-{stamp}-{uuid.uuid4().hex[:8]}.parquet"
         tmp = directory / f".tmp-{final.name}"
-        con.execute(
-            f"COPY ({query}) TO {sql_literal(str(tmp))} (FORMAT parquet, COMPRESSION snappy)"
-        )
-        rows = con.execute(
-            f"SELECT count(*) FROM read_parquet({sql_literal(str(tmp))})"
-        ).fetchall()[0][0]
+        con.execute(f"COPY ({query}) TO {sql_literal(str(tmp))} (FORMAT parquet, COMPRESSION snappy)")
+        rows = con.execute(f"SELECT count(*) FROM read_parquet({sql_literal(str(tmp))})").fetchall()[0][0]
         tmp.rename(final)
         return final, int(rows)
 
@@ -135,9 +129,7 @@ class DuckDBWarehouse(dg.ConfigurableResource):
             con.execute(f"DELETE FROM {PARQUET_CATALOG} WHERE table_name = ?", [table])
         now = utc_now()
         for path, rows in files:
-            con.execute(
-                f"INSERT INTO {PARQUET_CATALOG} VALUES (?, ?, ?, ?)", [table, str(path), rows, now]
-            )
+            con.execute(f"INSERT INTO {PARQUET_CATALOG} VALUES (?, ?, ?, ?)", [table, str(path), rows, now])
         paths = [
             row[0]
             for row in con.execute(
@@ -156,9 +148,7 @@ class DuckDBWarehouse(dg.ConfigurableResource):
         leftovers of killed runs). Call after the commit; returns the number of files removed."""
         referenced = {
             row[0]
-            for row in con.execute(
-                f"SELECT path FROM {PARQUET_CATALOG} WHERE table_name = ?", [table]
-            ).fetchall()
+            for row in con.execute(f"SELECT path FROM {PARQUET_CATALOG} WHERE table_name = ?", [table]).fetchall()
         }
         removed = 0
         for path in self.table_dir(table).iterdir():

@@ -11,6 +11,11 @@ import pytest
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
+def pytest_collection_modifyitems(items):
+    """Lint and format first: a style failure shows before minutes of end-to-end tests."""
+    items.sort(key=lambda item: item.get_closest_marker("style") is None)
+
+
 @pytest.fixture(autouse=True)
 def _isolated_environment(monkeypatch, tmp_path):
     """No test reads or writes the developer's real home or event settings."""
@@ -34,14 +39,17 @@ def pipeline_resources(home: Path, events: str = "", events_format: str = "", **
     return {
         "paths": paths,
         "warehouse": DuckDBWarehouse(paths=paths, memory_limit="1GB", threads=2),
-        "event_source": EventSource(
-            paths=paths, events=str(events), events_format=events_format, **simulator
-        ),
+        "event_source": EventSource(paths=paths, events=str(events), events_format=events_format, **simulator),
     }
 
 
-def materialize_pipeline(resources: dict, run_config: dict | None = None, sessionize: bool = True,
-                         raise_on_error: bool = True, max_rejected_share: float = 1.0):
+def materialize_pipeline(
+    resources: dict,
+    run_config: dict | None = None,
+    sessionize: bool = True,
+    raise_on_error: bool = True,
+    max_rejected_share: float = 1.0,
+):
     """Materialize ingestion (and sessionization) with their checks, in process.
 
     Hand-made bad-input files are mostly bad rows, so the rejected-share check is relaxed unless
@@ -49,8 +57,8 @@ def materialize_pipeline(resources: dict, run_config: dict | None = None, sessio
     """
     import dagster as dg
 
-    from assets.ingestion import ingested_events, ingestion_checks
-    from assets.sessionization import sessionization_checks, sessionized_events
+    from assets.ingestion.raw_events import ingested_events, ingestion_checks
+    from assets.ingestion.sessionized_events import sessionization_checks, sessionized_events
 
     definitions = [ingested_events, ingestion_checks]
     if sessionize:
@@ -59,9 +67,7 @@ def materialize_pipeline(resources: dict, run_config: dict | None = None, sessio
     ops = dict(run_config.get("ops", {}))
     ops.setdefault("ingestion_checks", {"config": {"max_rejected_share": max_rejected_share}})
     run_config["ops"] = ops
-    return dg.materialize(
-        definitions, resources=resources, run_config=run_config, raise_on_error=raise_on_error
-    )
+    return dg.materialize(definitions, resources=resources, run_config=run_config, raise_on_error=raise_on_error)
 
 
 def query(home: Path, sql: str) -> pd.DataFrame:
@@ -76,10 +82,7 @@ def query(home: Path, sql: str) -> pd.DataFrame:
 
 def check_results(result) -> dict[str, bool]:
     """{'asset:check': passed} of a materialize() result."""
-    return {
-        f"{e.asset_key.to_user_string()}:{e.check_name}": e.passed
-        for e in result.get_asset_check_evaluations()
-    }
+    return {f"{e.asset_key.to_user_string()}:{e.check_name}": e.passed for e in result.get_asset_check_evaluations()}
 
 
 def write_lines(path: Path, lines: list[str], trailing_newline: bool = True) -> Path:

@@ -15,20 +15,32 @@ import dagster as dg
 import duckdb
 import pandas as pd
 
-from assets.conversion_models import CONVERSION_MODELS
-from assets.sequence_models import SEQUENCE_MODELS
+from assets.conversion_models.assets import CONVERSION_MODELS
+from assets.trace_models.assets import SEQUENCE_MODELS
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-TAOBAO_FILES = [(SHARED_DATA / "taobao_userbehavior" / f).resolve()  # ingestion records resolved paths
-                for f in ("userbehavior_head.csv.gz", "userbehavior_tail.csv.gz")]
+TAOBAO_FILES = [
+    (SHARED_DATA / "taobao_userbehavior" / f).resolve()  # ingestion records resolved paths
+    for f in ("userbehavior_head.csv.gz", "userbehavior_tail.csv.gz")
+]
 
 #: The contract's tables (shared/design/contract.md) and the columns each must hold.
 CONTRACT_TABLES = {
     "raw_events": ["user_id", "event_time", "event_name", "item_id", "category", "source_file", "source_row"],
     "rejected_events": ["source_file", "source_row", "raw", "reason"],
-    "sessionized_events": ["user_id", "event_time", "event_name", "session_id", "session_index", "event_index",
-                           "event_index_in_session", "seconds_since_prev_event", "seconds_since_session_start",
-                           "hour_of_day", "day_of_week"],
+    "sessionized_events": [
+        "user_id",
+        "event_time",
+        "event_name",
+        "session_id",
+        "session_index",
+        "event_index",
+        "event_index_in_session",
+        "seconds_since_prev_event",
+        "seconds_since_session_start",
+        "hour_of_day",
+        "day_of_week",
+    ],
     "user_embeddings": ["user_id", "model_name", "model_version", "embedding", "as_of"],
     "evaluation_metrics": ["model", "task", "task_kind", "metric", "value", "split"],
     "drift_report": ["checked_at", "dataset_drift", "drift_share", "report_path"],
@@ -37,8 +49,13 @@ TRACE_FAMILY = list(SEQUENCE_MODELS)  # trace, myopic, vanilla_transformer, lstm
 MTLDS_FAMILY = list(CONVERSION_MODELS)  # mtlds_<agg> x4, single_task, shared_bottom, esmm, mmoe
 
 
-def small_run_config(sequence_epochs: int = 2, conversion_epochs: int = 2, bootstrap_samples: int = 50,
-                     map_users: int = 300, torch_threads: int = 1) -> dict:
+def small_run_config(
+    sequence_epochs: int = 2,
+    conversion_epochs: int = 2,
+    bootstrap_samples: int = 50,
+    map_users: int = 300,
+    torch_threads: int = 1,
+) -> dict:
     """Run config of the whole graph with few epochs: every `<model>_model` op, evaluation, t-SNE."""
     ops: dict[str, dict] = {}
     for kind in SEQUENCE_MODELS:
@@ -73,12 +90,15 @@ class PipelineRun:
 
     def checks(self) -> dict[str, tuple[bool, str]]:
         """{'asset:check': (passed, severity)} of the run."""
-        return {f"{e.asset_key.to_user_string()}:{e.check_name}": (e.passed, e.severity.value)
-                for e in self.result.get_asset_check_evaluations()}
+        return {
+            f"{e.asset_key.to_user_string()}:{e.check_name}": (e.passed, e.severity.value)
+            for e in self.result.get_asset_check_evaluations()
+        }
 
 
-def materialize_full_graph(home: Path, run_config: dict | None = None, instance: dg.DagsterInstance | None = None,
-                           **event_source) -> PipelineRun:
+def materialize_full_graph(
+    home: Path, run_config: dict | None = None, instance: dg.DagsterInstance | None = None, **event_source
+) -> PipelineRun:
     """Materialize ASSETS + ASSET_CHECKS of the code location into `home` (MLflow store beside it).
 
     `event_source`: fields of `EventSource` (`events`, `events_format`, `simulator_n_users`, ...).
@@ -92,12 +112,20 @@ def materialize_full_graph(home: Path, run_config: dict | None = None, instance:
     resources = build_resources(home=str(home), tracking_uri=tracking_uri, **event_source)
     started = time.perf_counter()
     instance = instance or dg.DagsterInstance.ephemeral()
-    result = dg.materialize([*ASSETS, *ASSET_CHECKS], resources=resources, instance=instance,
-                            run_config=run_config or small_run_config(), raise_on_error=False)
+    result = dg.materialize(
+        [*ASSETS, *ASSET_CHECKS],
+        resources=resources,
+        instance=instance,
+        run_config=run_config or small_run_config(),
+        raise_on_error=False,
+    )
     return PipelineRun(home, tracking_uri, result, time.perf_counter() - started, resources, instance)
 
 
 def failed_steps(result: dg.ExecuteInProcessResult) -> list[str]:
     """Step keys that failed, with their error message (for assertion messages)."""
-    return [f"{e.step_key}: {e.event_specific_data.error.message.strip()[:500]}"
-            for e in result.all_events if e.event_type_value == "STEP_FAILURE"]
+    return [
+        f"{e.step_key}: {e.event_specific_data.error.message.strip()[:500]}"
+        for e in result.all_events
+        if e.event_type_value == "STEP_FAILURE"
+    ]

@@ -26,7 +26,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import query
 from ui_helpers import REPO, small_run_config, tail
 
@@ -44,10 +43,10 @@ WORKER_TIMEOUT_S = 420
 
 def run_job(job_name: str, run_config: dict, ready: Path, go: Path, result_path: Path) -> int:
     import dagster as dg
+    from ui_helpers import reconstructable_job
 
     from resources.warehouse import WAREHOUSE_POOL
     from trace_dagster.cli import prepare_instance
-    from ui_helpers import reconstructable_job
 
     prepare_instance()  # TRACE_DAGSTER_HOME from the environment, as the CLI
     job = reconstructable_job(job_name)
@@ -62,14 +61,24 @@ def run_job(job_name: str, run_config: dict, ready: Path, go: Path, result_path:
                 raise TimeoutError(f"{go} never appeared")
             time.sleep(0.05)
         started = time.time()
-        with dg.execute_job(job, instance=instance, run_config=run_config,
-                            tags={"launched_by": "test_concurrent_runs"}) as result:
-            failures = [f"{e.step_key}: {e.step_failure_data.error.to_string()}"
-                        for e in result.all_events if e.is_step_failure]
-            result_path.write_text(json.dumps({
-                "job": job_name, "run_id": result.run_id, "success": result.success,
-                "started": started, "ended": time.time(), "failures": failures,
-            }))  # fmt: skip
+        with dg.execute_job(
+            job, instance=instance, run_config=run_config, tags={"launched_by": "test_concurrent_runs"}
+        ) as result:
+            failures = [
+                f"{e.step_key}: {e.step_failure_data.error.to_string()}" for e in result.all_events if e.is_step_failure
+            ]
+            result_path.write_text(
+                json.dumps(
+                    {
+                        "job": job_name,
+                        "run_id": result.run_id,
+                        "success": result.success,
+                        "started": started,
+                        "ended": time.time(),
+                        "failures": failures,
+                    }
+                )
+            )
             return 0 if result.success else 1
 
 
@@ -83,10 +92,22 @@ def start_worker(tmp_path: Path, name: str, job_name: str, run_config: dict, go:
     ready, result, log = tmp_path / f"{name}.ready", tmp_path / f"{name}.result.json", tmp_path / f"{name}.log"
     with open(log, "wb") as out:
         process = subprocess.Popen(
-            [sys.executable, str(Path(__file__).resolve()), job_name, str(config_path), str(ready), str(go), str(result)],
-            cwd=REPO, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"}, start_new_session=True,
-        )  # fmt: skip
+            [
+                sys.executable,
+                str(Path(__file__).resolve()),
+                job_name,
+                str(config_path),
+                str(ready),
+                str(go),
+                str(result),
+            ],
+            cwd=REPO,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            start_new_session=True,
+        )
     return {"name": name, "job": job_name, "process": process, "ready": ready, "result": result, "log": log}
 
 
@@ -161,8 +182,11 @@ def warehouse_steps(job_name: str) -> set[str]:
     from resources.warehouse import WAREHOUSE_POOL
     from trace_dagster.definitions import defs
 
-    return {node.name for node in defs.resolve_job_def(job_name).nodes
-            if getattr(node.definition, "pool", None) == WAREHOUSE_POOL}
+    return {
+        node.name
+        for node in defs.resolve_job_def(job_name).nodes
+        if getattr(node.definition, "pool", None) == WAREHOUSE_POOL
+    }
 
 
 def test_retraining_and_ingestion_at_the_same_moment(home: Path, tmp_path: Path, monkeypatch):
@@ -180,8 +204,9 @@ def test_retraining_and_ingestion_at_the_same_moment(home: Path, tmp_path: Path,
     # A "schedule tick" and a "new file" at the same moment.
     go = tmp_path / "together.go"
     retrain = start_worker(tmp_path, "retrain", "retrain_models", small_run_config("retrain_models", **SIMULATOR), go)
-    ingest = start_worker(tmp_path, "ingest", "ingest_and_monitor",
-                          small_run_config("ingest_and_monitor", **SIMULATOR, **NEW_WEEK), go)
+    ingest = start_worker(
+        tmp_path, "ingest", "ingest_and_monitor", small_run_config("ingest_and_monitor", **SIMULATOR, **NEW_WEEK), go
+    )
     try:
         deadline = time.monotonic() + 180
         while not (retrain["ready"].exists() and ingest["ready"].exists()):
@@ -233,14 +258,19 @@ def test_retraining_and_ingestion_at_the_same_moment(home: Path, tmp_path: Path,
         assert not overlaps, f"warehouse steps ran at the same time: {overlaps}"
 
     # The ingestion run added the new week while retraining ran.
-    counts = query(home, "SELECT count(*) FILTER (WHERE event_time >= TIMESTAMP '2026-02-09') AS new_week, "
-                         "count(*) AS total FROM sessionized_events").iloc[0]
+    counts = query(
+        home,
+        "SELECT count(*) FILTER (WHERE event_time >= TIMESTAMP '2026-02-09') AS new_week, "
+        "count(*) AS total FROM sessionized_events",
+    ).iloc[0]
     assert 0 < counts["new_week"] < counts["total"], counts.to_dict()
 
-    print(f"full_pipeline {first['ended'] - first['started']:.0f}s; together:",
-          {job: f"{s.end_time - s.start_time:.0f}s" for job, s in stats.items()},
-          f"overlap {min(a.end_time, b.end_time) - max(a.start_time, b.start_time):.0f}s;",
-          f"{len(intervals)} warehouse steps, none at the same time")
+    print(
+        f"full_pipeline {first['ended'] - first['started']:.0f}s; together:",
+        {job: f"{s.end_time - s.start_time:.0f}s" for job, s in stats.items()},
+        f"overlap {min(a.end_time, b.end_time) - max(a.start_time, b.start_time):.0f}s;",
+        f"{len(intervals)} warehouse steps, none at the same time",
+    )
 
 
 if __name__ == "__main__":

@@ -9,14 +9,16 @@ from model_lib.conversion_service import ConversionModel
 from model_lib.funnel_samples import FUNNELS, build_funnel_samples
 from model_lib.mtlds import MTLDSConfig
 from model_lib.mtlds_baselines import build_model
-from resources.simulator import SimulatorConfig, simulate_events
+from resources.event_sources.simulator import SimulatorConfig, simulate_events
 
 
 @pytest.fixture(scope="module")
 def samples() -> pd.DataFrame:
     events = simulate_events(SimulatorConfig(n_users=150, days=14, seed=5))
     events = events.astype({c: "string" for c in ["user_id", "event_name", "item_id", "category"]})
-    return build_funnel_samples(events[["user_id", "event_time", "event_name", "item_id", "category"]], FUNNELS["travel"])
+    return build_funnel_samples(
+        events[["user_id", "event_time", "event_name", "item_id", "category"]], FUNNELS["travel"]
+    )
 
 
 @pytest.mark.parametrize("name", ["mtlds_linear", "mtlds_max", "esmm", "mmoe"])
@@ -37,7 +39,9 @@ def test_save_load_round_trip_gives_identical_predictions(tmp_path, samples, nam
 
 def test_unknown_format_is_refused(tmp_path, samples):
     spec = FUNNELS["travel"]
-    path = ConversionModel("shared_bottom", build_model("shared_bottom", MTLDSConfig.from_spec(spec), seed=0), spec).save(tmp_path / "m.pt")
+    path = ConversionModel(
+        "shared_bottom", build_model("shared_bottom", MTLDSConfig.from_spec(spec), seed=0), spec
+    ).save(tmp_path / "m.pt")
     state = torch.load(path, weights_only=True)
     state["format"] = 999
     torch.save(state, path)

@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from assets.drift_reports import (
+from assets.monitoring.reports import (
     DEFAULT_DRIFT_SHARE_THRESHOLD,
     embedding_drift,
     input_drift,
@@ -92,8 +92,13 @@ def test_session_features_by_hand():
         pd.DataFrame(
             {
                 "user_id": ["u"] * 4 + ["v"],
-                "event_time": [t0, t0 + pd.Timedelta(seconds=9), t0 + pd.Timedelta(seconds=99),
-                               t0 + pd.Timedelta(hours=5), t0],
+                "event_time": [
+                    t0,
+                    t0 + pd.Timedelta(seconds=9),
+                    t0 + pd.Timedelta(seconds=99),
+                    t0 + pd.Timedelta(hours=5),
+                    t0,
+                ],
                 "event_name": ["pv", "pv", "cart", "pv", "buy"],
                 "item_id": list("abcde"),
                 "category": list("xxyyz"),
@@ -104,8 +109,15 @@ def test_session_features_by_hand():
     features = session_features(events, event_names=["pv", "cart"])
     assert list(features.index) == ["u:0", "u:1", "v:0"]
     assert list(features.columns) == [
-        "share_pv", "share_cart", "share_other", "n_events", "duration_seconds", "mean_log_gap",
-        "hour_of_day", "day_of_week", "main_device",
+        "share_pv",
+        "share_cart",
+        "share_other",
+        "n_events",
+        "duration_seconds",
+        "mean_log_gap",
+        "hour_of_day",
+        "day_of_week",
+        "main_device",
     ]
     u0 = features.loc["u:0"]
     assert (u0["share_pv"], u0["share_cart"], u0["share_other"]) == pytest.approx((2 / 3, 1 / 3, 0))
@@ -179,7 +191,7 @@ def test_embedding_drift(tmp_path):
 
 
 def test_drift_asset_default_threshold_matches_the_drift_functions():
-    from assets.drift import DEFAULT_DRIFT_SHARE_THRESHOLD as asset_default
-    from assets.drift_reports import DEFAULT_DRIFT_SHARE_THRESHOLD as function_default
+    from assets.monitoring.assets import DEFAULT_DRIFT_SHARE_THRESHOLD as asset_default
+    from assets.monitoring.reports import DEFAULT_DRIFT_SHARE_THRESHOLD as function_default
 
     assert asset_default == function_default

@@ -4,9 +4,9 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from trace_test_data import sessionize, tiny_events
 
 from model_lib.encoding import MISSING, OOV, PAD, TIME_FEATURES, EncoderConfig, SequenceEncoder, prepare_events
-from trace_test_data import sessionize, tiny_events
 
 T0 = pd.Timestamp("2026-01-05 08:00", tz="UTC")
 
@@ -56,16 +56,24 @@ def test_recent_events_keep_their_positions_when_max_len_changes():
 
 def test_session_positions_are_clipped():
     t0 = pd.Timestamp("2026-01-05", tz="UTC")
-    raw = pd.DataFrame({"user_id": "u", "event_time": [t0 + pd.Timedelta(hours=3 * i) for i in range(6)], "event_name": "home"})
+    raw = pd.DataFrame(
+        {"user_id": "u", "event_time": [t0 + pd.Timedelta(hours=3 * i) for i in range(6)], "event_name": "home"}
+    )
     ev = sessionize(raw)
     assert ev["session_index"].tolist() == list(range(6))
-    t = SequenceEncoder(EncoderConfig(max_len=8, max_sessions=3)).fit_transform(ev, examples(("u", t0 + pd.Timedelta(days=1))))
+    t = SequenceEncoder(EncoderConfig(max_len=8, max_sessions=3)).fit_transform(
+        ev, examples(("u", t0 + pd.Timedelta(days=1)))
+    )
     assert t["session_pos"][0][:6].tolist() == [2, 2, 2, 2, 1, 0]
 
 
 def test_last_session_only_sees_the_current_session_without_its_gap():
     ev = tiny_events()
-    ex = examples(("u1", T0 + pd.Timedelta(hours=5, minutes=5)), ("u1", T0 + pd.Timedelta(days=2)), ("u2", T0 + pd.Timedelta(days=2)))
+    ex = examples(
+        ("u1", T0 + pd.Timedelta(hours=5, minutes=5)),
+        ("u1", T0 + pd.Timedelta(days=2)),
+        ("u2", T0 + pd.Timedelta(days=2)),
+    )
     full = SequenceEncoder(EncoderConfig(max_len=8))
     myopic = SequenceEncoder(EncoderConfig(max_len=8, last_session_only=True))
     full.fit(ev, ex)
@@ -86,7 +94,12 @@ def test_vocabularies_come_from_training_windows_only_with_pad_oov_and_missing()
     enc = SequenceEncoder(EncoderConfig(max_len=8)).fit(ev, train)
     assert enc.columns == ("event_name", "category", "device")
     tokens = set(enc.vocabularies["event_name"].tokens)
-    assert tokens == {"home", "search_results", "property_page", "checkout"}  # no view_order (after cutoff), no help (u2)
+    assert tokens == {
+        "home",
+        "search_results",
+        "property_page",
+        "checkout",
+    }  # no view_order (after cutoff), no help (u2)
     assert MISSING in enc.vocabularies["category"].tokens
     t = enc.transform(ev, examples(("u2", T0 + pd.Timedelta(days=2))))
     ids = t["cat_ids"][0, :2, 0].tolist()
@@ -101,11 +114,13 @@ def test_vocabularies_come_from_training_windows_only_with_pad_oov_and_missing()
 def test_time_features_are_standardised_with_training_statistics():
     rng = np.random.default_rng(0)
     t0 = pd.Timestamp("2026-01-05", tz="UTC")
-    raw = pd.DataFrame({
-        "user_id": rng.integers(0, 30, 600).astype(str),
-        "event_time": t0 + pd.to_timedelta(rng.uniform(0, 10 * 86400, 600), unit="s"),
-        "event_name": rng.choice(["a", "b", "c"], 600),
-    })
+    raw = pd.DataFrame(
+        {
+            "user_id": rng.integers(0, 30, 600).astype(str),
+            "event_time": t0 + pd.to_timedelta(rng.uniform(0, 10 * 86400, 600), unit="s"),
+            "event_name": rng.choice(["a", "b", "c"], 600),
+        }
+    )
     ev = sessionize(raw)
     ex = examples(*[(u, t0 + pd.Timedelta(days=8)) for u in ev["user_id"].unique()])
     enc = SequenceEncoder(EncoderConfig(max_len=64))
@@ -124,7 +139,9 @@ def test_time_features_are_standardised_with_training_statistics():
 
 def test_chunks_prepared_frames_and_row_order_do_not_change_the_result():
     ev = tiny_events()
-    ex = examples(("u2", T0 + pd.Timedelta(days=2)), ("u1", T0 + pd.Timedelta(hours=6)), ("u1", T0 + pd.Timedelta(days=2)))
+    ex = examples(
+        ("u2", T0 + pd.Timedelta(days=2)), ("u1", T0 + pd.Timedelta(hours=6)), ("u1", T0 + pd.Timedelta(days=2))
+    )
     enc = SequenceEncoder(EncoderConfig(max_len=4)).fit(ev, ex)
     ref = enc.transform(ev, ex)
     shuffled_events = ev.sample(frac=1.0, random_state=0)

@@ -4,7 +4,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from assets.evaluation_tables import (
+from assets.evaluation.tables import (
     mean_uplift,
     metric_rows,
     probe_scores,
@@ -21,13 +21,18 @@ def data():
     split = np.where(np.arange(n) % 3 == 0, "test", "train")
     signal = rng.normal(size=n)
     y = (signal + rng.normal(scale=0.7, size=n) > 0).astype(bool)
-    examples = pd.DataFrame({"example_id": [f"e{i}" for i in range(n)], "split": split,
-                             "label_a": y, "label_b": ~y})
+    examples = pd.DataFrame({"example_id": [f"e{i}" for i in range(n)], "split": split, "label_a": y, "label_b": ~y})
     good = pd.DataFrame({"example_id": examples.example_id, "p_a": signal, "p_b": -signal})
-    noisy = pd.DataFrame({"example_id": examples.example_id,
-                          "p_a": signal + rng.normal(scale=3, size=n), "p_b": -signal + rng.normal(scale=3, size=n)})
-    emb_good = pd.DataFrame({"example_id": examples.example_id,
-                             "embedding": list(np.c_[signal, rng.normal(size=(n, 3))])})
+    noisy = pd.DataFrame(
+        {
+            "example_id": examples.example_id,
+            "p_a": signal + rng.normal(scale=3, size=n),
+            "p_b": -signal + rng.normal(scale=3, size=n),
+        }
+    )
+    emb_good = pd.DataFrame(
+        {"example_id": examples.example_id, "embedding": list(np.c_[signal, rng.normal(size=(n, 3))])}
+    )
     emb_noise = pd.DataFrame({"example_id": examples.example_id, "embedding": list(rng.normal(size=(n, 4)))})
     return examples, {"trace": good, "myopic": noisy}, {"trace": emb_good, "myopic": emb_noise}
 

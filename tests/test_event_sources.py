@@ -12,9 +12,9 @@ import pytest
 from conftest import write_lines
 
 from resources.event_sources import (
+    LINE_SCHEMA,
     EventSource,
     EventSourceError,
-    LINE_SCHEMA,
     InputFile,
     expand_inputs,
     get_format,
@@ -131,11 +131,13 @@ def staged_frame(con, path, fmt):
 def test_quoted_fields_keep_commas_and_quotes(con, tmp_path):
     path = write_lines(
         tmp_path / "q.csv",
-        ["user_id,event_time,event_name,destination",
-         'u1,2026-01-05 10:00:00,search,"Paris, France"',
-         'u1,2026-01-05 10:01:00,search,"say ""hi"""',
-         'u1,2026-01-05 10:02:00,search,"unbalanced'],
-    )  # fmt: skip
+        [
+            "user_id,event_time,event_name,destination",
+            'u1,2026-01-05 10:00:00,search,"Paris, France"',
+            'u1,2026-01-05 10:01:00,search,"say ""hi"""',
+            'u1,2026-01-05 10:02:00,search,"unbalanced',
+        ],
+    )
     frame, staged = staged_frame(con, path, "canonical")
     assert staged.attributes == ["destination"] and staged.rows_read == 3
     assert frame["destination"].tolist()[:2] == ["Paris, France", 'say "hi"']
@@ -152,10 +154,12 @@ def test_header_without_required_columns_is_a_clear_error(con, tmp_path):
 def test_rees46_maps_category_code_with_category_id_fallback(con, tmp_path):
     path = write_lines(
         tmp_path / "r.csv",
-        ["event_time,event_type,product_id,category_id,category_code,brand,price,user_id,user_session",
-         "2019-10-01 00:00:00 UTC,view,44600062,2103807459595387724,,shiseido,35.79,541312140,s1",
-         "2019-10-01 00:00:01 UTC,cart,3900821,2053013552326770905,appliances.water_heater,aqua,33.20,554748717,s2"],
-    )  # fmt: skip
+        [
+            "event_time,event_type,product_id,category_id,category_code,brand,price,user_id,user_session",
+            "2019-10-01 00:00:00 UTC,view,44600062,2103807459595387724,,shiseido,35.79,541312140,s1",
+            "2019-10-01 00:00:01 UTC,cart,3900821,2053013552326770905,appliances.water_heater,aqua,33.20,554748717,s2",
+        ],
+    )
     frame, staged = staged_frame(con, path, "rees46")
     assert staged.attributes == ["category_id", "brand", "price", "user_session"]
     assert frame["category"].tolist() == ["2103807459595387724", "appliances.water_heater"]
@@ -172,16 +176,14 @@ def test_simulated_source_is_written_once_and_deterministic(home, tmp_path):
     assert source.simulated_file() == first and os.stat(first).st_mtime_ns == stamp
     assert "n_users=60" in first.name and "seed=3" in first.name
     other_home = TraceDagsterPaths(home=str(tmp_path / "other"))
-    again = EventSource(paths=other_home, simulator_n_users=60, simulator_days=7,
-                        simulator_seed=3).simulated_file()
+    again = EventSource(paths=other_home, simulator_n_users=60, simulator_days=7, simulator_seed=3).simulated_file()
     pd.testing.assert_frame_equal(pd.read_parquet(first), pd.read_parquet(again))
-    reseeded = EventSource(paths=other_home, simulator_n_users=60, simulator_days=7,
-                           simulator_seed=4).simulated_file()
+    reseeded = EventSource(paths=other_home, simulator_n_users=60, simulator_days=7, simulator_seed=4).simulated_file()
     assert not pd.read_parquet(first).equals(pd.read_parquet(reseeded))
 
 
 def test_simulator_frames_are_identical_for_the_same_config():
-    from resources.simulator import SimulatorConfig, simulate_events
+    from resources.event_sources.simulator import SimulatorConfig, simulate_events
 
     config = SimulatorConfig(n_users=40, days=5, seed=11)
     pd.testing.assert_frame_equal(simulate_events(config), simulate_events(config))

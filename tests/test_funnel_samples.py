@@ -103,7 +103,8 @@ def random_events(n=3000, seed=0):
     return pd.DataFrame(
         {
             "user_id": rng.integers(0, 30, n).astype(str),
-            "event_time": pd.Timestamp("2020-01-01", tz="UTC") + pd.to_timedelta(rng.integers(0, 5 * 86400, n), unit="s"),
+            "event_time": pd.Timestamp("2020-01-01", tz="UTC")
+            + pd.to_timedelta(rng.integers(0, 5 * 86400, n), unit="s"),
             "event_name": rng.choice(["pv", "cart", "buy", "fav"], n, p=[0.7, 0.15, 0.1, 0.05]),
             "item_id": rng.integers(0, 60, n).astype(str),
             "category": rng.integers(0, 5, n).astype(str),
@@ -121,7 +122,9 @@ def test_features_do_not_see_the_future():
     for pos in rng.choice(len(full), 25, replace=False):
         key, row = full.index[pos], full.iloc[pos]
         past = events[events.event_time < row.anchor_time]
-        anchor = events[(events.user_id == key[0]) & (events.item_id == key[1]) & (events.event_time == row.anchor_time)]
+        anchor = events[
+            (events.user_id == key[0]) & (events.item_id == key[1]) & (events.event_time == row.anchor_time)
+        ]
         truncated = build_funnel_samples(pd.concat([past, anchor.iloc[:1]]), spec).set_index(["user_id", "item_id"])
         pd.testing.assert_series_equal(truncated.loc[key, features], row[features], check_names=False)
 
@@ -131,7 +134,9 @@ def test_labels_match_a_direct_count():
     s = build_funnel_samples(events, replace(SPEC, horizon=pd.Timedelta(hours=12)))
     for _, row in s.sample(20, random_state=0).iterrows():
         mine = events[(events.user_id == row.user_id) & (events.item_id == row.item_id)]
-        window = mine[(mine.event_time >= row.anchor_time) & (mine.event_time <= row.anchor_time + pd.Timedelta(hours=12))]
+        window = mine[
+            (mine.event_time >= row.anchor_time) & (mine.event_time <= row.anchor_time + pd.Timedelta(hours=12))
+        ]
         for task in SPEC.tasks:
             assert row[f"label_{task}"] == int((window.event_name == task).any())
 

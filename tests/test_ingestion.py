@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 from conftest import check_results, materialize_pipeline, pipeline_resources, query, write_lines
 
-from assets.ingestion import (
+from assets.ingestion.raw_events import (
     check_raw_keys_not_null,
     check_reconciliation,
     check_rejected_provenance,
@@ -72,20 +72,24 @@ def test_every_bad_input_kind_is_quarantined_with_its_reason(home, tmp_path):
 def test_taobao_preset_rejects_ids_names_and_implausible_times(home, tmp_path):
     path = write_lines(
         tmp_path / "UserBehavior.csv",
-        ["1,2268318,2520377,pv,1511544070",
-         "abc,2268318,2520377,pv,1511544070",   # malformed user id (ids are integers)
-         "1,2268318,2520377,click,1511544070",  # not a Taobao behaviour
-         "1,2268318,2520377,pv,0",              # 1970: corrupt
-         "1,2268318,2520377,pv,1511544070000",  # milliseconds: far future
-         "1,2268318,2520377,buy,1505088000"],   # 2017-09-11: a real outlier, accepted
-    )  # fmt: skip
+        [
+            "1,2268318,2520377,pv,1511544070",
+            "abc,2268318,2520377,pv,1511544070",  # malformed user id (ids are integers)
+            "1,2268318,2520377,click,1511544070",  # not a Taobao behaviour
+            "1,2268318,2520377,pv,0",  # 1970: corrupt
+            "1,2268318,2520377,pv,1511544070000",  # milliseconds: far future
+            "1,2268318,2520377,buy,1505088000",
+        ],  # 2017-09-11: a real outlier, accepted
+    )
     result = materialize_pipeline(pipeline_resources(home, path, "taobao"), sessionize=False)
     assert result.success
     reasons = query(home, "SELECT source_row, reason FROM rejected_events ORDER BY 1")
     assert reasons.values.tolist() == [
-        [2, "malformed_user_id"], [3, "unknown_event_name"],
-        [4, "event_time_out_of_range"], [5, "event_time_out_of_range"],
-    ]  # fmt: skip
+        [2, "malformed_user_id"],
+        [3, "unknown_event_name"],
+        [4, "event_time_out_of_range"],
+        [5, "event_time_out_of_range"],
+    ]
     assert sorted(query(home, "SELECT source_row FROM raw_events").source_row) == [1, 6]
 
 
@@ -105,9 +109,7 @@ def test_parquet_input_with_typed_columns_nulls_and_duplicates(home, tmp_path):
     frame = pd.DataFrame(
         {
             "user_id": [7, 7, None, 8],
-            "event_time": pd.to_datetime(
-                ["2026-01-05 10:00", "2026-01-05 10:00", "2026-01-05 11:00", None], utc=True
-            ),
+            "event_time": pd.to_datetime(["2026-01-05 10:00", "2026-01-05 10:00", "2026-01-05 11:00", None], utc=True),
             "event_name": ["home", "home", "home", "search"],
             "device": pd.Categorical(["app", "app", "web", "web"]),
         }
@@ -120,8 +122,10 @@ def test_parquet_input_with_typed_columns_nulls_and_duplicates(home, tmp_path):
     assert accepted.values.tolist() == [["7", pd.Timestamp("2026-01-05 10:00"), "app", 1]]
     rejected = query(home, "SELECT source_row, reason, raw FROM rejected_events ORDER BY 1")
     assert rejected[["source_row", "reason"]].values.tolist() == [
-        [2, "duplicate"], [3, "missing_user_id"], [4, "missing_event_time"]
-    ]  # fmt: skip
+        [2, "duplicate"],
+        [3, "missing_user_id"],
+        [4, "missing_event_time"],
+    ]
     assert '"device":"web"' in rejected.raw.iloc[1]  # parquet rows keep their values as JSON
 
 
@@ -160,8 +164,10 @@ def test_reingestion_is_idempotent_and_new_files_are_added_once(home, tmp_path):
     assert len(query(home, "SELECT * FROM ingested_files")) == 2
 
     # A grown file (new content at the same path) is read again: old rows are duplicates.
-    write_lines(folder / "a.csv", [header, "u1,2026-01-05 10:00:00,home",
-                                   "u1,2026-01-05 10:05:00,search", "u1,2026-01-05 10:07:00,buy"])
+    write_lines(
+        folder / "a.csv",
+        [header, "u1,2026-01-05 10:00:00,home", "u1,2026-01-05 10:05:00,search", "u1,2026-01-05 10:07:00,buy"],
+    )
     result = materialize_pipeline(resources, sessionize=False)
     assert all(check_results(result).values())
     assert len(query(home, "SELECT * FROM raw_events")) == 4
@@ -206,8 +212,9 @@ def test_a_run_that_fails_midway_leaves_the_previous_tables(home, tmp_path, monk
 
 def test_blocking_check_stops_sessionization_when_too_much_is_rejected(home, tmp_path):
     path = bad_input_file(tmp_path)
-    result = materialize_pipeline(pipeline_resources(home, path, "canonical"),
-                                  max_rejected_share=0.5, raise_on_error=False)
+    result = materialize_pipeline(
+        pipeline_resources(home, path, "canonical"), max_rejected_share=0.5, raise_on_error=False
+    )
     assert not result.success
     assert check_results(result)["raw_events:rejected_share_below_threshold"] is False
     materialized = {e.asset_key.to_user_string() for e in result.get_asset_materialization_events()}
@@ -270,8 +277,10 @@ def test_definitions_load_and_every_warehouse_step_is_in_the_pool(home, monkeypa
 
     job = defs.resolve_job_def("full_pipeline")
     assert {k.to_user_string() for k in job.asset_layer.executable_asset_keys} >= {
-        "raw_events", "rejected_events", "sessionized_events"
-    }  # fmt: skip
+        "raw_events",
+        "rejected_events",
+        "sessionized_events",
+    }
     ours = ("ingested_events", "ingestion_checks", "sessionized_events", "sessionization_checks")
     pools = {node.name: node.definition.pool for node in job.graph.nodes if node.name in ours}
     assert pools == dict.fromkeys(ours, WAREHOUSE_POOL)

@@ -92,7 +92,10 @@ def test_store_created_concurrently_by_two_processes(tmp_path):
     procs = [
         subprocess.Popen(
             [sys.executable, "-c", script, str(flag)],
-            env=_subprocess_env(uri), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            env=_subprocess_env(uri),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
         )
         for flag in ready
     ]
@@ -101,7 +104,7 @@ def test_store_created_concurrently_by_two_processes(tmp_path):
         time.sleep(0.05)
     go.touch()  # both processes start creating the store at the same moment
     outputs = [proc.communicate(timeout=120) for proc in procs]
-    for proc, (out, err) in zip(procs, outputs):
+    for proc, (_out, err) in zip(procs, outputs):
         assert proc.returncode == 0, err[-3000:]
     experiment_ids = {out.strip().splitlines()[-1] for out, _ in outputs}
     assert len(experiment_ids) == 1
@@ -114,7 +117,7 @@ def test_store_created_concurrently_by_two_processes(tmp_path):
 
 def test_code_paths_ship_local_packages_only():
     assert code_paths_for([f"{__name__}:load_tiny"]) == [str(Path(__file__).resolve())]
-    assert code_paths_for(["resources.mlflow_models:resolve_import_path"]) == [str(REPO / "resources")]
+    assert code_paths_for(["resources.warehouse:sql_literal"]) == [str(REPO / "resources")]
     assert code_paths_for(["torch:load", "json:loads"]) == []
 
 
@@ -169,7 +172,11 @@ def test_registered_model_embeds_in_a_fresh_process(tmp_path):
     )
     result = subprocess.run(
         [sys.executable, "-c", script, registered.model_uri, example.to_json(orient="columns")],
-        env=_subprocess_env(uri), cwd=tmp_path, capture_output=True, text=True, timeout=180,
+        env=_subprocess_env(uri),
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=180,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     payload = json.loads(result.stdout.strip().splitlines()[-1])
@@ -192,9 +199,7 @@ def test_log_model_artifact_needs_an_active_run(tmp_path):
     with pytest.raises(RuntimeError, match="active run"):
         tracking.log_model_artifact(artifact, registered_model_name="tiny", loader=f"{__name__}:load_tiny")
     with tracking.start_run("bad loader"), pytest.raises((ImportError, AttributeError)):
-        tracking.log_model_artifact(
-            artifact, registered_model_name="tiny", loader=f"{__name__}:no_such_loader"
-        )
+        tracking.log_model_artifact(artifact, registered_model_name="tiny", loader=f"{__name__}:no_such_loader")
 
 
 def test_resource_in_a_dagster_asset(tmp_path):

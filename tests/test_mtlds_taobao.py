@@ -11,7 +11,7 @@ import torch
 
 from model_lib.funnel_samples import FUNNELS, build_funnel_samples, samples_to_tensors, split_by_user
 from model_lib.metrics import auroc, bootstrap_ci
-from model_lib.mtlds import AGGREGATIONS, MTLDSConfig, evaluate, per_user_ndcg, predict, funnel_depth
+from model_lib.mtlds import AGGREGATIONS, MTLDSConfig, evaluate, funnel_depth, per_user_ndcg, predict
 from model_lib.mtlds_baselines import BASELINES, build_model
 from model_lib.training import TrainConfig, fit
 
@@ -57,7 +57,9 @@ def results(taobao):
     random_scores = np.random.default_rng(0).random(len(buy))
     depth = funnel_depth(test["labels"][:, :2]).numpy()
     print(f"\nheld-out users: {int(test['group'].max()) + 1}, samples: {len(buy)}, purchases: {int(buy.sum())}")
-    print(f"{'random':15s} auc_buy={auroc(buy, random_scores):.3f} ndcg={per_user_ndcg(test['group'].numpy(), depth, random_scores):.3f}")
+    print(
+        f"{'random':15s} auc_buy={auroc(buy, random_scores):.3f} ndcg={per_user_ndcg(test['group'].numpy(), depth, random_scores):.3f}"
+    )
     for name, (metrics, _) in out.items():
         aucs = " ".join(f"auc_{t}={v:.3f}" for t, v in metrics["auc"].items())
         print(f"{name:15s} {aucs} ndcg={metrics['ndcg']:.3f}")

@@ -21,7 +21,6 @@ import dagster as dg
 import numpy as np
 import pytest
 from mlflow import MlflowClient
-
 from pipeline_helpers import (
     CONTRACT_TABLES,
     MTLDS_FAMILY,
@@ -30,6 +29,7 @@ from pipeline_helpers import (
     materialize_full_graph,
     small_run_config,
 )
+
 from resources.mlflow_tracking import CHAMPION, TAG_DECIDED_AT, TAG_DECISION, TAG_REASON
 
 pytestmark = pytest.mark.slow
@@ -58,8 +58,11 @@ def pipeline(tmp_path_factory):
             env.delenv(name, raising=False)
         with dg.DagsterInstance.ephemeral() as instance:
             run = materialize_full_graph(
-                home, small_run_config(sequence_epochs=EPOCHS, conversion_epochs=EPOCHS, bootstrap_samples=50),
-                instance=instance, simulator_n_users=N_USERS, simulator_days=35,
+                home,
+                small_run_config(sequence_epochs=EPOCHS, conversion_epochs=EPOCHS, bootstrap_samples=50),
+                instance=instance,
+                simulator_n_users=N_USERS,
+                simulator_days=35,
             )
             print(f"\nfull graph materialized in {run.seconds:.1f}s into {home}")
             yield run
@@ -81,9 +84,19 @@ def champion(client: MlflowClient, name: str) -> str | None:
 def test_every_step_succeeded(pipeline):
     assert pipeline.result.success, failed_steps(pipeline.result)
     materialized = {e.asset_key.to_user_string() for e in pipeline.result.get_asset_materialization_events()}
-    expected = {"raw_events", "rejected_events", "sessionized_events", "user_splits", "training_examples",
-                "funnel_examples", *(f"{m}_model" for m in TRACE_FAMILY + MTLDS_FAMILY), "evaluation_metrics",
-                "model_promotion", "user_embeddings", "drift_report"}
+    expected = {
+        "raw_events",
+        "rejected_events",
+        "sessionized_events",
+        "user_splits",
+        "training_examples",
+        "funnel_examples",
+        *(f"{m}_model" for m in TRACE_FAMILY + MTLDS_FAMILY),
+        "evaluation_metrics",
+        "model_promotion",
+        "user_embeddings",
+        "drift_report",
+    }
     assert expected <= materialized, sorted(expected - materialized)
 
 
@@ -115,8 +128,10 @@ def test_contract_tables_exist_with_their_columns(pipeline):
         described = pipeline.query(f"DESCRIBE {table}")
         missing = set(columns) - set(described["column_name"])
         assert not missing, f"{table} lacks {sorted(missing)}"
-    types = {t: dict(pipeline.query(f"DESCRIBE {t}")[["column_name", "column_type"]].itertuples(index=False))
-             for t in CONTRACT_TABLES}
+    types = {
+        t: dict(pipeline.query(f"DESCRIBE {t}")[["column_name", "column_type"]].itertuples(index=False))
+        for t in CONTRACT_TABLES
+    }
     assert types["raw_events"]["event_time"] == "TIMESTAMP"
     assert types["user_embeddings"]["embedding"] == "FLOAT[]"
     assert types["drift_report"]["dataset_drift"] == "BOOLEAN"
@@ -131,19 +146,25 @@ def test_raw_and_rejected_events_reconcile_with_rows_read(pipeline):
     simulated = Path(files["source_file"].iloc[0])
     in_file = pipeline.query(f"SELECT count(*) AS n FROM read_parquet('{simulated}')")["n"].iloc[0]
     assert files["rows_read"].iloc[0] == in_file, "rows read = rows in the simulator's file"
-    raw = pipeline.query("SELECT source_file, count(*) AS n, count(DISTINCT source_row) AS rows, min(source_row) AS first, "
-                         "count(DISTINCT user_id) AS users FROM raw_events GROUP BY source_file")
+    raw = pipeline.query(
+        "SELECT source_file, count(*) AS n, count(DISTINCT source_row) AS rows, min(source_row) AS first, "
+        "count(DISTINCT user_id) AS users FROM raw_events GROUP BY source_file"
+    )
     rejected = pipeline.query("SELECT count(*) AS n FROM rejected_events")
     assert int(raw["n"].sum()) == int(files["rows_accepted"].sum()) > 0
     assert int(rejected["n"].iloc[0]) == int(files["rows_rejected"].sum())
     assert (raw["rows"] == raw["n"]).all() and (raw["first"] >= 1).all()  # one raw row per 1-based source row
     assert 0.9 * N_USERS <= int(raw["users"].sum()) <= N_USERS
-    nulls = pipeline.query("SELECT count(*) FILTER (user_id IS NULL OR event_time IS NULL OR event_name IS NULL) AS n FROM raw_events")
+    nulls = pipeline.query(
+        "SELECT count(*) FILTER (user_id IS NULL OR event_time IS NULL OR event_name IS NULL) AS n FROM raw_events"
+    )
     assert int(nulls["n"].iloc[0]) == 0
 
 
 def test_sessionized_events_positions_and_time_features(pipeline):
-    counts = pipeline.query("SELECT (SELECT count(*) FROM raw_events) AS raw, (SELECT count(*) FROM sessionized_events) AS s")
+    counts = pipeline.query(
+        "SELECT (SELECT count(*) FROM raw_events) AS raw, (SELECT count(*) FROM sessionized_events) AS s"
+    )
     assert counts["raw"].iloc[0] == counts["s"].iloc[0]
     per_user = pipeline.query("""
         SELECT user_id, count(*) AS n, min(event_index) AS lo, max(event_index) AS hi, count(DISTINCT event_index) AS distinct_events,
@@ -259,8 +280,10 @@ def test_one_mlflow_run_per_model_with_per_epoch_losses(pipeline, client):
 
 
 def test_registered_models_versions_and_champions(pipeline, client):
-    runs = {r.data.tags["model"]: r.info.run_id for r in client.search_runs(
-        [client.get_experiment_by_name("trace-dagster").experiment_id], max_results=100)}
+    runs = {
+        r.data.tags["model"]: r.info.run_id
+        for r in client.search_runs([client.get_experiment_by_name("trace-dagster").experiment_id], max_results=100)
+    }
     for model, name in zip(TRACE_FAMILY + MTLDS_FAMILY, SEQUENCE_REGISTERED + CONVERSION_REGISTERED):
         versions = client.search_model_versions(f"name='{name}'")
         assert versions, f"{name} is not registered"
@@ -343,8 +366,14 @@ def test_registered_trace_serves_from_a_fresh_process(pipeline, client, tmp_path
     script = tmp_path / "serve.py"
     script.write_text(SERVE_SCRIPT)
     env = {**os.environ, "MLFLOW_TRACKING_URI": pipeline.tracking_uri, "TRACE_DAGSTER_HOME": str(pipeline.home)}
-    done = subprocess.run([sys.executable, str(script), version, str(pipeline.warehouse)], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, str(script), version, str(pipeline.warehouse)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     out = json.loads(done.stdout.strip().splitlines()[-1])
     print(out)
@@ -370,8 +399,13 @@ def promotion_result(pipeline, selection: list[str], margin: float = 0.0) -> dg.
     """Re-materialize `selection` on top of the module's run (same instance: same inputs, same check history)."""
     from trace_dagster.definitions import ASSETS
 
-    result = dg.materialize(ASSETS, selection=selection, resources=pipeline.resources, instance=pipeline.instance,
-                            run_config={"ops": {"model_promotion": {"config": {"margin": margin}}}})
+    result = dg.materialize(
+        ASSETS,
+        selection=selection,
+        resources=pipeline.resources,
+        instance=pipeline.instance,
+        run_config={"ops": {"model_promotion": {"config": {"margin": margin}}}},
+    )
     assert result.success, failed_steps(result)
     return result
 
@@ -382,8 +416,10 @@ def promotion_metadata(result: dg.ExecuteInProcessResult) -> dict:
 
 
 def test_rerunning_promotion_with_the_same_challenger_keeps_the_champion(pipeline, client):
-    before = {name: (champion(client, name), client.get_model_version(name, champion(client, name)).tags)
-              for name in ("trace", "mtlds")}
+    before = {
+        name: (champion(client, name), client.get_model_version(name, champion(client, name)).tags)
+        for name in ("trace", "mtlds")
+    }
     metadata = promotion_metadata(promotion_result(pipeline, ["model_promotion"]))
     assert metadata["checks_passed"] is True
     for name in ("trace", "mtlds"):

@@ -15,7 +15,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-
 from pipeline_helpers import (
     CONTRACT_TABLES,
     MTLDS_FAMILY,
@@ -47,8 +46,12 @@ def pipeline(tmp_path_factory):
         env.setenv("TRACE_DAGSTER_HOME", str(home))
         for name in ("TRACE_DAGSTER_EVENTS", "TRACE_DAGSTER_EVENTS_FORMAT", "MLFLOW_TRACKING_URI"):
             env.delenv(name, raising=False)
-        run = materialize_full_graph(home, small_run_config(sequence_epochs=2, conversion_epochs=2, bootstrap_samples=50),
-                                     events=str(TAOBAO_FILES[0].parent / "*.csv.gz"), events_format="taobao")
+        run = materialize_full_graph(
+            home,
+            small_run_config(sequence_epochs=2, conversion_epochs=2, bootstrap_samples=50),
+            events=str(TAOBAO_FILES[0].parent / "*.csv.gz"),
+            events_format="taobao",
+        )
         yield run
 
 
@@ -108,7 +111,9 @@ def test_evaluation_covers_every_model_and_task_with_finite_values(pipeline):
     for model in TRACE_FAMILY:
         for task in tasks.itertuples():
             for metric in ("auroc", "auprc"):
-                rows = metrics[(metrics["model"] == model) & (metrics["task"] == task.task) & (metrics["metric"] == metric)]
+                rows = metrics[
+                    (metrics["model"] == model) & (metrics["task"] == task.task) & (metrics["metric"] == metric)
+                ]
                 assert len(rows) == 1, (model, task.task, metric)
                 assert rows["task_kind"].iloc[0] == task.kind
                 if defined(examples[task.label_column]):
@@ -120,7 +125,9 @@ def test_evaluation_covers_every_model_and_task_with_finite_values(pipeline):
         for r in auc.itertuples():
             if defined(funnel[f"label_{r.task}"]):
                 assert np.isfinite(r.value), (model, r.task)
-        assert len(rows[rows["metric"] == "ndcg"]) == 1 and np.isfinite(rows.loc[rows["metric"] == "ndcg", "value"]).all()
+        assert (
+            len(rows[rows["metric"] == "ndcg"]) == 1 and np.isfinite(rows.loc[rows["metric"] == "ndcg", "value"]).all()
+        )
     finite = metrics["value"].dropna()
     assert finite.between(0, 1).all()
 

@@ -24,8 +24,13 @@ class Registry:
 
     def promote(self, version, score, champion_score, checks_passed=True, margin=0.01):
         return self.tracking.promote_if_better(
-            self.name, version, score, champion_score, margin=margin,
-            checks_passed=checks_passed, reason_context=CONTEXT,
+            self.name,
+            version,
+            score,
+            champion_score,
+            margin=margin,
+            checks_passed=checks_passed,
+            reason_context=CONTEXT,
         )
 
     def rollback(self, **kwargs):

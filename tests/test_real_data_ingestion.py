@@ -57,9 +57,7 @@ def assert_every_row_accounted(home: Path, path: Path, data_rows: range) -> pd.D
     """raw_events and rejected_events partition the file's data rows exactly."""
     source = str(path.resolve())
     accepted = query(home, f"SELECT source_row FROM raw_events WHERE source_file = '{source}'")
-    rejected = query(
-        home, f"SELECT source_row, reason, raw FROM rejected_events WHERE source_file = '{source}'"
-    )
+    rejected = query(home, f"SELECT source_row, reason, raw FROM rejected_events WHERE source_file = '{source}'")
     rows = list(accepted.source_row) + list(rejected.source_row)
     assert len(rows) == len(set(rows)) and set(rows) == set(data_rows)
     (rows_read,) = query(home, f"SELECT rows_read FROM ingested_files WHERE source_file = '{source}'").rows_read
@@ -72,8 +70,7 @@ def assert_sessions_match_pandas(home: Path, expected: pd.DataFrame) -> None:
     reference = sessionize_pandas(expected, 7200)
     sql = query(
         home,
-        "SELECT source_file, source_row, session_index, event_index, event_index_in_session "
-        "FROM sessionized_events",
+        "SELECT source_file, source_row, session_index, event_index, event_index_in_session FROM sessionized_events",
     )
     (sessions,) = query(home, "SELECT count(DISTINCT session_id) AS n FROM sessionized_events").n
     assert sessions == reference.session_id.nunique()
@@ -114,8 +111,10 @@ def test_taobao_outliers_are_accepted_as_documented(taobao_home):
     """The dataset's events before 2017-11-25 are real rows with a plausible date: kept."""
     early = query(taobao_home, "SELECT count(*) AS n FROM raw_events WHERE event_time < '2017-11-24'").n[0]
     assert early > 0
-    assert query(taobao_home, "SELECT count(*) AS n FROM rejected_events "
-                              "WHERE reason = 'event_time_out_of_range'").n[0] == 0
+    assert (
+        query(taobao_home, "SELECT count(*) AS n FROM rejected_events WHERE reason = 'event_time_out_of_range'").n[0]
+        == 0
+    )
 
 
 @pytest.fixture(scope="module")
@@ -138,8 +137,10 @@ def test_rees46_slice_every_row_accounted_and_sessions_match(rees46_home):
         event_time=pd.to_datetime(accepted.event_time.str.removesuffix(" UTC")),
     )
     assert_sessions_match_pandas(rees46_home, expected)
-    categories = query(rees46_home, "SELECT count(*) FILTER (category IS NULL) AS missing, "
-                                    "count(DISTINCT brand) AS brands FROM raw_events")
+    categories = query(
+        rees46_home,
+        "SELECT count(*) FILTER (category IS NULL) AS missing, count(DISTINCT brand) AS brands FROM raw_events",
+    )
     assert categories.missing[0] == 0 and categories.brands[0] > 10  # category_id fallback
 
 

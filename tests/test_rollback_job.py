@@ -7,9 +7,10 @@ champion, records it, and fails clearly when there is nothing to roll back.
 
 import dagster as dg
 
-from resources.mlflow_tracking import CHAMPION, PREVIOUS
 # Fixtures of the resource-level tests: a tmp SQLite store, and a model named after the test with 3 versions.
 from test_promotion import Registry, registry, store  # noqa: F401
+
+from resources.mlflow_tracking import CHAMPION, PREVIOUS
 from trace_dagster.jobs import rollback_champion
 
 

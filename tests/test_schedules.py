@@ -1,6 +1,7 @@
 """The weekly retraining schedule, and the jobs of the code location as Dagster resolves them."""
 
-from datetime import datetime, timedelta, timezone
+import itertools
+from datetime import UTC, datetime, timedelta
 
 import dagster as dg
 import pytest
@@ -10,15 +11,25 @@ from trace_dagster.definitions import defs
 from trace_dagster.schedules import weekly_retraining
 
 INGESTION_ASSETS = {"raw_events", "rejected_events", "sessionized_events"}
-TRAINING_ASSETS = {"user_splits", "training_examples", "funnel_examples", "trace_model", "myopic_model",
-                   "vanilla_transformer_model", "lstm_model", "mtlds_linear_model", "evaluation_metrics",
-                   "model_promotion"}
+TRAINING_ASSETS = {
+    "user_splits",
+    "training_examples",
+    "funnel_examples",
+    "trace_model",
+    "myopic_model",
+    "vanilla_transformer_model",
+    "lstm_model",
+    "mtlds_linear_model",
+    "evaluation_metrics",
+    "model_promotion",
+}
 
 
 def ticks(n: int, after: datetime) -> list[datetime]:
     """The schedule's next `n` tick times after `after`, as the scheduler daemon computes them."""
-    times = cron_string_iterator(after.timestamp(), weekly_retraining.cron_schedule,
-                                 weekly_retraining.execution_timezone)
+    times = cron_string_iterator(
+        after.timestamp(), weekly_retraining.cron_schedule, weekly_retraining.execution_timezone
+    )
     return [next(times) for _ in range(n)]
 
 
@@ -32,13 +43,13 @@ def evaluate(at: datetime) -> dg.RunRequest:
 
 def test_cron_is_weekly_in_utc():
     assert weekly_retraining.execution_timezone == "UTC"
-    times = ticks(6, datetime(2026, 3, 1, tzinfo=timezone.utc))  # spans the EU/US DST changes
-    assert {b - a for a, b in zip(times, times[1:])} == {timedelta(days=7)}
+    times = ticks(6, datetime(2026, 3, 1, tzinfo=UTC))  # spans the EU/US DST changes
+    assert {b - a for a, b in itertools.pairwise(times)} == {timedelta(days=7)}
     assert {(t.weekday(), t.hour, t.minute) for t in times} == {(0, 3, 0)}  # Mondays 03:00
 
 
 def test_each_tick_requests_one_retraining_keyed_by_its_time():
-    first, second = ticks(2, datetime(2026, 1, 1, tzinfo=timezone.utc))
+    first, second = ticks(2, datetime(2026, 1, 1, tzinfo=UTC))
     request = evaluate(first)
     assert weekly_retraining.job_name == "retrain_models"
     assert request.job_name in (None, "retrain_models")  # None: the schedule's own job
@@ -49,7 +60,7 @@ def test_each_tick_requests_one_retraining_keyed_by_its_time():
 
 
 def test_scheduled_run_config_is_valid_for_the_resolved_job():
-    request = evaluate(ticks(1, datetime(2026, 1, 1, tzinfo=timezone.utc))[0])
+    request = evaluate(ticks(1, datetime(2026, 1, 1, tzinfo=UTC))[0])
     job = defs.resolve_job_def(weekly_retraining.job_name)
     config = dg.validate_run_config(job, request.run_config)
     assert "model_promotion" in config["ops"]  # resolved with every asset's default config
@@ -79,7 +90,7 @@ def test_every_job_resolves():
 
 def test_retrain_models_trains_evaluates_promotes_but_does_not_ingest():
     assets = selected_assets("retrain_models")
-    assert TRAINING_ASSETS <= assets
+    assert assets >= TRAINING_ASSETS
     assert {"user_embeddings", "drift_report"} <= assets  # refreshed with the new champion
     assert not assets & INGESTION_ASSETS
 

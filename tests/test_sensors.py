@@ -39,8 +39,7 @@ def file_sensor_instance(tmp_path_factory):
         yield instance
 
 
-def tick(sensor: dg.SensorDefinition, instance: dg.DagsterInstance, cursor: str | None,
-         resources: dict | None = None):
+def tick(sensor: dg.SensorDefinition, instance: dg.DagsterInstance, cursor: str | None, resources: dict | None = None):
     """One evaluation, as the daemon runs it: run requests or a skip message, and the new cursor."""
     with dg.build_sensor_context(instance=instance, cursor=cursor, resources=resources) as context:
         return sensor.evaluate_tick(context)
@@ -187,8 +186,9 @@ def stand_in_drift_below_threshold(context: dg.AssetCheckExecutionContext) -> dg
     return dg.AssetCheckResult(passed=not drifted, metadata={"dataset_drift": drifted})
 
 
-def check_drift(instance: dg.DagsterInstance, drifted: bool = False, fail: bool = False,
-                during_run=lambda instance: None) -> dg.ExecuteInProcessResult:
+def check_drift(
+    instance: dg.DagsterInstance, drifted: bool = False, fail: bool = False, during_run=lambda instance: None
+) -> dg.ExecuteInProcessResult:
     """Materialize the stand-in drift report and its check into `instance`: one genuine check record."""
     result = dg.materialize(
         [stand_in_drift_report, stand_in_drift_below_threshold],

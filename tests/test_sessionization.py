@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 from conftest import check_results, materialize_pipeline, pipeline_resources, query, write_lines
 
-from assets.sessionization import (
+from assets.ingestion.sessionized_events import (
     SESSION_COLUMNS,
     check_positions_contiguous,
     check_rows_match_raw_events,
@@ -25,13 +25,15 @@ COMPUTED = [name for name, _ in SESSION_COLUMNS]
 def journey(tmp_path):
     return write_lines(
         tmp_path / "journey.csv",
-        ["user_id,event_time,event_name,device",
-         "a,2026-01-05 10:00:00,home,app",
-         "a,2026-01-05 12:00:00,search,app",   # gap exactly 7200 s: same session
-         "a,2026-01-05 14:00:01,home,web",     # gap 7201 s: a new session
-         "a,2026-01-05 14:00:01,buy,web",      # same second: after line 4 (source_row)
-         "b,2026-01-04 23:30:00+00:00,home,app"],
-    )  # fmt: skip
+        [
+            "user_id,event_time,event_name,device",
+            "a,2026-01-05 10:00:00,home,app",
+            "a,2026-01-05 12:00:00,search,app",  # gap exactly 7200 s: same session
+            "a,2026-01-05 14:00:01,home,web",  # gap 7201 s: a new session
+            "a,2026-01-05 14:00:01,buy,web",  # same second: after line 4 (source_row)
+            "b,2026-01-04 23:30:00+00:00,home,app",
+        ],
+    )
 
 
 def sessionized(home) -> pd.DataFrame:
@@ -122,12 +124,9 @@ def test_checks_pass_on_a_correct_table(check_con):
     "breakage, metadata_key",
     [
         ("UPDATE sessionized_events SET event_index = 5 WHERE source_row = 3", "users_with_gaps"),
-        ("UPDATE sessionized_events SET session_index = 2, session_id = 'a:2' "
-         "WHERE source_row = 3", "users_with_gaps"),
-        ("UPDATE sessionized_events SET event_index_in_session = 0 WHERE source_row = 2",
-         "sessions_with_gaps"),
-        ("UPDATE sessionized_events SET session_id = 'a:9' WHERE source_row = 2",
-         "sessions_with_gaps"),
+        ("UPDATE sessionized_events SET session_index = 2, session_id = 'a:2' WHERE source_row = 3", "users_with_gaps"),
+        ("UPDATE sessionized_events SET event_index_in_session = 0 WHERE source_row = 2", "sessions_with_gaps"),
+        ("UPDATE sessionized_events SET session_id = 'a:9' WHERE source_row = 2", "sessions_with_gaps"),
     ],
 )
 def test_positions_check_fails_on_gaps_and_repeats(check_con, breakage, metadata_key):

@@ -4,7 +4,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from resources.simulator import (
+from resources.event_sources.simulator import (
     FUNNEL,
     PAGES,
     SimulatorConfig,

@@ -29,7 +29,7 @@ def test_softsort_approaches_the_hard_permutation_as_tau_shrinks():
     scores = torch.tensor([0.3, -1.2, 2.0, 0.9, 0.31])
     hard = hard_permutation(scores)
     errors = [(softsort(scores, tau=tau) - hard).abs().max().item() for tau in (1.0, 0.1, 0.01, 0.001)]
-    assert all(a > b for a, b in zip(errors, errors[1:])), errors
+    assert all(a > b for a, b in itertools.pairwise(errors)), errors
     assert errors[-1] < 1e-3
     # at a large temperature every row is close to uniform: nothing is sorted yet
     assert (softsort(scores, tau=100.0) - 1 / 5).abs().max() < 0.05

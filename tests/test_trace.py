@@ -4,6 +4,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from trace_test_data import TASKS, label_examples, sessionize
 
 from model_lib.artifact import load_artifact, save_artifact
 from model_lib.embedding_service import UserModel
@@ -11,7 +12,6 @@ from model_lib.encoding import EncoderConfig, SequenceEncoder
 from model_lib.trace import TRACE, TRACEConfig, class_weights_from_labels, weighted_multitask_bce
 from model_lib.trace_baselines import MODEL_KINDS, build_model, encoder_config_for, get_kind, make_config
 from model_lib.training import TrainConfig, set_seed
-from trace_test_data import TASKS, label_examples, sessionize
 
 torch.set_num_threads(1)
 KINDS = sorted(MODEL_KINDS)
@@ -20,13 +20,17 @@ T0 = pd.Timestamp("2026-01-05", tz="UTC")
 
 def random_events(n_users=40, n_events=800, seed=0):
     rng = np.random.default_rng(seed)
-    raw = pd.DataFrame({
-        "user_id": rng.integers(0, n_users, n_events).astype(str),
-        "event_time": T0 + pd.to_timedelta(np.sort(rng.uniform(0, 20 * 86400, n_events)), unit="s"),
-        "event_name": rng.choice(["home", "search_results", "property_page", "view_order", "booking_confirmation"], n_events),
-        "category": rng.choice(["hotel", "flight", None], n_events),
-        "device": rng.choice(["mobile", "desktop"], n_events),
-    })
+    raw = pd.DataFrame(
+        {
+            "user_id": rng.integers(0, n_users, n_events).astype(str),
+            "event_time": T0 + pd.to_timedelta(np.sort(rng.uniform(0, 20 * 86400, n_events)), unit="s"),
+            "event_name": rng.choice(
+                ["home", "search_results", "property_page", "view_order", "booking_confirmation"], n_events
+            ),
+            "category": rng.choice(["hotel", "flight", None], n_events),
+            "device": rng.choice(["mobile", "desktop"], n_events),
+        }
+    )
     return sessionize(raw)
 
 
@@ -69,7 +73,9 @@ def test_padding_never_changes_a_result(kind, data):
     enc, model = fitted(kind, data, max_len=32)
     assert (enc.transform(ev, ex)["mask"].sum(1) < 32).all()
     small = enc.transform(ev, ex)
-    wide_enc = SequenceEncoder.from_state_dict({**enc.state_dict(), "config": {**enc.state_dict()["config"], "max_len": 64}})
+    wide_enc = SequenceEncoder.from_state_dict(
+        {**enc.state_dict(), "config": {**enc.state_dict()["config"], "max_len": 64}}
+    )
     wide = wide_enc.transform(ev, ex)
     with torch.no_grad():
         ref = model(small)
@@ -90,7 +96,9 @@ def test_wider_window_with_identical_network_is_identical(data):
     """A network built for max_len 64 gives the same output on 32- and 64-wide encodings."""
     ev, ex = data
     enc64, model = fitted("trace", data, max_len=64)
-    enc32 = SequenceEncoder.from_state_dict({**enc64.state_dict(), "config": {**enc64.state_dict()["config"], "max_len": 32}})
+    enc32 = SequenceEncoder.from_state_dict(
+        {**enc64.state_dict(), "config": {**enc64.state_dict()["config"], "max_len": 32}}
+    )
     with torch.no_grad():
         torch.testing.assert_close(model(enc32.transform(ev, ex)), model(enc64.transform(ev, ex)), rtol=0, atol=1e-6)
 
@@ -145,8 +153,8 @@ def test_class_weights_and_weighted_loss_by_hand():
 
 
 def test_model_stores_class_weights_from_training_labels(data):
-    ev, ex = data
-    enc, model = fitted("trace", data)
+    _ev, ex = data
+    _enc, model = fitted("trace", data)
     labels = torch.tensor(ex[list(TASKS)].to_numpy(np.float32))
     model.set_class_weights(labels)
     p = np.nanmean(ex[list(TASKS)].to_numpy(), axis=0)
@@ -175,7 +183,10 @@ def test_user_model_train_is_deterministic_and_serves_consistently(data, tmp_pat
     ev, ex = data
     train, valid = ex.iloc[: len(ex) * 3 // 4], ex.iloc[len(ex) * 3 // 4 :]
     cfg = TrainConfig(epochs=2, batch_size=16, seed=3, num_threads=1)
-    runs = [UserModel.train("trace", ev, train, valid, TASKS, encoder_config=EncoderConfig(max_len=32), train_config=cfg) for _ in range(2)]
+    runs = [
+        UserModel.train("trace", ev, train, valid, TASKS, encoder_config=EncoderConfig(max_len=32), train_config=cfg)
+        for _ in range(2)
+    ]
     (a, res_a), (b, res_b) = runs
     for (k, va), vb in zip(a.model.state_dict().items(), b.model.state_dict().values()):
         assert torch.equal(va, vb), k

@@ -22,12 +22,12 @@ import time
 import numpy as np
 import pytest
 import torch
+from trace_test_data import TASKS, simulated_split
 
 from model_lib.embedding_service import UserModel
 from model_lib.encoding import EncoderConfig, prepare_events
 from model_lib.metrics import auroc, uplift_pct
 from model_lib.training import TrainConfig
-from trace_test_data import TASKS, simulated_split
 
 N_USERS, SEED = 4000, 0
 
@@ -45,7 +45,9 @@ def test_trace_beats_myopic_on_cross_session_tasks():
     config = TrainConfig(epochs=8, batch_size=128, learning_rate=3e-3, patience=2, seed=SEED, num_threads=1)
     scores = {}
     for kind in ("trace", "myopic"):
-        model, _ = UserModel.train(kind, ev, train, valid, TASKS, encoder_config=EncoderConfig(max_len=32), train_config=config)
+        model, _ = UserModel.train(
+            kind, ev, train, valid, TASKS, encoder_config=EncoderConfig(max_len=32), train_config=config
+        )
         scores[kind] = model.predict_proba(ev, test).to_numpy()
     labels = test[list(TASKS)].to_numpy(np.float64)
 
@@ -57,7 +59,9 @@ def test_trace_beats_myopic_on_cross_session_tasks():
     boot = []
     for _ in range(200):  # paired: the same resampled users score both models
         idx = rng.integers(0, len(test), len(test))
-        boot.append(uplift_pct(mean_auroc(labels[idx], scores["trace"][idx]), mean_auroc(labels[idx], scores["myopic"][idx])))
+        boot.append(
+            uplift_pct(mean_auroc(labels[idx], scores["trace"][idx]), mean_auroc(labels[idx], scores["myopic"][idx]))
+        )
     low, high = np.quantile(boot, [0.025, 0.975])
     print(
         f"\nTRACE mean AUROC {trace:.4f}, myopic {myopic:.4f}, uplift {uplift_pct(trace, myopic):+.2f}% "

@@ -110,7 +110,9 @@ def test_early_stopping_stops_after_patience_and_keeps_best_epoch():
 def test_min_delta_counts_small_improvements_as_none():
     set_seed(0)
     model = TinyRegressor(dropout=0.0)
-    result = fit(model, make_data(seed=0), make_data(seed=1), TrainConfig(epochs=10, batch_size=32, min_delta=1e9, patience=2))
+    result = fit(
+        model, make_data(seed=0), make_data(seed=1), TrainConfig(epochs=10, batch_size=32, min_delta=1e9, patience=2)
+    )
     assert result.best_epoch == 1 and result.stopped_early and len(result.history) == 3
 
 

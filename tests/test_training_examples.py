@@ -8,14 +8,14 @@ import duckdb
 import pandas as pd
 import pytest
 
-from assets.tasks import DEFAULT_TASK_SETS, EngagementTask, TaskSet, default_task_set, load_task_set
-from assets.training_examples_sql import (
+from assets.training_data.examples_sql import (
     cutoff_times,
     label_balance,
     training_examples_sql,
     user_split_bucket_sql,
     user_splits_sql,
 )
+from assets.training_data.tasks import DEFAULT_TASK_SETS, EngagementTask, TaskSet, default_task_set, load_task_set
 
 T0 = datetime(2026, 3, 2)  # a Monday
 
@@ -50,18 +50,23 @@ TASKS = TaskSet(
 
 @pytest.fixture()
 def con():
-    events = _sessionized([
-        # alice: data ends at hour 120, so the cutoffs are hours 72 and 48 (days 3 and 2, 00:00)
-        ("alice", 1, "view", "shoes"), ("alice", 1.2, "view", "hats"),
-        ("alice", 50, "view", "shoes"),
-        ("alice", 74, "view", "bags"),
-        ("alice", 80, "search", None), ("alice", 80.1, "buy", "shoes"),
-        ("alice", 120, "buy", "bags"),  # at cutoff + horizon: outside every label window
-        # bob: last active 78 hours before the first cutoff, beyond the 3-day observation window
-        ("bob", -30, "view", "hats"), ("bob", 100, "view", "hats"),
-        # carol: a single event just before the later cutoff, nothing after
-        ("carol", 71, "view", "toys"),
-    ])
+    events = _sessionized(
+        [
+            # alice: data ends at hour 120, so the cutoffs are hours 72 and 48 (days 3 and 2, 00:00)
+            ("alice", 1, "view", "shoes"),
+            ("alice", 1.2, "view", "hats"),
+            ("alice", 50, "view", "shoes"),
+            ("alice", 74, "view", "bags"),
+            ("alice", 80, "search", None),
+            ("alice", 80.1, "buy", "shoes"),
+            ("alice", 120, "buy", "bags"),  # at cutoff + horizon: outside every label window
+            # bob: last active 78 hours before the first cutoff, beyond the 3-day observation window
+            ("bob", -30, "view", "hats"),
+            ("bob", 100, "view", "hats"),
+            # carol: a single event just before the later cutoff, nothing after
+            ("carol", 71, "view", "toys"),
+        ]
+    )
     c = duckdb.connect()
     c.register("sessionized_events", events)
     c.execute(f"CREATE TABLE user_splits AS {user_splits_sql(0, 0.2, 0.2)}")
@@ -97,8 +102,9 @@ def test_labels_on_a_hand_made_journey(con):
 
 
 def test_a_buy_in_a_category_first_seen_after_the_cutoff_is_not_known():
-    events = _sessionized([("dan", 1, "view", "a"), ("dan", 50, "view", "b"), ("dan", 60, "buy", "b"),
-                           ("dan", 120, "view", "a")])
+    events = _sessionized(
+        [("dan", 1, "view", "a"), ("dan", 50, "view", "b"), ("dan", 60, "buy", "b"), ("dan", 120, "view", "a")]
+    )
     c = duckdb.connect()
     c.register("sessionized_events", events)
     c.execute(f"CREATE TABLE user_splits AS {user_splits_sql(0, 0.2, 0.2)}")

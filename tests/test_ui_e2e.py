@@ -24,7 +24,6 @@ from pathlib import Path
 from urllib.parse import quote
 
 import pytest
-
 from ui_helpers import (
     REPO,
     GraphQL,
@@ -145,7 +144,10 @@ def dagster_dev(home: Path, tmp_path: Path, monkeypatch):
     with open(log, "wb") as out:
         process = subprocess.Popen(
             [str(trace_dagster), "dev", "-p", str(port)],
-            cwd=REPO, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            cwd=REPO,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
             env={**os.environ, "PYTHONUNBUFFERED": "1"},
             start_new_session=True,  # its own process group: the finalizer kills exactly it
             preexec_fn=default_signals,
@@ -190,11 +192,15 @@ def wait_for_run(graphql: GraphQL, run_id: str, log: Path, timeout: float) -> di
         if status == "SUCCESS":
             return {"statuses": seen, "seconds": elapsed}
         if status in ("FAILURE", "CANCELED", "CANCELING"):
-            pytest.fail(f"run {run_id} ended {status} (statuses {seen}):\n"
-                        f"{run_failure_details(graphql, run_id)}\n--- dagster dev log ---\n{tail(log, 3000)}")
+            pytest.fail(
+                f"run {run_id} ended {status} (statuses {seen}):\n"
+                f"{run_failure_details(graphql, run_id)}\n--- dagster dev log ---\n{tail(log, 3000)}"
+            )
         if status == "QUEUED" and elapsed > 90:
-            pytest.fail(f"run {run_id} still QUEUED after {elapsed:.0f}s: the QueuedRunCoordinator needs "
-                        f"the daemon (dagster dev starts one)\n{tail(log, 3000)}")
+            pytest.fail(
+                f"run {run_id} still QUEUED after {elapsed:.0f}s: the QueuedRunCoordinator needs "
+                f"the daemon (dagster dev starts one)\n{tail(log, 3000)}"
+            )
         if elapsed > timeout:
             pytest.fail(f"run {run_id} not finished after {elapsed:.0f}s (statuses {seen})")
         time.sleep(3)
@@ -210,10 +216,10 @@ def test_full_pipeline_through_the_ui(dagster_dev, chromium, home: Path, tmp_pat
     # The definitions as the UI lists them: jobs, the schedule, the sensors (default RUNNING).
     repo = graphql(REPOSITORY_QUERY, {"selector": selector})["repositoryOrError"]
     assert repo["__typename"] == "Repository", repo
-    assert JOBS <= {j["name"] for j in repo["jobs"]}
+    assert {j["name"] for j in repo["jobs"]} >= JOBS
     schedules = {s["name"]: s for s in repo["schedules"]}
     sensors = {s["name"]: s for s in repo["sensors"]}
-    assert SCHEDULES <= set(schedules) and SENSORS <= set(sensors)
+    assert set(schedules) >= SCHEDULES and set(sensors) >= SENSORS
     assert {s["sensorState"]["status"] for s in sensors.values()} == {"RUNNING"}
     assert schedules["weekly_retraining"]["scheduleState"]["status"] == "RUNNING"
     # The daemon evaluates the sensors: retrain_on_drift would launch retrain_models as soon as a
@@ -228,11 +234,16 @@ def test_full_pipeline_through_the_ui(dagster_dev, chromium, home: Path, tmp_pat
 
     # Launch full_pipeline, small, through GraphQL (what the Launchpad does).
     run_config = small_run_config("full_pipeline", n_users=300, days=35, epochs=1, bootstrap_samples=30)
-    launched = graphql(LAUNCH_RUN, {"executionParams": {
-        "selector": {**selector, "jobName": "full_pipeline"},
-        "runConfigData": run_config,
-        "executionMetadata": {"tags": [{"key": "launched_by", "value": "test_ui_e2e"}]},
-    }})["launchRun"]  # fmt: skip
+    launched = graphql(
+        LAUNCH_RUN,
+        {
+            "executionParams": {
+                "selector": {**selector, "jobName": "full_pipeline"},
+                "runConfigData": run_config,
+                "executionMetadata": {"tags": [{"key": "launched_by", "value": "test_ui_e2e"}]},
+            }
+        },
+    )["launchRun"]
     assert launched["__typename"] == "LaunchRunSuccess", launched
     run_id = launched["run"]["runId"]
     outcome = wait_for_run(graphql, run_id, log, timeout=RUN_TIMEOUT_S)
@@ -270,5 +281,7 @@ def test_full_pipeline_through_the_ui(dagster_dev, chromium, home: Path, tmp_pat
     drawn = sorted(k for k in expected_keys if f">{k}<" in dom)
     assert {"sessionized_events", "trace_model"} <= set(drawn), f"drawn: {drawn}"
     assert len(drawn) >= len(expected_keys) // 2, f"only {drawn} of {sorted(expected_keys)} drawn"
-    print(f"screenshot {screenshot} (copied to {reports / 'asset_graph.png'}): {size}, std {grey_std:.1f}; "
-          f"{len(drawn)}/{len(expected_keys)} asset names in the DOM")
+    print(
+        f"screenshot {screenshot} (copied to {reports / 'asset_graph.png'}): {size}, std {grey_std:.1f}; "
+        f"{len(drawn)}/{len(expected_keys)} asset names in the DOM"
+    )

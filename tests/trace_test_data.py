@@ -62,7 +62,9 @@ TASKS = (
 )
 
 
-def label_examples(events: pd.DataFrame, cutoffs, observation_days: float = 14.0, horizon_days: float = 14.0) -> pd.DataFrame:
+def label_examples(
+    events: pd.DataFrame, cutoffs, observation_days: float = 14.0, horizon_days: float = 14.0
+) -> pd.DataFrame:
     """(user_id, cutoff) for every user active in the observation window before each cutoff,
     with labels whose signal spans sessions (``TASKS``):
 
@@ -79,12 +81,17 @@ def label_examples(events: pd.DataFrame, cutoffs, observation_days: float = 14.0
         after = events[(t >= cutoff) & (t < cutoff + pd.Timedelta(days=horizon_days)) & events["user_id"].isin(users)]
         next_session = after[after["session_index"] == after.groupby("user_id")["session_index"].transform("min")]
         ex = pd.DataFrame({"user_id": users, "cutoff": cutoff})
-        ex["booking_14d"] = users.isin(after.loc[after["event_name"] == "booking_confirmation", "user_id"]).astype(float)
+        ex["booking_14d"] = users.isin(after.loc[after["event_name"] == "booking_confirmation", "user_id"]).astype(
+            float
+        )
         has_next = users.isin(next_session["user_id"])
         n_next = next_session.groupby("user_id").size().reindex(users, fill_value=0).to_numpy()
         ex["bounce_next_session"] = np.where(has_next, (n_next == 1).astype(float), np.nan)
-        for task, page in (("view_order_next_session", "view_order"), ("search_next_session", "search_results"),
-                           ("property_next_session", "property_page")):
+        for task, page in (
+            ("view_order_next_session", "view_order"),
+            ("search_next_session", "search_results"),
+            ("property_next_session", "property_page"),
+        ):
             hit = users.isin(next_session.loc[next_session["event_name"] == page, "user_id"])
             ex[task] = np.where(has_next, hit.astype(float), np.nan)
         frames.append(ex)
@@ -93,7 +100,7 @@ def label_examples(events: pd.DataFrame, cutoffs, observation_days: float = 14.0
 
 def simulated_split(n_users: int = 3000, days: int = 35, seed: int = 0):
     """Sessionized simulator events + labelled examples split by user (60/20/20)."""
-    from resources.simulator import SimulatorConfig, simulate_events
+    from resources.event_sources.simulator import SimulatorConfig, simulate_events
 
     events = sessionize(simulate_events(SimulatorConfig(n_users=n_users, days=days, seed=seed)))
     start = events["event_time"].min().normalize()
@@ -103,4 +110,9 @@ def simulated_split(n_users: int = 3000, days: int = 35, seed: int = 0):
     rng = np.random.default_rng(seed)
     part = pd.Series(rng.choice(3, len(users), p=[0.6, 0.2, 0.2]), index=users)
     split = part.loc[examples["user_id"]].to_numpy()
-    return events, examples[split == 0].reset_index(drop=True), examples[split == 1].reset_index(drop=True), examples[split == 2].reset_index(drop=True)
+    return (
+        events,
+        examples[split == 0].reset_index(drop=True),
+        examples[split == 1].reset_index(drop=True),
+        examples[split == 2].reset_index(drop=True),
+    )

@@ -6,6 +6,7 @@ Shared by `test_ui_e2e.py` (the UI and its GraphQL API on `trace-dagster dev`) a
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -25,11 +26,20 @@ CHROMIUM = Path("/usr/bin/chromium")
 
 # Flags that keep a root, offline, headless Chromium from sandboxing, using a GPU or calling home.
 CHROMIUM_FLAGS = (
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-    "--disable-background-networking", "--disable-component-update", "--disable-sync",
-    "--disable-dev-shm-usage", "--disable-default-apps", "--disable-extensions",
-    "--hide-scrollbars", "--mute-audio",
-)  # fmt: skip
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--disable-dev-shm-usage",
+    "--disable-default-apps",
+    "--disable-extensions",
+    "--hide-scrollbars",
+    "--mute-audio",
+)
 
 # Step subprocesses forked from a server that has already imported the code location, torch,
 # MLflow and Evidently: a spawned step pays ~15 s of imports on this 2-core machine, which makes
@@ -41,8 +51,15 @@ FORKSERVER_PRELOAD = ["trace_dagster.definitions", "torch", "mlflow", "evidently
 # Run config
 
 
-def small_run_config(job_name: str, n_users: int = 300, days: int = 35, epochs: int = 1,
-                     bootstrap_samples: int = 30, max_concurrent: int = 2, **simulator) -> dict:
+def small_run_config(
+    job_name: str,
+    n_users: int = 300,
+    days: int = 35,
+    epochs: int = 1,
+    bootstrap_samples: int = 30,
+    max_concurrent: int = 2,
+    **simulator,
+) -> dict:
     """Run config making `job_name` small: a small simulator, one epoch per model, few replicates.
 
     Op names come from the job itself (every `*_model` asset is a training op), so a model added
@@ -57,11 +74,15 @@ def small_run_config(job_name: str, n_users: int = 300, days: int = 35, epochs: 
         ops["evaluation_metrics"] = {"config": {"bootstrap_samples": bootstrap_samples}}
     config: dict = {
         "resources": {"event_source": {"config": {"simulator_n_users": n_users, "simulator_days": days, **simulator}}},
-        "execution": {"config": {"multiprocess": {
-            "max_concurrent": max_concurrent,
-            "start_method": {"forkserver": {"preload_modules": FORKSERVER_PRELOAD}},
-        }}},
-    }  # fmt: skip
+        "execution": {
+            "config": {
+                "multiprocess": {
+                    "max_concurrent": max_concurrent,
+                    "start_method": {"forkserver": {"preload_modules": FORKSERVER_PRELOAD}},
+                }
+            }
+        },
+    }
     if ops:
         config["ops"] = ops
     return config
@@ -80,7 +101,9 @@ def reconstructable_job(job_name: str):
     import dagster as dg
 
     return dg.build_reconstructable_job(
-        "ui_helpers", "job_by_name", reconstructable_args=(job_name,),
+        "ui_helpers",
+        "job_by_name",
+        reconstructable_args=(job_name,),
         reconstructor_working_directory=str(Path(__file__).resolve().parent),
     )
 
@@ -114,18 +137,12 @@ def stop_process_group(process: subprocess.Popen, grace_seconds: float = 20.0) -
         return
     if process.poll() is None:
         process.send_signal(signal.SIGINT)
-        try:
+        with contextlib.suppress(subprocess.TimeoutExpired):
             process.wait(timeout=grace_seconds)
-        except subprocess.TimeoutExpired:
-            pass
-    try:
+    with contextlib.suppress(ProcessLookupError):
         os.killpg(pgid, signal.SIGKILL)  # stragglers: run workers, step processes
-    except ProcessLookupError:
-        pass
-    try:
+    with contextlib.suppress(subprocess.TimeoutExpired):
         process.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        pass
 
 
 def tail(path: Path, chars: int = 4000) -> str:
@@ -203,21 +220,36 @@ def ensure_chromium() -> Path:
         pytest.skip(f"{CHROMIUM} is missing and apt-get is unavailable: run {INSTALL_TEST_DEPS} on a Debian machine")
     done = subprocess.run(["bash", str(INSTALL_TEST_DEPS)], capture_output=True, text=True, timeout=1200)
     if done.returncode != 0 or not CHROMIUM.exists():
-        pytest.skip(f"{INSTALL_TEST_DEPS} could not install chromium (exit {done.returncode}): "
-                    f"{(done.stderr or done.stdout).strip()[-1500:]}")
+        pytest.skip(
+            f"{INSTALL_TEST_DEPS} could not install chromium (exit {done.returncode}): "
+            f"{(done.stderr or done.stdout).strip()[-1500:]}"
+        )
     return CHROMIUM
 
 
-def run_chromium(url: str, user_data_dir: Path, *mode: str, window: tuple[int, int] = (1600, 1000),
-                 budget_ms: int = 20_000, timeout: float = 120.0) -> subprocess.CompletedProcess:
+def run_chromium(
+    url: str,
+    user_data_dir: Path,
+    *mode: str,
+    window: tuple[int, int] = (1600, 1000),
+    budget_ms: int = 20_000,
+    timeout: float = 120.0,
+) -> subprocess.CompletedProcess:
     """One headless Chromium call on `url` (e.g. mode `--screenshot=PATH` or `--dump-dom`).
 
     `--virtual-time-budget` lets the single-page app fetch its GraphQL data and lay the graph out
     before the page is captured. A new empty profile per call: nothing cached, nothing synced.
     """
     user_data_dir.mkdir(parents=True, exist_ok=False)
-    command = [str(CHROMIUM), *CHROMIUM_FLAGS, f"--user-data-dir={user_data_dir}",
-               f"--window-size={window[0]},{window[1]}", f"--virtual-time-budget={budget_ms}", *mode, url]
+    command = [
+        str(CHROMIUM),
+        *CHROMIUM_FLAGS,
+        f"--user-data-dir={user_data_dir}",
+        f"--window-size={window[0]},{window[1]}",
+        f"--virtual-time-budget={budget_ms}",
+        *mode,
+        url,
+    ]
     return subprocess.run(command, capture_output=True, text=True, timeout=timeout)
 
 
@@ -229,4 +261,4 @@ def image_stats(path: Path) -> tuple[tuple[int, int], float, int]:
     with Image.open(path) as image:
         size = image.size
         grey = np.asarray(image.convert("L"), dtype=np.float64)
-    return size, float(grey.std()), int(len(np.unique(grey)))
+    return size, float(grey.std()), len(np.unique(grey))

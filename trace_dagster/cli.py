@@ -80,15 +80,16 @@ def run(args: argparse.Namespace) -> int:
             for event in result.get_asset_materialization_events():
                 metadata = event.materialization.metadata
                 rows = metadata.get("dagster/row_count")
-                print(f"  materialized {event.asset_key.to_user_string()}"
-                      + (f" ({rows.value:,} rows)" if rows is not None else ""))
+                print(
+                    f"  materialized {event.asset_key.to_user_string()}"
+                    + (f" ({rows.value:,} rows)" if rows is not None else "")
+                )
             for evaluation in result.get_asset_check_evaluations():
                 if evaluation.passed:
                     status = "passed"
                 else:
                     status = "WARNING" if evaluation.severity == dg.AssetCheckSeverity.WARN else "FAILED"
-                print(f"  check {evaluation.asset_key.to_user_string()}:"
-                      f"{evaluation.check_name} {status}")
+                print(f"  check {evaluation.asset_key.to_user_string()}:{evaluation.check_name} {status}")
             print(where_to_look(dagster_home))
             return 0 if result.success else 1
 
@@ -97,15 +98,17 @@ def where_to_look(dagster_home: Path) -> str:
     """The closing lines of a run: the report, the UI and MLflow, each with its command."""
     home = Path(os.environ[HOME_ENV_VAR])
     tracking = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{home / 'mlflow.db'}"
-    return "\n".join([
-        "",
-        "Where to look:",
-        f"  evaluation report   {home / 'reports' / 'evaluation_latest.md'}",
-        f"  embedding map, drift reports (HTML)   {home / 'reports'}/",
-        f"  warehouse           {home / 'warehouse.duckdb'}  (tables: see README)",
-        "  Dagster UI          .venv/bin/trace-dagster dev    -> http://127.0.0.1:3000",
-        f"  MLflow UI           .venv/bin/mlflow ui --backend-store-uri {tracking} -p 5000",
-    ])
+    return "\n".join(
+        [
+            "",
+            "Where to look:",
+            f"  evaluation report   {home / 'reports' / 'evaluation_latest.md'}",
+            f"  embedding map, drift reports (HTML)   {home / 'reports'}/",
+            f"  warehouse           {home / 'warehouse.duckdb'}  (tables: see README)",
+            "  Dagster UI          .venv/bin/trace-dagster dev    -> http://127.0.0.1:3000",
+            f"  MLflow UI           .venv/bin/mlflow ui --backend-store-uri {tracking} -p 5000",
+        ]
+    )
 
 
 def dev(args: argparse.Namespace) -> int:
@@ -125,8 +128,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="trace-dagster", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
     run_parser = commands.add_parser("run", help="execute full_pipeline")
-    run_parser.add_argument("--max-concurrent", type=int, default=2,
-                            help="steps running at once (this machine has few cores)")
+    run_parser.add_argument(
+        "--max-concurrent", type=int, default=2, help="steps running at once (this machine has few cores)"
+    )
     dev_parser = commands.add_parser("dev", help="open the Dagster UI on the same instance")
     dev_parser.add_argument("-p", "--port", type=int, default=3000)
     commands.add_parser("instance", help="prepare the Dagster instance, print DAGSTER_HOME")

@@ -10,15 +10,15 @@ from __future__ import annotations
 
 import dagster as dg
 
-from assets.conversion_models import conversion_model_assets
-from assets.drift import drift_below_threshold, drift_report, model_outputs_stable
-from assets.embeddings import user_embeddings, user_embeddings_are_complete
-from assets.evaluation import evaluation_metrics, evaluation_metrics_are_complete
-from assets.ingestion import ingested_events, ingestion_checks
-from assets.promotion import model_promotion
-from assets.sequence_models import sequence_model_assets
-from assets.sessionization import sessionization_checks, sessionized_events
-from assets.training_data import (
+from assets.conversion_models.assets import conversion_model_assets
+from assets.evaluation.assets import evaluation_metrics, evaluation_metrics_are_complete
+from assets.ingestion.raw_events import ingested_events, ingestion_checks
+from assets.ingestion.sessionized_events import sessionization_checks, sessionized_events
+from assets.model_registry.assets import model_promotion
+from assets.monitoring.assets import drift_below_threshold, drift_report, model_outputs_stable
+from assets.serving.assets import user_embeddings, user_embeddings_are_complete
+from assets.trace_models.assets import sequence_model_assets
+from assets.training_data.assets import (
     funnel_examples,
     funnel_examples_have_conversions,
     training_examples,
@@ -35,28 +35,28 @@ from trace_dagster.schedules import SCHEDULES
 from trace_dagster.sensors import SENSORS
 
 ASSETS = [
-        ingested_events,
-        sessionized_events,
-        user_splits,
-        training_examples,
-        funnel_examples,
-        *sequence_model_assets,
-        *conversion_model_assets,
-        evaluation_metrics,
-        model_promotion,
-        user_embeddings,
-        drift_report,
+    ingested_events,
+    sessionized_events,
+    user_splits,
+    training_examples,
+    funnel_examples,
+    *sequence_model_assets,
+    *conversion_model_assets,
+    evaluation_metrics,
+    model_promotion,
+    user_embeddings,
+    drift_report,
 ]
 ASSET_CHECKS = [
-        ingestion_checks,
-        sessionization_checks,
-        training_examples_users_in_one_split,
-        training_examples_labels_are_learnable,
-        funnel_examples_have_conversions,
-        evaluation_metrics_are_complete,
-        user_embeddings_are_complete,
-        drift_below_threshold,
-        model_outputs_stable,
+    ingestion_checks,
+    sessionization_checks,
+    training_examples_users_in_one_split,
+    training_examples_labels_are_learnable,
+    funnel_examples_have_conversions,
+    evaluation_metrics_are_complete,
+    user_embeddings_are_complete,
+    drift_below_threshold,
+    model_outputs_stable,
 ]
 
 

@@ -8,7 +8,6 @@
 - `rollback_champion`: restore the `previous` version of a registered model as `champion`.
 """
 
-
 import dagster as dg
 from pydantic import Field
 
@@ -16,16 +15,24 @@ from resources.mlflow_tracking import MLflowTracking
 
 INGESTION_ASSETS = ("raw_events", "rejected_events", "sessionized_events")
 
+
 # Dagster's multiprocess executor, two steps at a time (this machine has two cores; training
 # steps use one torch thread each), started from a forkserver that has imported the code
 # location once: a spawned step would import torch, MLflow and the assets again (~6-10 s per
 # step, ~30 steps per full run). The default run config of every asset job; any launch may
 # override it.
 def execution_config(max_concurrent: int = 2) -> dict:
-    return {"execution": {"config": {"multiprocess": {
-        "max_concurrent": max_concurrent,
-        "start_method": {"forkserver": {"preload_modules": ["trace_dagster.definitions"]}},
-    }}}}
+    return {
+        "execution": {
+            "config": {
+                "multiprocess": {
+                    "max_concurrent": max_concurrent,
+                    "start_method": {"forkserver": {"preload_modules": ["trace_dagster.definitions"]}},
+                }
+            }
+        }
+    }
+
 
 MONITORING_ASSETS = ("user_embeddings", "drift_report")
 
@@ -57,17 +64,27 @@ class RollbackConfig(dg.Config):
 
 
 @dg.op(description="Make `previous` the `champion` again; the demoted version keeps its number and tags.")
-def rollback_registered_model(context: dg.OpExecutionContext, config: RollbackConfig,
-                              mlflow_tracking: MLflowTracking) -> None:
+def rollback_registered_model(
+    context: dg.OpExecutionContext, config: RollbackConfig, mlflow_tracking: MLflowTracking
+) -> None:
     result = mlflow_tracking.rollback(config.model_name, config.expected_champion or None)
     context.log.info(f"{config.model_name}: {result.reason}")
     if not result.rolled_back:
-        raise dg.Failure(f"nothing rolled back: {result.reason}",
-                         metadata={"champion": str(result.champion_version), "previous": str(result.previous_version)})
-    context.log_event(dg.AssetObservation(
-        asset_key=dg.AssetKey("model_promotion"),
-        metadata={"rollback": result.reason, "model": config.model_name, "champion": str(result.champion_version),
-                  "demoted": str(result.demoted_version)}))
+        raise dg.Failure(
+            f"nothing rolled back: {result.reason}",
+            metadata={"champion": str(result.champion_version), "previous": str(result.previous_version)},
+        )
+    context.log_event(
+        dg.AssetObservation(
+            asset_key=dg.AssetKey("model_promotion"),
+            metadata={
+                "rollback": result.reason,
+                "model": config.model_name,
+                "champion": str(result.champion_version),
+                "demoted": str(result.demoted_version),
+            },
+        )
+    )
 
 
 @dg.job(description="Restore the previous champion of a registered model (trace or mtlds).")

@@ -1,6 +1,5 @@
 """The retraining schedule: weekly by default, one run per tick (the tick time is the run key)."""
 
-
 import dagster as dg
 
 from trace_dagster.jobs import retrain_models
@@ -17,7 +16,9 @@ RETRAIN_CRON = "0 3 * * 1"  # Mondays 03:00 UTC
 )
 def weekly_retraining(context: dg.ScheduleEvaluationContext) -> dg.RunRequest:
     tick = context.scheduled_execution_time.isoformat()
-    return dg.RunRequest(run_key=f"weekly-retraining-{tick}", tags={"trace_dagster/trigger": "schedule", "trace_dagster/tick": tick})
+    return dg.RunRequest(
+        run_key=f"weekly-retraining-{tick}", tags={"trace_dagster/trigger": "schedule", "trace_dagster/tick": tick}
+    )
 
 
 SCHEDULES = [weekly_retraining]

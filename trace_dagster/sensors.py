@@ -4,7 +4,6 @@ Both keep a cursor and give every run request a run key derived from what trigge
 re-evaluation (a restarted daemon, a second tick on the same state) never launches twice.
 """
 
-
 import hashlib
 import json
 
@@ -45,8 +44,9 @@ def new_event_files(context: dg.SensorEvaluationContext, event_source: EventSour
         return dg.SkipReason(f"no new files among {len(current)}")
     run_key = "new-files-" + hashlib.sha256(json.dumps(sorted(new.items())).encode()).hexdigest()[:16]
     context.update_cursor(json.dumps({**seen, **current}, sort_keys=True))
-    return dg.RunRequest(run_key=run_key, tags={"trace_dagster/trigger": "new_files",
-                                                "trace_dagster/new_files": str(len(new))})
+    return dg.RunRequest(
+        run_key=run_key, tags={"trace_dagster/trigger": "new_files", "trace_dagster/new_files": str(len(new))}
+    )
 
 
 def _run_in_progress(instance: dg.DagsterInstance, run_id: str) -> bool:
@@ -76,8 +76,10 @@ def retrain_on_drift(context: dg.SensorEvaluationContext):
     if not failed:
         return dg.SkipReason(f"{len(newer)} new drift check result(s), none failed")
     latest = failed[-1]
-    return dg.RunRequest(run_key=f"drift-check-{latest.id}",
-                         tags={"trace_dagster/trigger": "drift", "trace_dagster/drift_check_run": latest.run_id})
+    return dg.RunRequest(
+        run_key=f"drift-check-{latest.id}",
+        tags={"trace_dagster/trigger": "drift", "trace_dagster/drift_check_run": latest.run_id},
+    )
 
 
 SENSORS = [new_event_files, retrain_on_drift]

@@ -5,19 +5,18 @@ One user split serves both model families, so the test users of TRACE and of MTL
 people and no user's history crosses from training into evaluation.
 """
 
-
 import dagster as dg
 import pandas as pd
 from pydantic import Field
 
-from assets.tasks import TaskSet, default_task_set, load_task_set
-from assets.training_examples_sql import (
+from assets.training_data.examples_sql import (
     SPLITS,
     cutoff_times,
     label_balance,
     training_examples_sql,
     user_splits_sql,
 )
+from assets.training_data.tasks import TaskSet, default_task_set, load_task_set
 from model_lib.funnel_samples import FUNNELS, FunnelSpec, build_funnel_samples
 from resources.event_sources import EventSource
 from resources.warehouse import WAREHOUSE_POOL, DuckDBWarehouse
@@ -48,9 +47,21 @@ def task_set_for(event_source: EventSource, tasks_file: str = "") -> TaskSet:
 
 def task_frame(task_set: TaskSet) -> pd.DataFrame:
     """The `training_tasks` table: which label columns are seen (train) and unseen (probes only)."""
-    return pd.DataFrame([{"position": i, "task": t.name, "kind": t.kind, "label_column": t.column, "window": t.window,
-                          "label_sql": t.label_sql, "description": t.description, "task_set": task_set.name}
-                         for i, t in enumerate(task_set.tasks)])
+    return pd.DataFrame(
+        [
+            {
+                "position": i,
+                "task": t.name,
+                "kind": t.kind,
+                "label_column": t.column,
+                "window": t.window,
+                "label_sql": t.label_sql,
+                "description": t.description,
+                "task_set": task_set.name,
+            }
+            for i, t in enumerate(task_set.tasks)
+        ]
+    )
 
 
 def read_tasks(con) -> pd.DataFrame:
@@ -59,7 +70,9 @@ def read_tasks(con) -> pd.DataFrame:
 
 
 def funnel_spec_for(event_source: EventSource) -> FunnelSpec:
-    name = "travel" if event_source.uses_simulator or event_source.preset.name == "canonical" else event_source.preset.name
+    name = (
+        "travel" if event_source.uses_simulator or event_source.preset.name == "canonical" else event_source.preset.name
+    )
     return FUNNELS[name]
 
 
@@ -71,14 +84,22 @@ def funnel_spec_for(event_source: EventSource) -> FunnelSpec:
     pool=WAREHOUSE_POOL,
     description="Every user in exactly one of train/valid/test (stable md5 hash of the user id).",
 )
-def user_splits(context: dg.AssetExecutionContext, config: SplitConfig, warehouse: DuckDBWarehouse) -> dg.MaterializeResult:
+def user_splits(
+    context: dg.AssetExecutionContext, config: SplitConfig, warehouse: DuckDBWarehouse
+) -> dg.MaterializeResult:
     with warehouse.connect() as con:
-        rows = warehouse.replace_table(con, "user_splits", user_splits_sql(config.seed, config.valid_share, config.test_share))
+        rows = warehouse.replace_table(
+            con, "user_splits", user_splits_sql(config.seed, config.valid_share, config.test_share)
+        )
         counts = con.execute("SELECT split, count(*) FROM user_splits GROUP BY split ORDER BY split").fetchall()
-    return dg.MaterializeResult(metadata={
-        "dagster/row_count": rows,
-        "users_per_split": dg.MetadataValue.md(pd.DataFrame(counts, columns=["split", "users"]).to_markdown(index=False)),
-    })
+    return dg.MaterializeResult(
+        metadata={
+            "dagster/row_count": rows,
+            "users_per_split": dg.MetadataValue.md(
+                pd.DataFrame(counts, columns=["split", "users"]).to_markdown(index=False)
+            ),
+        }
+    )
 
 
 @dg.asset(
@@ -88,10 +109,11 @@ def user_splits(context: dg.AssetExecutionContext, config: SplitConfig, warehous
     deps=["sessionized_events", user_splits],
     pool=WAREHOUSE_POOL,
     description="One row per (user, cutoff) at rolling cutoffs: history before, a label per task after. "
-                "Also writes `training_tasks` (which labels are seen and unseen).",
+    "Also writes `training_tasks` (which labels are seen and unseen).",
 )
-def training_examples(context: dg.AssetExecutionContext, config: ExamplesConfig, warehouse: DuckDBWarehouse,
-                      event_source: EventSource) -> dg.MaterializeResult:
+def training_examples(
+    context: dg.AssetExecutionContext, config: ExamplesConfig, warehouse: DuckDBWarehouse, event_source: EventSource
+) -> dg.MaterializeResult:
     task_set = task_set_for(event_source, config.tasks_file)
     with warehouse.connect() as con:
         cutoffs = cutoff_times(con, task_set)
@@ -100,31 +122,46 @@ def training_examples(context: dg.AssetExecutionContext, config: ExamplesConfig,
         warehouse.replace_table(con, "training_tasks", "SELECT * FROM task_frame")
         examples = con.sql("SELECT * FROM training_examples").df()
     if rows == 0:
-        raise dg.Failure(f"no training examples: no user is active within {task_set.observation} before any cutoff "
-                         f"({[str(c) for c in cutoffs]})")
+        raise dg.Failure(
+            f"no training examples: no user is active within {task_set.observation} before any cutoff "
+            f"({[str(c) for c in cutoffs]})"
+        )
     balance = label_balance(examples, task_set)
     context.log.info(f"{rows} examples for task set {task_set.name} at cutoffs {[str(c) for c in cutoffs]}")
-    return dg.MaterializeResult(metadata={
-        "dagster/row_count": rows,
-        "task_set": task_set.name,
-        "cutoffs": [str(c) for c in cutoffs],
-        "examples_per_split": dg.MetadataValue.json(examples["split"].value_counts().reindex(SPLITS, fill_value=0).to_dict()),
-        "label_balance": dg.MetadataValue.md(balance.pivot_table(index=["task", "kind"], columns="split", values="positive_rate")
-                                             .round(4).reset_index().to_markdown(index=False)),
-        "tasks": dg.MetadataValue.json(task_set.to_json()),
-    })
+    return dg.MaterializeResult(
+        metadata={
+            "dagster/row_count": rows,
+            "task_set": task_set.name,
+            "cutoffs": [str(c) for c in cutoffs],
+            "examples_per_split": dg.MetadataValue.json(
+                examples["split"].value_counts().reindex(SPLITS, fill_value=0).to_dict()
+            ),
+            "label_balance": dg.MetadataValue.md(
+                balance.pivot_table(index=["task", "kind"], columns="split", values="positive_rate")
+                .round(4)
+                .reset_index()
+                .to_markdown(index=False)
+            ),
+            "tasks": dg.MetadataValue.json(task_set.to_json()),
+        }
+    )
 
 
 @dg.asset_check(asset=training_examples, blocking=True, description="No user appears in two splits.")
 def training_examples_users_in_one_split(warehouse: DuckDBWarehouse) -> dg.AssetCheckResult:
     with warehouse.connect(read_only=True) as con:
-        crossing = con.execute("SELECT count(*) FROM (SELECT user_id FROM training_examples GROUP BY user_id "
-                               "HAVING count(DISTINCT split) > 1)").fetchall()[0][0]
+        crossing = con.execute(
+            "SELECT count(*) FROM (SELECT user_id FROM training_examples GROUP BY user_id "
+            "HAVING count(DISTINCT split) > 1)"
+        ).fetchall()[0][0]
     return dg.AssetCheckResult(passed=crossing == 0, metadata={"users_in_several_splits": crossing})
 
 
-@dg.asset_check(asset=training_examples, blocking=True,
-                description="Every task has positives and negatives among the training examples.")
+@dg.asset_check(
+    asset=training_examples,
+    blocking=True,
+    description="Every task has positives and negatives among the training examples.",
+)
 def training_examples_labels_are_learnable(warehouse: DuckDBWarehouse) -> dg.AssetCheckResult:
     with warehouse.connect(read_only=True) as con:
         train = con.sql("SELECT * FROM training_examples WHERE split = 'train'").df()
@@ -145,12 +182,15 @@ def training_examples_labels_are_learnable(warehouse: DuckDBWarehouse) -> dg.Ass
     pool=WAREHOUSE_POOL,
     description="MTLDS samples: one row per viewed (user, item), a label per later funnel behaviour.",
 )
-def funnel_examples(context: dg.AssetExecutionContext, warehouse: DuckDBWarehouse,
-                    event_source: EventSource) -> dg.MaterializeResult:
+def funnel_examples(
+    context: dg.AssetExecutionContext, warehouse: DuckDBWarehouse, event_source: EventSource
+) -> dg.MaterializeResult:
     spec = funnel_spec_for(event_source)
     with warehouse.connect() as con:
-        events = con.sql("SELECT user_id, event_time, event_name, item_id, category FROM sessionized_events "
-                         "ORDER BY user_id, event_index").df()
+        events = con.sql(
+            "SELECT user_id, event_time, event_name, item_id, category FROM sessionized_events "
+            "ORDER BY user_id, event_index"
+        ).df()
         splits = con.sql("SELECT user_id, split FROM user_splits").df()
         samples = build_funnel_samples(events, spec).merge(splits, on="user_id", how="left", validate="many_to_one")
         if samples["split"].isna().any():
@@ -159,19 +199,28 @@ def funnel_examples(context: dg.AssetExecutionContext, warehouse: DuckDBWarehous
         rows = warehouse.replace_table(con, "funnel_examples", "SELECT * FROM funnel_samples_frame")
     rates = samples.groupby("split")[spec.label_columns].mean().round(4)
     context.log.info(f"{rows} funnel samples for funnel {' < '.join(spec.funnel)}")
-    return dg.MaterializeResult(metadata={
-        "dagster/row_count": rows,
-        "funnel": " < ".join(spec.funnel),
-        "extra_labels": ", ".join(spec.extra_labels) or "none",
-        "label_rate_per_split": dg.MetadataValue.md(rates.reset_index().to_markdown(index=False)),
-    })
+    return dg.MaterializeResult(
+        metadata={
+            "dagster/row_count": rows,
+            "funnel": " < ".join(spec.funnel),
+            "extra_labels": ", ".join(spec.extra_labels) or "none",
+            "label_rate_per_split": dg.MetadataValue.md(rates.reset_index().to_markdown(index=False)),
+        }
+    )
 
 
-@dg.asset_check(asset=funnel_examples, blocking=True,
-                description="Purchase (the funnel's last stage) has positives in train and test.")
+@dg.asset_check(
+    asset=funnel_examples,
+    blocking=True,
+    description="Purchase (the funnel's last stage) has positives in train and test.",
+)
 def funnel_examples_have_conversions(warehouse: DuckDBWarehouse, event_source: EventSource) -> dg.AssetCheckResult:
     last = f"label_{funnel_spec_for(event_source).funnel[-1]}"
     with warehouse.connect(read_only=True) as con:
-        counts = dict(con.execute(f'SELECT split, sum(CAST("{last}" AS INTEGER)) FROM funnel_examples GROUP BY split').fetchall())
-    return dg.AssetCheckResult(passed=all((counts.get(s) or 0) > 0 for s in ("train", "test")),
-                               metadata={f"{last}_positives": dg.MetadataValue.json({k: int(v or 0) for k, v in counts.items()})})
+        counts = dict(
+            con.execute(f'SELECT split, sum(CAST("{last}" AS INTEGER)) FROM funnel_examples GROUP BY split').fetchall()
+        )
+    return dg.AssetCheckResult(
+        passed=all((counts.get(s) or 0) > 0 for s in ("train", "test")),
+        metadata={f"{last}_positives": dg.MetadataValue.json({k: int(v or 0) for k, v in counts.items()})},
+    )

@@ -16,11 +16,10 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 import pandas as pd
+import torch
 from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
-
-import torch
 
 from model_lib.metrics import auprc, auroc, paired_bootstrap_uplift_ci
 from model_lib.mtlds import funnel_depth, per_user_ndcg
@@ -29,14 +28,24 @@ TRACE_METRICS = {"auroc": auroc, "auprc": auprc}
 BASELINE = "myopic"
 
 
-def _metric_rows(model: str, task: str, kind: str, y: np.ndarray, score: np.ndarray,
-                 metrics: Mapping[str, callable], split: str = "test") -> list[dict]:
-    return [{"model": model, "task": task, "task_kind": kind, "metric": name,
-             "value": float(fn(y, score)), "split": split} for name, fn in metrics.items()]
+def _metric_rows(
+    model: str,
+    task: str,
+    kind: str,
+    y: np.ndarray,
+    score: np.ndarray,
+    metrics: Mapping[str, callable],
+    split: str = "test",
+) -> list[dict]:
+    return [
+        {"model": model, "task": task, "task_kind": kind, "metric": name, "value": float(fn(y, score)), "split": split}
+        for name, fn in metrics.items()
+    ]
 
 
-def seen_task_scores(predictions: Mapping[str, pd.DataFrame], examples: pd.DataFrame,
-                     tasks: Sequence[str], split: str = "test") -> dict[str, dict[str, tuple[np.ndarray, np.ndarray]]]:
+def seen_task_scores(
+    predictions: Mapping[str, pd.DataFrame], examples: pd.DataFrame, tasks: Sequence[str], split: str = "test"
+) -> dict[str, dict[str, tuple[np.ndarray, np.ndarray]]]:
     """{model: {task: (labels, scores)}} on the examples of `split`, aligned by example_id."""
     labels = examples.loc[examples["split"] == split].set_index("example_id")
     out: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]] = {}
@@ -49,8 +58,9 @@ def seen_task_scores(predictions: Mapping[str, pd.DataFrame], examples: pd.DataF
     return out
 
 
-def probe_scores(embeddings: Mapping[str, pd.DataFrame], examples: pd.DataFrame, tasks: Sequence[str],
-                 seed: int = 0) -> dict[str, dict[str, tuple[np.ndarray, np.ndarray]]]:
+def probe_scores(
+    embeddings: Mapping[str, pd.DataFrame], examples: pd.DataFrame, tasks: Sequence[str], seed: int = 0
+) -> dict[str, dict[str, tuple[np.ndarray, np.ndarray]]]:
     """Logistic-regression probes on frozen embeddings: fitted on train users, scored on test users."""
     ex = examples.set_index("example_id")
     out: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]] = {}
@@ -81,8 +91,13 @@ def metric_rows(scores: Mapping[str, Mapping[str, tuple[np.ndarray, np.ndarray]]
     return pd.DataFrame(rows)
 
 
-def uplift_rows(scores: Mapping[str, Mapping[str, tuple[np.ndarray, np.ndarray]]], task_kind: str,
-                baseline: str = BASELINE, n_boot: int = 200, seed: int = 0) -> pd.DataFrame:
+def uplift_rows(
+    scores: Mapping[str, Mapping[str, tuple[np.ndarray, np.ndarray]]],
+    task_kind: str,
+    baseline: str = BASELINE,
+    n_boot: int = 200,
+    seed: int = 0,
+) -> pd.DataFrame:
     """Uplift in % of every model over the baseline per task, with paired bootstrap 95% intervals."""
     if baseline not in scores:
         return pd.DataFrame(columns=["model", "task", "task_kind", "metric", "uplift_pct", "ci_low", "ci_high"])
@@ -95,8 +110,17 @@ def uplift_rows(scores: Mapping[str, Mapping[str, tuple[np.ndarray, np.ndarray]]
             assert np.array_equal(y, y_base, equal_nan=True), "uplift needs the same examples for both models"
             for name, fn in TRACE_METRICS.items():
                 point, low, high = paired_bootstrap_uplift_ci(fn, y, s, s_base, n_boot=n_boot, seed=seed)
-                rows.append({"model": model, "task": task, "task_kind": task_kind, "metric": name,
-                             "uplift_pct": point, "ci_low": low, "ci_high": high})
+                rows.append(
+                    {
+                        "model": model,
+                        "task": task,
+                        "task_kind": task_kind,
+                        "metric": name,
+                        "uplift_pct": point,
+                        "ci_low": low,
+                        "ci_high": high,
+                    }
+                )
     return pd.DataFrame(rows)
 
 
@@ -109,15 +133,34 @@ def mean_uplift(metrics: pd.DataFrame, baseline: str = BASELINE) -> pd.DataFrame
     return out
 
 
-def conversion_metric_rows(model: str, predictions: pd.DataFrame, tasks: list[str], funnel_tasks: list[str]) -> pd.DataFrame:
+def conversion_metric_rows(
+    model: str, predictions: pd.DataFrame, tasks: list[str], funnel_tasks: list[str]
+) -> pd.DataFrame:
     """AUC per task and per-user NDCG of the funnel order (model_lib.mtlds.evaluate's definitions)."""
     labels = predictions[[f"label_{t}" for t in tasks]].to_numpy(np.float32)
-    rows = [{"model": model, "task": t, "task_kind": "seen", "metric": "auc",
-             "value": auroc(labels[:, i], predictions[f"p_{t}"].to_numpy()), "split": "test"} for i, t in enumerate(tasks)]
+    rows = [
+        {
+            "model": model,
+            "task": t,
+            "task_kind": "seen",
+            "metric": "auc",
+            "value": auroc(labels[:, i], predictions[f"p_{t}"].to_numpy()),
+            "split": "test",
+        }
+        for i, t in enumerate(tasks)
+    ]
     depth = funnel_depth(torch.as_tensor(labels[:, : len(funnel_tasks)])).numpy()
     groups = pd.factorize(predictions["user_id"])[0]
-    rows.append({"model": model, "task": "funnel_order", "task_kind": "seen", "metric": "ndcg",
-                 "value": per_user_ndcg(groups, depth, predictions["score"].to_numpy()), "split": "test"})
+    rows.append(
+        {
+            "model": model,
+            "task": "funnel_order",
+            "task_kind": "seen",
+            "metric": "ndcg",
+            "value": per_user_ndcg(groups, depth, predictions["score"].to_numpy()),
+            "split": "test",
+        }
+    )
     return pd.DataFrame(rows)
 
 
@@ -139,7 +182,10 @@ def render_report(metrics: pd.DataFrame, uplifts: pd.DataFrame, dataset: str, no
     """The markdown report: tables shaped like the papers' (models x tasks, a mean column)."""
     trace = metrics[metrics["metric"].isin(TRACE_METRICS)]
     parts = [f"# Evaluation report: {dataset}\n", *[f"- {n}" for n in notes], ""]
-    for kind, title in (("seen", "Seen tasks (trained heads)"), ("unseen", "Unseen tasks (probes on frozen embeddings)")):
+    for kind, title in (
+        ("seen", "Seen tasks (trained heads)"),
+        ("unseen", "Unseen tasks (probes on frozen embeddings)"),
+    ):
         for metric in TRACE_METRICS:
             part = trace[trace["task_kind"] == kind]
             if not part.empty:
@@ -147,19 +193,37 @@ def render_report(metrics: pd.DataFrame, uplifts: pd.DataFrame, dataset: str, no
     if not trace.empty:
         mu = mean_uplift(trace)
         mu = mu[mu["model"] != BASELINE]
-        parts += ["## Uplift of the mean over tasks vs the myopic baseline (%)\n",
-                  "| model | kind | metric | mean | myopic mean | uplift % |\n|---|---|---|---|---|---|\n"
-                  + "".join(f"| {r.model} | {r.task_kind} | {r.metric} | {_fmt(r.value)} | {_fmt(r.baseline)} | "
-                            f"{r.uplift_pct:+.2f} |\n" for r in mu.itertuples())]
+        parts += [
+            "## Uplift of the mean over tasks vs the myopic baseline (%)\n",
+            "| model | kind | metric | mean | myopic mean | uplift % |\n|---|---|---|---|---|---|\n"
+            + "".join(
+                f"| {r.model} | {r.task_kind} | {r.metric} | {_fmt(r.value)} | {_fmt(r.baseline)} | "
+                f"{r.uplift_pct:+.2f} |\n"
+                for r in mu.itertuples()
+            ),
+        ]
     if not uplifts.empty:
-        parts += ["## Per-task uplift vs myopic with paired bootstrap 95% intervals (%)\n",
-                  "| model | task | kind | metric | uplift % | 95% CI |\n|---|---|---|---|---|---|\n"
-                  + "".join(f"| {r.model} | {r.task} | {r.task_kind} | {r.metric} | {r.uplift_pct:+.2f} | "
-                            f"[{r.ci_low:+.2f}, {r.ci_high:+.2f}] |\n" for r in uplifts.itertuples())]
+        parts += [
+            "## Per-task uplift vs myopic with paired bootstrap 95% intervals (%)\n",
+            "| model | task | kind | metric | uplift % | 95% CI |\n|---|---|---|---|---|---|\n"
+            + "".join(
+                f"| {r.model} | {r.task} | {r.task_kind} | {r.metric} | {r.uplift_pct:+.2f} | "
+                f"[{r.ci_low:+.2f}, {r.ci_high:+.2f}] |\n"
+                for r in uplifts.itertuples()
+            ),
+        ]
     conv = metrics[metrics["metric"].isin(["auc", "ndcg"])]
     if not conv.empty:
-        table = conv.assign(col=conv["task"] + " " + conv["metric"]).pivot_table(index="model", columns="col", values="value")
-        parts += ["## Conversion models (MTLDS family): AUC per task, NDCG of the behaviour order (test split)\n",
-                  "| model | " + " | ".join(table.columns) + " |\n|---|" + "---|" * len(table.columns) + "\n"
-                  + "".join("| " + m + " | " + " | ".join(_fmt(v) for v in row) + " |\n" for m, row in table.iterrows())]
+        table = conv.assign(col=conv["task"] + " " + conv["metric"]).pivot_table(
+            index="model", columns="col", values="value"
+        )
+        parts += [
+            "## Conversion models (MTLDS family): AUC per task, NDCG of the behaviour order (test split)\n",
+            "| model | "
+            + " | ".join(table.columns)
+            + " |\n|---|"
+            + "---|" * len(table.columns)
+            + "\n"
+            + "".join("| " + m + " | " + " | ".join(_fmt(v) for v in row) + " |\n" for m, row in table.iterrows()),
+        ]
     return "\n".join(parts) + "\n"

@@ -153,9 +153,22 @@ def _simulate_block(config: SimulatorConfig, block: int) -> dict[str, np.ndarray
     intent = np.clip(base_intent + rng.normal(0, config.intent_noise, n), 0.0, 1.0)
     research_sessions = np.zeros(n)
     post_booking_left = np.zeros(n, dtype=np.int64)  # sessions left in which the user manages a booking
-    columns: dict[str, list[np.ndarray]] = {k: [] for k in (
-        "user", "start", "length", "intent", "post_booking", "business", "device", "channel",
-        "destination", "checkout", "booked")}
+    columns: dict[str, list[np.ndarray]] = {
+        k: []
+        for k in (
+            "user",
+            "start",
+            "length",
+            "intent",
+            "post_booking",
+            "business",
+            "device",
+            "channel",
+            "destination",
+            "checkout",
+            "booked",
+        )
+    }
     for _ in range(MAX_SESSIONS_PER_USER):
         active = np.flatnonzero(t < horizon)
         if active.size == 0:
@@ -165,14 +178,17 @@ def _simulate_block(config: SimulatorConfig, block: int) -> dict[str, np.ndarray
         post = post_booking_left[active] > 0
         length = 1 + rng.poisson(1.0 + 9.0 * it + 2.0 * post)
         device = np.where(rng.random(m) < 0.8, main_device[active], rng.integers(0, 3, m))
-        channel_logits = np.stack([
-            np.full(m, 1.0),  # direct
-            np.full(m, 0.6),  # seo
-            0.2 + 1.5 * it,  # sem
-            0.1 + 2.5 * post,  # email (booking reminders)
-            0.1 + 1.0 * it,  # meta search
-            np.full(m, 0.3),  # social
-        ], axis=1)
+        channel_logits = np.stack(
+            [
+                np.full(m, 1.0),  # direct
+                np.full(m, 0.6),  # seo
+                0.2 + 1.5 * it,  # sem
+                0.1 + 2.5 * post,  # email (booking reminders)
+                0.1 + 1.0 * it,  # meta search
+                np.full(m, 0.3),  # social
+            ],
+            axis=1,
+        )
         channel = _sample_rows(rng, channel_logits)
         destination = np.where(rng.random(m) < 0.7, favourite_destination[active], rng.integers(0, N_DESTINATIONS, m))
         # Checkout needs intent *and* research done in earlier sessions.
@@ -180,15 +196,26 @@ def _simulate_block(config: SimulatorConfig, block: int) -> dict[str, np.ndarray
         checkout = (~post) & (rng.random(m) < 1.0 / (1.0 + np.exp(-logit)))
         booked = checkout & (rng.random(m) < 0.25 + 0.6 * it)
 
-        for key, value in (("user", active), ("start", t[active]), ("length", length), ("intent", it),
-                           ("post_booking", post), ("business", business[active]), ("device", device),
-                           ("channel", channel), ("destination", destination), ("checkout", checkout),
-                           ("booked", booked)):
+        for key, value in (
+            ("user", active),
+            ("start", t[active]),
+            ("length", length),
+            ("intent", it),
+            ("post_booking", post),
+            ("business", business[active]),
+            ("device", device),
+            ("channel", channel),
+            ("destination", destination),
+            ("checkout", checkout),
+            ("booked", booked),
+        ):
             columns[key].append(value)
 
         # State carried to the user's next session.
         research_sessions[active] += (rng.random(m) < 0.2 + 0.8 * it) & ~post
-        post_booking_left[active] = np.where(booked, 1 + rng.poisson(3.0, m), np.maximum(post_booking_left[active] - 1, 0))
+        post_booking_left[active] = np.where(
+            booked, 1 + rng.poisson(3.0, m), np.maximum(post_booking_left[active] - 1, 0)
+        )
         research_sessions[active] = np.where(booked, 0.0, research_sessions[active])
         drift = config.intent_persistence * it + (1 - config.intent_persistence) * base_intent[active]
         intent[active] = np.clip(np.where(booked, 0.05, drift + rng.normal(0, config.intent_noise, m)), 0.0, 1.0)
@@ -200,25 +227,29 @@ def _simulate_block(config: SimulatorConfig, block: int) -> dict[str, np.ndarray
     return _session_events(rng, s, first_user, locale)
 
 
-def _session_events(rng: np.random.Generator, s: dict[str, np.ndarray], first_user: int,
-                    locale: np.ndarray) -> dict[str, np.ndarray]:
+def _session_events(
+    rng: np.random.Generator, s: dict[str, np.ndarray], first_user: int, locale: np.ndarray
+) -> dict[str, np.ndarray]:
     """Expand sessions into page events; append the checkout funnel where the session converts."""
     n_sessions = s["length"].size
     session_of_event = np.repeat(np.arange(n_sessions), s["length"])
     it = s["intent"][session_of_event]
     post = s["post_booking"][session_of_event].astype(float)
     biz = s["business"][session_of_event].astype(float)
-    page_logits = np.stack([
-        np.full(it.size, 1.0),  # home
-        0.5 + 2.5 * it,  # search_results
-        0.3 + 3.5 * it,  # property_page
-        0.1 + (0.4 + 1.5 * it) * (1 + 2 * biz),  # flight_page
-        0.5 * (1 - it),  # deals
-        0.2 + 0.8 * it,  # reviews
-        0.15 + 1.0 * post,  # account
-        2.5 * post,  # view_order
-        0.08 + 0.6 * post,  # help
-    ], axis=1)
+    page_logits = np.stack(
+        [
+            np.full(it.size, 1.0),  # home
+            0.5 + 2.5 * it,  # search_results
+            0.3 + 3.5 * it,  # property_page
+            0.1 + (0.4 + 1.5 * it) * (1 + 2 * biz),  # flight_page
+            0.5 * (1 - it),  # deals
+            0.2 + 0.8 * it,  # reviews
+            0.15 + 1.0 * post,  # account
+            2.5 * post,  # view_order
+            0.08 + 0.6 * post,  # help
+        ],
+        axis=1,
+    )
     page = _sample_rows(rng, page_logits)
 
     # Funnel: a converting session ends with property_page -> checkout [-> booking_confirmation].
@@ -288,16 +319,22 @@ def _to_frame(config: SimulatorConfig, e: dict[str, np.ndarray]) -> pd.DataFrame
     e = {k: v[order] for k, v in e.items()}
     start_ns = pd.Timestamp(config.start_date, tz="UTC").value
     users, user_codes = np.unique(e["user"], return_inverse=True)
-    item_names = np.array([f"p{d:02d}_{r:03d}" for d in range(N_DESTINATIONS) for r in range(PROPERTIES_PER_DESTINATION)]
-                          + [f"flight_{d:02d}" for d in range(N_DESTINATIONS)])
-    return pd.DataFrame({
-        "user_id": pd.Categorical.from_codes(user_codes, categories=[f"u{u:07d}" for u in users]),
-        "event_time": pd.to_datetime(start_ns + np.round(e["seconds"] * 1e3).astype(np.int64) * 1_000_000, utc=True),
-        "event_name": pd.Categorical.from_codes(e["page"], categories=list(PAGES)),
-        "item_id": pd.Categorical.from_codes(e["item"], categories=list(item_names)),
-        "category": pd.Categorical.from_codes(e["category"], categories=[*PROPERTY_TYPES, "flight"]),
-        "device": pd.Categorical.from_codes(e["device"], categories=list(DEVICES)),
-        "channel": pd.Categorical.from_codes(e["channel"], categories=list(CHANNELS)),
-        "locale": pd.Categorical.from_codes(e["locale"], categories=list(LOCALES)),
-        "destination": pd.Categorical.from_codes(e["destination"], categories=list(DESTINATIONS)),
-    })
+    item_names = np.array(
+        [f"p{d:02d}_{r:03d}" for d in range(N_DESTINATIONS) for r in range(PROPERTIES_PER_DESTINATION)]
+        + [f"flight_{d:02d}" for d in range(N_DESTINATIONS)]
+    )
+    return pd.DataFrame(
+        {
+            "user_id": pd.Categorical.from_codes(user_codes, categories=[f"u{u:07d}" for u in users]),
+            "event_time": pd.to_datetime(
+                start_ns + np.round(e["seconds"] * 1e3).astype(np.int64) * 1_000_000, utc=True
+            ),
+            "event_name": pd.Categorical.from_codes(e["page"], categories=list(PAGES)),
+            "item_id": pd.Categorical.from_codes(e["item"], categories=list(item_names)),
+            "category": pd.Categorical.from_codes(e["category"], categories=[*PROPERTY_TYPES, "flight"]),
+            "device": pd.Categorical.from_codes(e["device"], categories=list(DEVICES)),
+            "channel": pd.Categorical.from_codes(e["channel"], categories=list(CHANNELS)),
+            "locale": pd.Categorical.from_codes(e["locale"], categories=list(LOCALES)),
+            "destination": pd.Categorical.from_codes(e["destination"], categories=list(DESTINATIONS)),
+        }
+    )

@@ -12,9 +12,7 @@ Each asset writes, under `TRACE_DAGSTER_HOME/models/<model>/<dagster run id>/`:
 and returns their paths with the registered MLflow version for the evaluation downstream.
 """
 
-
 import json
-from pathlib import Path
 
 import dagster as dg
 import mlflow
@@ -23,10 +21,10 @@ import pandas as pd
 import torch
 from pydantic import Field
 
-from assets.model_training import ModelTrainingConfig, epoch_logger
-from assets.training_data import read_tasks, training_examples
-from model_lib.encoding import EncoderConfig
+from assets.common.training import ModelTrainingConfig, epoch_logger
+from assets.training_data.assets import read_tasks, training_examples
 from model_lib.embedding_service import UserModel
+from model_lib.encoding import EncoderConfig
 from model_lib.metrics import auprc, auroc
 from resources.mlflow_tracking import MLflowTracking
 from resources.paths import TraceDagsterPaths
@@ -38,7 +36,7 @@ OWNERS = ["team:ml-platform"]
 LOADER = "model_lib.embedding_service:UserModel.load"
 DESCRIPTIONS = {
     "trace": "TRACE: attributed events of many sessions, event- and session-position embeddings, "
-             "one transformer block, max pooling, shared dense user embedding, one head per task.",
+    "one transformer block, max pooling, shared dense user embedding, one head per task.",
     "myopic": "Myopic baseline: the TRACE network fed only the user's most recent session.",
     "vanilla_transformer": "Vanilla transformer baseline: event names only, sinusoidal positions.",
     "lstm": "LSTM baseline over the same inputs as TRACE.",
@@ -69,12 +67,16 @@ def build_sequence_model_asset(kind: str) -> dg.AssetsDefinition:
         owners=OWNERS,
         kinds={"pytorch", "mlflow"},
         deps=[training_examples, "sessionized_events"],
-        description=DESCRIPTIONS[kind] + " Trained on the seen tasks; registered in MLflow as "
-                    f"`{kind}`.",
+        description=DESCRIPTIONS[kind] + f" Trained on the seen tasks; registered in MLflow as `{kind}`.",
         tags={"model_family": "trace"},
     )
-    def _train(context: dg.AssetExecutionContext, config: SequenceTrainingConfig, warehouse: DuckDBWarehouse,
-               paths: TraceDagsterPaths, mlflow_tracking: MLflowTracking) -> dg.Output[dict]:
+    def _train(
+        context: dg.AssetExecutionContext,
+        config: SequenceTrainingConfig,
+        warehouse: DuckDBWarehouse,
+        paths: TraceDagsterPaths,
+        mlflow_tracking: MLflowTracking,
+    ) -> dg.Output[dict]:
         torch.set_num_threads(config.torch_threads)
         examples, events, tasks = load_sequence_inputs(warehouse)
         seen = tasks[tasks["kind"] == "seen"]
@@ -82,26 +84,50 @@ def build_sequence_model_asset(kind: str) -> dg.AssetsDefinition:
         train, valid = examples[examples["split"] == "train"], examples[examples["split"] == "valid"]
         out_dir = paths.home_dir / "models" / kind / context.run_id
         out_dir.mkdir(parents=True, exist_ok=True)
-        tags = {"dagster.run_id": context.run_id, "model": kind, "model_family": "trace",
-                "task_set": str(tasks["task_set"].iloc[0])}
+        tags = {
+            "dagster.run_id": context.run_id,
+            "model": kind,
+            "model_family": "trace",
+            "task_set": str(tasks["task_set"].iloc[0]),
+        }
         with mlflow_tracking.start_run(run_name=f"{kind}-{context.run_id[:8]}", tags=tags) as run:
-            mlflow.log_params({**config.model_dump(), "model": kind, "seen_tasks": ",".join(seen["task"]),
-                               "n_train": len(train), "n_valid": len(valid), "n_events": len(events)})
+            mlflow.log_params(
+                {
+                    **config.model_dump(),
+                    "model": kind,
+                    "seen_tasks": ",".join(seen["task"]),
+                    "n_train": len(train),
+                    "n_valid": len(valid),
+                    "n_events": len(events),
+                }
+            )
             model, fit_result = UserModel.train(
-                kind, events, train, valid, label_columns,
-                encoder_config=EncoderConfig(max_len=config.max_len), train_config=config.train_config(),
+                kind,
+                events,
+                train,
+                valid,
+                label_columns,
+                encoder_config=EncoderConfig(max_len=config.max_len),
+                train_config=config.train_config(),
                 on_epoch=epoch_logger(context, kind, unit="seq/s"),
                 checkpoint_path=paths.checkpoints_dir / f"{kind}-{context.run_id}.pt",  # a retried step resumes
             )
             artifact = model.save(out_dir / "model.pt", metadata={"dagster_run_id": context.run_id})
             embeddings = model.embed(events, examples)  # encoded once: the probabilities come from the heads
             probabilities = model.proba_from_embeddings(embeddings)
-            predictions = pd.DataFrame({"example_id": examples["example_id"].to_numpy(), "split": examples["split"].to_numpy()})
+            predictions = pd.DataFrame(
+                {"example_id": examples["example_id"].to_numpy(), "split": examples["split"].to_numpy()}
+            )
             for task, column in zip(seen["task"], label_columns):
                 predictions[f"p_{task}"] = probabilities[column].to_numpy()
             predictions.to_parquet(out_dir / "predictions.parquet", index=False)
-            pd.DataFrame({"example_id": examples["example_id"].to_numpy(), "split": examples["split"].to_numpy(),
-                          "embedding": list(embeddings)}).to_parquet(out_dir / "embeddings.parquet", index=False)
+            pd.DataFrame(
+                {
+                    "example_id": examples["example_id"].to_numpy(),
+                    "split": examples["split"].to_numpy(),
+                    "embedding": list(embeddings),
+                }
+            ).to_parquet(out_dir / "embeddings.parquet", index=False)
 
             test = examples["split"].to_numpy() == "test"
             test_metrics = {}
@@ -110,33 +136,57 @@ def build_sequence_model_asset(kind: str) -> dg.AssetsDefinition:
                 test_metrics[f"test_auroc_{task}"] = auroc(y, p)
                 test_metrics[f"test_auprc_{task}"] = auprc(y, p)
             test_metrics["test_mean_auroc"] = float(np.nanmean([v for k, v in test_metrics.items() if "auroc" in k]))
-            mlflow.log_metrics({**test_metrics, "best_epoch": fit_result.best_epoch, "best_valid_loss": fit_result.best_valid_loss})
+            mlflow.log_metrics(
+                {**test_metrics, "best_epoch": fit_result.best_epoch, "best_valid_loss": fit_result.best_valid_loss}
+            )
             mlflow.log_dict(model.encoder.state_dict(), "encoder.json")  # vocabularies + time-feature statistics
             mlflow.log_dict(json.loads(seen.to_json(orient="records")), "seen_tasks.json")
 
             example_users = examples.loc[test, "user_id"].drop_duplicates().head(2)
-            input_example = events[events["user_id"].isin(example_users)].groupby("user_id").tail(5).reset_index(drop=True)
+            input_example = (
+                events[events["user_id"].isin(example_users)].groupby("user_id").tail(5).reset_index(drop=True)
+            )
             signature = mlflow.models.infer_signature(input_example, model.embed_latest(input_example))
             registered = mlflow_tracking.log_model_artifact(
-                artifact, registered_model_name=kind, loader=LOADER, predict_method="embed_latest",
-                input_example=input_example, signature=signature,
-                version_tags={"dagster.run_id": context.run_id, "test_mean_auroc": f"{test_metrics['test_mean_auroc']:.6f}"},
+                artifact,
+                registered_model_name=kind,
+                loader=LOADER,
+                predict_method="embed_latest",
+                input_example=input_example,
+                signature=signature,
+                version_tags={
+                    "dagster.run_id": context.run_id,
+                    "test_mean_auroc": f"{test_metrics['test_mean_auroc']:.6f}",
+                },
             )
         history = pd.DataFrame([r.__dict__ for r in fit_result.history])
-        value = {"model": kind, "artifact": str(artifact), "predictions": str(out_dir / "predictions.parquet"),
-                 "embeddings": str(out_dir / "embeddings.parquet"), "mlflow_run_id": run.info.run_id,
-                 "registered_model": registered.name, "version": registered.version, "model_uri": registered.model_uri,
-                 "seen_tasks": list(seen["task"]), "test_mean_auroc": test_metrics["test_mean_auroc"]}
-        return dg.Output(value, metadata={
-            "registered_version": dg.MetadataValue.text(registered.model_uri),
+        value = {
+            "model": kind,
+            "artifact": str(artifact),
+            "predictions": str(out_dir / "predictions.parquet"),
+            "embeddings": str(out_dir / "embeddings.parquet"),
             "mlflow_run_id": run.info.run_id,
+            "registered_model": registered.name,
+            "version": registered.version,
+            "model_uri": registered.model_uri,
+            "seen_tasks": list(seen["task"]),
             "test_mean_auroc": test_metrics["test_mean_auroc"],
-            "best_epoch": fit_result.best_epoch,
-            "stopped_early": fit_result.stopped_early,
-            "training_history": dg.MetadataValue.md(history.round(4).to_markdown(index=False)),
-            "test_metrics": dg.MetadataValue.md(pd.Series(test_metrics).round(4).rename("value").to_frame().to_markdown()),
-            "train_examples": len(train),
-        })
+        }
+        return dg.Output(
+            value,
+            metadata={
+                "registered_version": dg.MetadataValue.text(registered.model_uri),
+                "mlflow_run_id": run.info.run_id,
+                "test_mean_auroc": test_metrics["test_mean_auroc"],
+                "best_epoch": fit_result.best_epoch,
+                "stopped_early": fit_result.stopped_early,
+                "training_history": dg.MetadataValue.md(history.round(4).to_markdown(index=False)),
+                "test_metrics": dg.MetadataValue.md(
+                    pd.Series(test_metrics).round(4).rename("value").to_frame().to_markdown()
+                ),
+                "train_examples": len(train),
+            },
+        )
 
     return _train
 

@@ -6,7 +6,6 @@ of other model versions stay in the table (one row per user and version, contrac
 rollback finds its embeddings already there.
 """
 
-
 import base64
 import io
 from datetime import timedelta
@@ -16,7 +15,7 @@ import numpy as np
 import pandas as pd
 from pydantic import Field
 
-from assets.promotion import model_promotion
+from assets.model_registry.assets import model_promotion
 from resources.mlflow_tracking import MLflowTracking
 from resources.paths import TraceDagsterPaths
 from resources.warehouse import WAREHOUSE_POOL, DuckDBWarehouse, table_exists
@@ -72,48 +71,70 @@ def embedding_map_png(embeddings: np.ndarray, labels: pd.Series, title: str, see
     deps=["sessionized_events", model_promotion],
     pool=WAREHOUSE_POOL,
     description="Latest embedding per user from the champion TRACE version (loaded from the MLflow "
-                "registry), with a t-SNE map coloured by behaviour.",
+    "registry), with a t-SNE map coloured by behaviour.",
 )
-def user_embeddings(context: dg.AssetExecutionContext, config: EmbeddingMapConfig, warehouse: DuckDBWarehouse,
-                    paths: TraceDagsterPaths, mlflow_tracking: MLflowTracking) -> dg.MaterializeResult:
+def user_embeddings(
+    context: dg.AssetExecutionContext,
+    config: EmbeddingMapConfig,
+    warehouse: DuckDBWarehouse,
+    paths: TraceDagsterPaths,
+    mlflow_tracking: MLflowTracking,
+) -> dg.MaterializeResult:
     version = mlflow_tracking.champion_version(MODEL_NAME)
     if version is None:
         raise dg.Failure(f"registered model `{MODEL_NAME}` has no `champion`: run model_promotion first")
     model = mlflow_tracking.load_model(f"models:/{MODEL_NAME}/{version}")
     with warehouse.connect(read_only=True) as con:
-        events = con.sql("SELECT * EXCLUDE (source_file, source_row, ingested_at) FROM sessionized_events "
-                         "ORDER BY user_id, event_index").df()
+        events = con.sql(
+            "SELECT * EXCLUDE (source_file, source_row, ingested_at) FROM sessionized_events "
+            "ORDER BY user_id, event_index"
+        ).df()
     as_of = (pd.Timestamp(events["event_time"].max()) + timedelta(seconds=1)).to_pydatetime()
     users = pd.DataFrame({"user_id": events["user_id"].drop_duplicates().to_numpy(), "cutoff": as_of})
     vectors = model.embed(events, users)
-    frame = pd.DataFrame({"user_id": users["user_id"].astype(str), "model_name": MODEL_NAME, "model_version": str(version),
-                          "embedding": [v.astype(np.float32).tolist() for v in vectors], "as_of": as_of})
+    frame = pd.DataFrame(
+        {
+            "user_id": users["user_id"].astype(str),
+            "model_name": MODEL_NAME,
+            "model_version": str(version),
+            "embedding": [v.astype(np.float32).tolist() for v in vectors],
+            "as_of": as_of,
+        }
+    )
     with warehouse.connect() as con:
         con.register("new_embeddings", frame)
         keep_others = ""
         if table_exists(con, "user_embeddings"):
-            keep_others = (f"UNION ALL SELECT user_id, model_name, model_version, embedding, as_of FROM user_embeddings "
-                           f"WHERE NOT (model_name = '{MODEL_NAME}' AND model_version = '{version}')")
+            keep_others = (
+                f"UNION ALL SELECT user_id, model_name, model_version, embedding, as_of FROM user_embeddings "
+                f"WHERE NOT (model_name = '{MODEL_NAME}' AND model_version = '{version}')"
+            )
         rows = warehouse.replace_table(
-            con, "user_embeddings",
+            con,
+            "user_embeddings",
             f"SELECT user_id, model_name, model_version, CAST(embedding AS FLOAT[]) AS embedding, as_of "
-            f"FROM new_embeddings {keep_others}")
+            f"FROM new_embeddings {keep_others}",
+        )
 
     rng = np.random.default_rng(config.seed)
     pick = np.sort(rng.choice(len(frame), size=min(config.map_users, len(frame)), replace=False))
     behaviour = dominant_behaviour(events).reindex(frame["user_id"].iloc[pick]).fillna("other").reset_index(drop=True)
-    png = embedding_map_png(vectors[pick], behaviour, f"TRACE v{version} user embeddings (t-SNE, {len(pick)} users)", config.seed)
+    png = embedding_map_png(
+        vectors[pick], behaviour, f"TRACE v{version} user embeddings (t-SNE, {len(pick)} users)", config.seed
+    )
     png_path = paths.reports_dir / f"user_embeddings_map-trace-v{version}.png"
     png_path.write_bytes(png)
-    return dg.MaterializeResult(metadata={
-        "dagster/row_count": rows,
-        "users": len(frame),
-        "model_version": str(version),
-        "as_of": str(as_of),
-        "embedding_dim": int(vectors.shape[1]),
-        "map_path": dg.MetadataValue.path(str(png_path)),
-        "map": dg.MetadataValue.md(f"![user embeddings](data:image/png;base64,{base64.b64encode(png).decode()})"),
-    })
+    return dg.MaterializeResult(
+        metadata={
+            "dagster/row_count": rows,
+            "users": len(frame),
+            "model_version": str(version),
+            "as_of": str(as_of),
+            "embedding_dim": int(vectors.shape[1]),
+            "map_path": dg.MetadataValue.path(str(png_path)),
+            "map": dg.MetadataValue.md(f"![user embeddings](data:image/png;base64,{base64.b64encode(png).decode()})"),
+        }
+    )
 
 
 @dg.asset_check(asset=user_embeddings, description="One finite embedding per user for the champion version.")
@@ -124,6 +145,10 @@ def user_embeddings_are_complete(warehouse: DuckDBWarehouse, mlflow_tracking: ML
         rows, distinct, bad = con.execute(
             "SELECT count(*), count(DISTINCT user_id), "
             "count(*) FILTER (list_bool_or(list_transform(embedding, lambda x: isnan(x) OR isinf(x)))) "
-            f"FROM user_embeddings WHERE model_name = '{MODEL_NAME}' AND model_version = ?", [str(version)]).fetchall()[0]
-    return dg.AssetCheckResult(passed=rows == distinct == users and bad == 0,
-                               metadata={"users": users, "rows": rows, "non_finite": bad, "model_version": str(version)})
+            f"FROM user_embeddings WHERE model_name = '{MODEL_NAME}' AND model_version = ?",
+            [str(version)],
+        ).fetchall()[0]
+    return dg.AssetCheckResult(
+        passed=rows == distinct == users and bad == 0,
+        metadata={"users": users, "rows": rows, "non_finite": bad, "model_version": str(version)},
+    )

@@ -44,13 +44,27 @@ CANONICAL_OPTIONAL = ("item_id", "category")
 # Columns the pipeline adds downstream: an input attribute with one of these names would collide.
 RESERVED_NAMES = frozenset(
     {
-        "source_file", "source_row", "ingested_at", "raw", "reason", "detail",
-        "structural_reason", "event_time_text", "file_ord", "session_id", "session_index",
-        "event_index", "event_index_in_session", "seconds_since_prev_event",
-        "seconds_since_session_start", "log_seconds_since_prev_event",
-        "log_seconds_since_session_start", "hour_of_day", "day_of_week",
+        "source_file",
+        "source_row",
+        "ingested_at",
+        "raw",
+        "reason",
+        "detail",
+        "structural_reason",
+        "event_time_text",
+        "file_ord",
+        "session_id",
+        "session_index",
+        "event_index",
+        "event_index_in_session",
+        "seconds_since_prev_event",
+        "seconds_since_session_start",
+        "log_seconds_since_prev_event",
+        "log_seconds_since_session_start",
+        "hour_of_day",
+        "day_of_week",
     }
-)  # fmt: skip
+)
 CSV_SUFFIXES = (".csv", ".csv.gz", ".tsv.gz", ".txt", ".txt.gz")
 PARQUET_SUFFIXES = (".parquet", ".pq")
 LINE_CHUNK_BYTES = 32 << 20
@@ -150,8 +164,7 @@ def get_format(name: str) -> FormatPreset:
         return FORMATS[name.strip().lower()]
     except KeyError:
         raise EventSourceError(
-            f"unknown events format {name!r}; expected one of {sorted(FORMATS)} "
-            f"(set {FORMAT_ENV_VAR})"
+            f"unknown events format {name!r}; expected one of {sorted(FORMATS)} (set {FORMAT_ENV_VAR})"
         ) from None
 
 
@@ -181,9 +194,17 @@ class StagedInput:
 def staged_columns(attributes: list[str]) -> list[str]:
     """Column order of every staged relation; attributes come last, all VARCHAR."""
     return [
-        "source_row", "raw", "structural_reason", "user_id", "event_time_text", "event_time",
-        "event_name", "item_id", "category", *attributes,
-    ]  # fmt: skip
+        "source_row",
+        "raw",
+        "structural_reason",
+        "user_id",
+        "event_time_text",
+        "event_time",
+        "event_name",
+        "item_id",
+        "category",
+        *attributes,
+    ]
 
 
 def file_kind(path: Path) -> str | None:
@@ -212,9 +233,7 @@ def expand_inputs(spec: str) -> tuple[list[Path], list[Path]]:
             candidates = [p for p in path.rglob("*")]
         elif path.is_file():
             if file_kind(path) is None:
-                raise EventSourceError(
-                    f"{path}: unsupported file type; expected CSV, CSV.gz or parquet"
-                )
+                raise EventSourceError(f"{path}: unsupported file type; expected CSV, CSV.gz or parquet")
             return [path.resolve()], []
         else:
             raise EventSourceError(f"{EVENTS_ENV_VAR}={spec!r}: no such file or folder")
@@ -279,9 +298,7 @@ def iter_line_batches(path: Path, chunk_bytes: int = LINE_CHUNK_BYTES) -> Iterat
         yield batch(pa.array([carry], pa.large_binary()), True)
 
 
-LINE_SCHEMA = pa.schema(
-    [("source_row", pa.int64()), ("line", pa.large_binary()), ("unterminated", pa.bool_())]
-)
+LINE_SCHEMA = pa.schema([("source_row", pa.int64()), ("line", pa.large_binary()), ("unterminated", pa.bool_())])
 
 
 def _parse_header(line: bytes) -> list[str]:
@@ -308,15 +325,11 @@ def _mapping(preset: FormatPreset, names: list[str], where: str) -> tuple[dict[s
             f"missing {missing} (columns: {names}); is {FORMAT_ENV_VAR} right?"
         )
     mapping = {
-        canonical: lowered[source.lower()]
-        for canonical, source in preset.columns.items()
-        if source.lower() in lowered
+        canonical: lowered[source.lower()] for canonical, source in preset.columns.items() if source.lower() in lowered
     }
     used = {source.lower() for source in mapping.values()}
     attributes = [n for n in names if n.lower() not in used]
-    clashes = [
-        a for a in attributes if a.lower() in RESERVED_NAMES or a.lower() in CANONICAL_OPTIONAL
-    ]
+    clashes = [a for a in attributes if a.lower() in RESERVED_NAMES or a.lower() in CANONICAL_OPTIONAL]
     if clashes:
         raise EventSourceError(f"{where}: column names reserved by the pipeline: {clashes}")
     return mapping, attributes
@@ -350,9 +363,7 @@ def _canonical_projection(
         return col(mapping[canonical]) if canonical in mapping else "NULL::VARCHAR"
 
     category = f"nullif({text('category')}, '')"
-    if preset.category_fallback and preset.category_fallback.lower() in {
-        a.lower() for a in attributes
-    }:
+    if preset.category_fallback and preset.category_fallback.lower() in {a.lower() for a in attributes}:
         fallback = next(a for a in attributes if a.lower() == preset.category_fallback.lower())
         category = f"coalesce({category}, nullif({col(fallback)}, ''))"
     items = [
@@ -399,8 +410,7 @@ def stage_csv(con: duckdb.DuckDBPyConnection, item: InputFile, ordinal: int) -> 
 
     event_time_text = f"nullif(trim({col(mapping['event_time'])}), '')"
     time_sql = (
-        f"{event_time_text} AS event_time_text, "
-        f"{time_expression(event_time_text, preset.time_unit)} AS event_time"
+        f"{event_time_text} AS event_time_text, {time_expression(event_time_text, preset.time_unit)} AS event_time"
     )
     n_fields = len(names)
     query = f"""
@@ -496,9 +506,7 @@ def stage_parquet(con: duckdb.DuckDBPyConnection, item: InputFile, ordinal: int)
             )
         return f"CAST({ident} AS VARCHAR)"
 
-    time_sql = _parquet_time_sql(
-        mapping["event_time"], types[mapping["event_time"]], item.preset.time_unit
-    )
+    time_sql = _parquet_time_sql(mapping["event_time"], types[mapping["event_time"]], item.preset.time_unit)
     query = f"""
 SELECT file_row_number + 1 AS source_row,
        NULL::VARCHAR AS raw,
@@ -535,12 +543,8 @@ class EventSource(dg.ConfigurableResource):
     """
 
     paths: TraceDagsterPaths
-    events: str = Field(
-        default="", description="File, folder or glob; empty means $TRACE_DAGSTER_EVENTS."
-    )
-    events_format: str = Field(
-        default="", description="canonical, taobao, rees46 or retailrocket; empty means env."
-    )
+    events: str = Field(default="", description="File, folder or glob; empty means $TRACE_DAGSTER_EVENTS.")
+    events_format: str = Field(default="", description="canonical, taobao, rees46 or retailrocket; empty means env.")
     simulator_n_users: int = 2000
     simulator_days: int = 35  # the simulator task set's three weekly cutoffs, each with 14 days of labels
     simulator_seed: int = 0
@@ -559,7 +563,7 @@ class EventSource(dg.ConfigurableResource):
         return not self.events_spec.strip()
 
     def simulator_config(self):
-        from resources.simulator import SimulatorConfig
+        from resources.event_sources.simulator import SimulatorConfig
 
         return SimulatorConfig(
             n_users=self.simulator_n_users,
@@ -570,7 +574,7 @@ class EventSource(dg.ConfigurableResource):
 
     def simulated_file(self) -> Path:
         """The simulator's output for this configuration, generated on first use (atomically)."""
-        from resources.simulator import write_simulated_parquet
+        from resources.event_sources.simulator import write_simulated_parquet
 
         name = (
             f"simulated_events_n_users={self.simulator_n_users}_days={self.simulator_days}"

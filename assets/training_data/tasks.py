@@ -104,23 +104,50 @@ SIMULATOR_TASKS = TaskSet(
     n_cutoffs=3,
     cutoff_step=timedelta(days=7),
     tasks=(
-        EngagementTask("booking_14d", "seen", _any("event_name = 'booking_confirmation'"),
-                       description="a booking within two weeks (purchase)"),
-        EngagementTask("bounce_next_session", "seen", "count(*) = 1", "next_session",
-                       "the next session is a single page view"),
-        EngagementTask("search_next_session", "seen", _any("event_name = 'search_results'"), "next_session",
-                       "a search-results page in the next session"),
-        EngagementTask("property_next_session", "seen", _any("event_name = 'property_page'"), "next_session",
-                       "a product-detail (property) page in the next session"),
-        EngagementTask("view_order_next_session", "seen", _any("event_name = 'view_order'"), "next_session",
-                       "viewing an existing order in the next session"),
-        EngagementTask("flight_next_session", "unseen", _any("event_name = 'flight_page'"), "next_session",
-                       "a flight page in the next session"),
-        EngagementTask("help_14d", "unseen", _any("event_name = 'help'"),
-                       description="a help page within two weeks"),
-        EngagementTask("checkout_known_destination_14d", "unseen",
-                       _any("event_name = 'checkout' AND category_seen_before"),
-                       description="a checkout of a property type viewed before the cutoff"),
+        EngagementTask(
+            "booking_14d",
+            "seen",
+            _any("event_name = 'booking_confirmation'"),
+            description="a booking within two weeks (purchase)",
+        ),
+        EngagementTask(
+            "bounce_next_session", "seen", "count(*) = 1", "next_session", "the next session is a single page view"
+        ),
+        EngagementTask(
+            "search_next_session",
+            "seen",
+            _any("event_name = 'search_results'"),
+            "next_session",
+            "a search-results page in the next session",
+        ),
+        EngagementTask(
+            "property_next_session",
+            "seen",
+            _any("event_name = 'property_page'"),
+            "next_session",
+            "a product-detail (property) page in the next session",
+        ),
+        EngagementTask(
+            "view_order_next_session",
+            "seen",
+            _any("event_name = 'view_order'"),
+            "next_session",
+            "viewing an existing order in the next session",
+        ),
+        EngagementTask(
+            "flight_next_session",
+            "unseen",
+            _any("event_name = 'flight_page'"),
+            "next_session",
+            "a flight page in the next session",
+        ),
+        EngagementTask("help_14d", "unseen", _any("event_name = 'help'"), description="a help page within two weeks"),
+        EngagementTask(
+            "checkout_known_destination_14d",
+            "unseen",
+            _any("event_name = 'checkout' AND category_seen_before"),
+            description="a checkout of a property type viewed before the cutoff",
+        ),
     ),
 )
 
@@ -136,14 +163,27 @@ TAOBAO_TASKS = TaskSet(
         EngagementTask("cart_2d", "seen", _any("event_name = 'cart'"), description="an add-to-cart"),
         EngagementTask("buy_2d", "seen", _any("event_name = 'buy'"), description="a purchase"),
         EngagementTask("fav_2d", "seen", _any("event_name = 'fav'"), description="a favourite"),
-        EngagementTask("heavy_browsing_2d", "seen", "count(*) FILTER (event_name = 'pv') >= 20",
-                       description="20 or more page views"),
-        EngagementTask("buy_viewed_category_2d", "unseen", _any("event_name = 'buy' AND category_seen_before"),
-                       description="a purchase in a category viewed before the cutoff"),
-        EngagementTask("new_category_2d", "unseen", _any("event_name = 'pv' AND NOT category_seen_before"),
-                       description="exploration: a view in a category never viewed before"),
-        EngagementTask("several_sessions_2d", "unseen", "count(DISTINCT session_id) >= 2",
-                       description="two or more sessions"),
+        EngagementTask(
+            "heavy_browsing_2d",
+            "seen",
+            "count(*) FILTER (event_name = 'pv') >= 20",
+            description="20 or more page views",
+        ),
+        EngagementTask(
+            "buy_viewed_category_2d",
+            "unseen",
+            _any("event_name = 'buy' AND category_seen_before"),
+            description="a purchase in a category viewed before the cutoff",
+        ),
+        EngagementTask(
+            "new_category_2d",
+            "unseen",
+            _any("event_name = 'pv' AND NOT category_seen_before"),
+            description="exploration: a view in a category never viewed before",
+        ),
+        EngagementTask(
+            "several_sessions_2d", "unseen", "count(DISTINCT session_id) >= 2", description="two or more sessions"
+        ),
     ),
 )
 

@@ -6,11 +6,10 @@ fixed in docs/ARCHITECTURE.md; the order of a user's events is `event_time`, the
 then `source_row`, so ties (same second) are broken the same way on every run.
 """
 
-
 import dagster as dg
 import duckdb
 
-from assets.ingestion import RAW_EVENTS, markdown_table
+from assets.ingestion.raw_events import RAW_EVENTS, markdown_table
 from resources.warehouse import WAREHOUSE_POOL, DuckDBWarehouse, quote_ident
 
 SESSIONIZED_EVENTS = "sessionized_events"
@@ -117,10 +116,14 @@ FROM (SELECT user_id, max(session_index) + 1 AS n_sessions
             f"SELECT user_id, event_time, event_name, session_id, event_index, "
             f"event_index_in_session, seconds_since_prev_event FROM {SESSIONIZED_EVENTS} LIMIT 8"
         ).df()
-        per_user = con.execute(
-            f"SELECT quantile_cont(n, [0.1, 0.5, 0.9]) FROM (SELECT max(session_index) + 1 AS n "
-            f"FROM {SESSIONIZED_EVENTS} GROUP BY user_id)"
-        ).fetchall()[0][0] if users else None
+        per_user = (
+            con.execute(
+                f"SELECT quantile_cont(n, [0.1, 0.5, 0.9]) FROM (SELECT max(session_index) + 1 AS n "
+                f"FROM {SESSIONIZED_EVENTS} GROUP BY user_id)"
+            ).fetchall()[0][0]
+            if users
+            else None
+        )
     context.log.info(f"{rows} events, {users} users, {sessions} sessions")
     return dg.MaterializeResult(
         metadata={
@@ -136,12 +139,17 @@ FROM (SELECT user_id, max(session_index) + 1 AS n_sessions
 
 
 def check_session_keys_not_null(con: duckdb.DuckDBPyConnection) -> dg.AssetCheckResult:
-    columns = ("user_id", "event_time", "event_name", "session_id", "session_index",
-               "event_index", "event_index_in_session")  # fmt: skip
+    columns = (
+        "user_id",
+        "event_time",
+        "event_name",
+        "session_id",
+        "session_index",
+        "event_index",
+        "event_index_in_session",
+    )
     counts = con.execute(
-        "SELECT "
-        + ", ".join(f"count(*) FILTER ({c} IS NULL)" for c in columns)
-        + f" FROM {SESSIONIZED_EVENTS}"
+        "SELECT " + ", ".join(f"count(*) FILTER ({c} IS NULL)" for c in columns) + f" FROM {SESSIONIZED_EVENTS}"
     ).fetchall()[0]
     return dg.AssetCheckResult(
         check_name="keys_not_null",
@@ -200,16 +208,25 @@ def check_rows_match_raw_events(con: duckdb.DuckDBPyConnection) -> dg.AssetCheck
 
 @dg.multi_asset_check(
     specs=[
-        dg.AssetCheckSpec("keys_not_null", asset=SESSIONIZED_EVENTS, blocking=True,
-                          description="no null user, session or position"),
-        dg.AssetCheckSpec("positions_contiguous", asset=SESSIONIZED_EVENTS, blocking=True,
-                          description="event_index, session_index, event_index_in_session run 0..n-1 without gaps"),
-        dg.AssetCheckSpec("rows_match_raw_events", asset=SESSIONIZED_EVENTS, blocking=True,
-                          additional_deps=[RAW_EVENTS],
-                          description="one sessionized row per accepted raw event"),
+        dg.AssetCheckSpec(
+            "keys_not_null", asset=SESSIONIZED_EVENTS, blocking=True, description="no null user, session or position"
+        ),
+        dg.AssetCheckSpec(
+            "positions_contiguous",
+            asset=SESSIONIZED_EVENTS,
+            blocking=True,
+            description="event_index, session_index, event_index_in_session run 0..n-1 without gaps",
+        ),
+        dg.AssetCheckSpec(
+            "rows_match_raw_events",
+            asset=SESSIONIZED_EVENTS,
+            blocking=True,
+            additional_deps=[RAW_EVENTS],
+            description="one sessionized row per accepted raw event",
+        ),
     ],
     pool=WAREHOUSE_POOL,
-)  # fmt: skip
+)
 def sessionization_checks(warehouse: DuckDBWarehouse):
     """Structural checks of sessionized_events, read back from the warehouse."""
     with warehouse.connect() as con:

@@ -7,7 +7,6 @@ MLflow as `mtlds`; every other model under its own name. Each writes its test-sp
 (`user_id`, `label_<task>`, `p_<task>`, `score`) for `evaluation_metrics`.
 """
 
-
 import dagster as dg
 import mlflow
 import numpy as np
@@ -15,11 +14,10 @@ import pandas as pd
 import torch
 from pydantic import Field
 
-from assets.model_training import ModelTrainingConfig, epoch_logger
-from assets.training_data import funnel_examples, funnel_spec_for
-from model_lib.funnel_samples import samples_to_tensors
-from model_lib.metrics import auroc
+from assets.common.training import ModelTrainingConfig, epoch_logger
+from assets.training_data.assets import funnel_examples, funnel_spec_for
 from model_lib.conversion_service import ConversionModel
+from model_lib.funnel_samples import samples_to_tensors
 from model_lib.mtlds import AGGREGATIONS, MTLDSConfig, evaluate, predict
 from model_lib.mtlds_baselines import BASELINES, build_model
 from model_lib.training import fit
@@ -56,7 +54,9 @@ class ConversionTrainingConfig(ModelTrainingConfig):
     bottom: list[int] = Field(default=[64, 32], description="Shared-bottom widths (MMoE: each expert).")
     tower: list[int] = Field(default=[16], description="Per-task tower widths.")
     embed_dim: int = Field(default=8, description="Width of the hashed id embeddings.")
-    tau: float = Field(default=1.0, description="SoftSort temperature (sharper settings hurt NDCG on Taobao; see model_lib/mtlds.py).")
+    tau: float = Field(
+        default=1.0, description="SoftSort temperature (sharper settings hurt NDCG on Taobao; see model_lib/mtlds.py)."
+    )
     perm_weight: float = Field(default=1.0, description="Weight of the permutation loss.")
 
 
@@ -74,28 +74,51 @@ def build_conversion_model_asset(model_name: str) -> dg.AssetsDefinition:
         description=DESCRIPTIONS[model_name] + f" Registered in MLflow as `{registered_name(model_name)}`.",
         tags={"model_family": "mtlds"},
     )
-    def _train(context: dg.AssetExecutionContext, config: ConversionTrainingConfig, warehouse: DuckDBWarehouse,
-               event_source: EventSource, paths: TraceDagsterPaths, mlflow_tracking: MLflowTracking) -> dg.Output[dict]:
+    def _train(
+        context: dg.AssetExecutionContext,
+        config: ConversionTrainingConfig,
+        warehouse: DuckDBWarehouse,
+        event_source: EventSource,
+        paths: TraceDagsterPaths,
+        mlflow_tracking: MLflowTracking,
+    ) -> dg.Output[dict]:
         torch.set_num_threads(config.torch_threads)
         spec = funnel_spec_for(event_source)
         with warehouse.connect(read_only=True) as con:
             samples = con.sql("SELECT * FROM funnel_examples").df()
         splits = {s: samples[samples["split"] == s].reset_index(drop=True) for s in ("train", "valid", "test")}
         data = {s: samples_to_tensors(frame, spec) for s, frame in splits.items()}
-        cfg = MTLDSConfig.from_spec(spec, tau=config.tau, perm_weight=config.perm_weight, bottom=tuple(config.bottom),
-                                    tower=tuple(config.tower), embed_dim=config.embed_dim)
+        cfg = MTLDSConfig.from_spec(
+            spec,
+            tau=config.tau,
+            perm_weight=config.perm_weight,
+            bottom=tuple(config.bottom),
+            tower=tuple(config.tower),
+            embed_dim=config.embed_dim,
+        )
         model = build_model(model_name, cfg, seed=config.seed)
         out_dir = paths.home_dir / "models" / model_name / context.run_id
         out_dir.mkdir(parents=True, exist_ok=True)
 
         tags = {"dagster.run_id": context.run_id, "model": model_name, "model_family": "mtlds"}
         with mlflow_tracking.start_run(run_name=f"{model_name}-{context.run_id[:8]}", tags=tags) as run:
-            mlflow.log_params({**config.model_dump(), "model": model_name, "funnel": " < ".join(spec.funnel),
-                               "extra_labels": ",".join(spec.extra_labels),
-                               **{f"n_{s}": len(f) for s, f in splits.items()}})
-            fit_result = fit(model, data["train"], data["valid"], config.train_config(),
-                             on_epoch=epoch_logger(context, model_name, unit="samples/s"),
-                             checkpoint_path=paths.checkpoints_dir / f"{model_name}-{context.run_id}.pt")
+            mlflow.log_params(
+                {
+                    **config.model_dump(),
+                    "model": model_name,
+                    "funnel": " < ".join(spec.funnel),
+                    "extra_labels": ",".join(spec.extra_labels),
+                    **{f"n_{s}": len(f) for s, f in splits.items()},
+                }
+            )
+            fit_result = fit(
+                model,
+                data["train"],
+                data["valid"],
+                config.train_config(),
+                on_epoch=epoch_logger(context, model_name, unit="samples/s"),
+                checkpoint_path=paths.checkpoints_dir / f"{model_name}-{context.run_id}.pt",
+            )
             artifact = ConversionModel(model_name, model, spec).save(out_dir / "model.pt")
             probs, scores = predict(model, data["test"])
             test = splits["test"]
@@ -106,34 +129,56 @@ def build_conversion_model_asset(model_name: str) -> dg.AssetsDefinition:
             predictions.to_parquet(out_dir / "predictions.parquet", index=False)
             metrics = evaluate(model, data["test"])
             flat = {f"test_auc_{t}": v for t, v in metrics["auc"].items()} | {"test_ndcg": metrics["ndcg"]}
-            mlflow.log_metrics({k: v for k, v in flat.items() if np.isfinite(v)} | {"best_epoch": fit_result.best_epoch})
+            mlflow.log_metrics(
+                {k: v for k, v in flat.items() if np.isfinite(v)} | {"best_epoch": fit_result.best_epoch}
+            )
             # MLflow's schema inference rejects tz-aware datetimes: the example carries them as naive UTC.
             input_example = test.head(5).copy()
             for column in input_example.select_dtypes(include=["datetimetz"]).columns:
                 input_example[column] = input_example[column].dt.tz_convert("UTC").dt.tz_localize(None)
-            signature = mlflow.models.infer_signature(input_example, ConversionModel(model_name, model, spec).predict_frame(input_example))
+            signature = mlflow.models.infer_signature(
+                input_example, ConversionModel(model_name, model, spec).predict_frame(input_example)
+            )
             registered = mlflow_tracking.log_model_artifact(
-                artifact, registered_model_name=registered_name(model_name), loader=LOADER,
-                predict_method="predict_frame", input_example=input_example, signature=signature,
-                version_tags={"dagster.run_id": context.run_id, "model": model_name,
-                              f"test_auc_{spec.funnel[-1]}": f"{metrics['auc'][spec.funnel[-1]]:.6f}"},
+                artifact,
+                registered_model_name=registered_name(model_name),
+                loader=LOADER,
+                predict_method="predict_frame",
+                input_example=input_example,
+                signature=signature,
+                version_tags={
+                    "dagster.run_id": context.run_id,
+                    "model": model_name,
+                    f"test_auc_{spec.funnel[-1]}": f"{metrics['auc'][spec.funnel[-1]]:.6f}",
+                },
             )
         history = pd.DataFrame([r.__dict__ for r in fit_result.history])
-        value = {"model": model_name, "artifact": str(artifact), "predictions": str(out_dir / "predictions.parquet"),
-                 "mlflow_run_id": run.info.run_id, "registered_model": registered.name, "version": registered.version,
-                 "model_uri": registered.model_uri, "tasks": list(cfg.tasks), "funnel_tasks": list(cfg.funnel_tasks),
-                 f"test_auc_{spec.funnel[-1]}": metrics["auc"][spec.funnel[-1]], "test_ndcg": metrics["ndcg"]}
-        return dg.Output(value, metadata={
-            "registered_version": dg.MetadataValue.text(registered.model_uri),
+        value = {
+            "model": model_name,
+            "artifact": str(artifact),
+            "predictions": str(out_dir / "predictions.parquet"),
             "mlflow_run_id": run.info.run_id,
+            "registered_model": registered.name,
+            "version": registered.version,
+            "model_uri": registered.model_uri,
+            "tasks": list(cfg.tasks),
+            "funnel_tasks": list(cfg.funnel_tasks),
+            f"test_auc_{spec.funnel[-1]}": metrics["auc"][spec.funnel[-1]],
             "test_ndcg": metrics["ndcg"],
-            **{f"test_auc_{t}": v for t, v in metrics["auc"].items()},
-            "best_epoch": fit_result.best_epoch,
-            "training_history": dg.MetadataValue.md(history.round(4).to_markdown(index=False)),
-        })
+        }
+        return dg.Output(
+            value,
+            metadata={
+                "registered_version": dg.MetadataValue.text(registered.model_uri),
+                "mlflow_run_id": run.info.run_id,
+                "test_ndcg": metrics["ndcg"],
+                **{f"test_auc_{t}": v for t, v in metrics["auc"].items()},
+                "best_epoch": fit_result.best_epoch,
+                "training_history": dg.MetadataValue.md(history.round(4).to_markdown(index=False)),
+            },
+        )
 
     return _train
 
 
 conversion_model_assets = [build_conversion_model_asset(name) for name in CONVERSION_MODELS]
-

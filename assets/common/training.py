@@ -19,16 +19,32 @@ class ModelTrainingConfig(dg.Config):
     torch_threads: int = Field(default=1, description="torch threads of this step (the executor runs two at once).")
 
     def train_config(self) -> TrainConfig:
-        return TrainConfig(epochs=self.epochs, batch_size=self.batch_size, learning_rate=self.learning_rate,
-                           weight_decay=self.weight_decay, patience=self.patience, seed=self.seed,
-                           num_threads=self.torch_threads)
+        return TrainConfig(
+            epochs=self.epochs,
+            batch_size=self.batch_size,
+            learning_rate=self.learning_rate,
+            weight_decay=self.weight_decay,
+            patience=self.patience,
+            seed=self.seed,
+            num_threads=self.torch_threads,
+        )
 
 
 def epoch_logger(context: dg.AssetExecutionContext, model: str, unit: str):
     """Per-epoch losses to the MLflow run and the Dagster run log (progress visible while it trains)."""
+
     def on_epoch(report: EpochReport) -> None:
-        mlflow.log_metrics({"train_loss": report.train_loss, "valid_loss": report.valid_loss,
-                            "samples_per_second": report.samples_per_second}, step=report.epoch)
-        context.log.info(f"{model} epoch {report.epoch}: train {report.train_loss:.4f} valid {report.valid_loss:.4f} "
-                         f"({report.samples_per_second:.0f} {unit}){' best' if report.is_best else ''}")
+        mlflow.log_metrics(
+            {
+                "train_loss": report.train_loss,
+                "valid_loss": report.valid_loss,
+                "samples_per_second": report.samples_per_second,
+            },
+            step=report.epoch,
+        )
+        context.log.info(
+            f"{model} epoch {report.epoch}: train {report.train_loss:.4f} valid {report.valid_loss:.4f} "
+            f"({report.samples_per_second:.0f} {unit}){' best' if report.is_best else ''}"
+        )
+
     return on_epoch

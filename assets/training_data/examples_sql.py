@@ -11,7 +11,7 @@ from datetime import datetime, timedelta
 import duckdb
 import pandas as pd
 
-from assets.tasks import EngagementTask, TaskSet
+from assets.training_data.tasks import EngagementTask, TaskSet
 
 SPLITS = ("train", "valid", "test")
 
@@ -136,6 +136,14 @@ def label_balance(examples: pd.DataFrame, task_set: TaskSet) -> pd.DataFrame:
     for task in task_set.tasks:
         for split in SPLITS:
             labels = examples.loc[examples["split"] == split, task.column]
-            rows.append({"task": task.name, "kind": task.kind, "split": split, "examples": len(labels),
-                         "positives": int(labels.sum()), "positive_rate": float(labels.mean()) if len(labels) else float("nan")})
+            rows.append(
+                {
+                    "task": task.name,
+                    "kind": task.kind,
+                    "split": split,
+                    "examples": len(labels),
+                    "positives": int(labels.sum()),
+                    "positive_rate": float(labels.mean()) if len(labels) else float("nan"),
+                }
+            )
     return pd.DataFrame(rows)

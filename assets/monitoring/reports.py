@@ -35,12 +35,24 @@ from threadpoolctl import threadpool_limits
 #: Columns of `sessionized_events` (and `raw_events`) that are not event attributes.
 NON_ATTRIBUTE_COLUMNS = frozenset(
     {
-        "user_id", "event_time", "event_name", "item_id", "category",
-        "source_file", "source_row", "ingested_at",
-        "session_id", "session_index", "event_index", "event_index_in_session",
-        "seconds_since_prev_event", "seconds_since_session_start",
-        "log_seconds_since_prev_event", "log_seconds_since_session_start",
-        "hour_of_day", "day_of_week",
+        "user_id",
+        "event_time",
+        "event_name",
+        "item_id",
+        "category",
+        "source_file",
+        "source_row",
+        "ingested_at",
+        "session_id",
+        "session_index",
+        "event_index",
+        "event_index_in_session",
+        "seconds_since_prev_event",
+        "seconds_since_session_start",
+        "log_seconds_since_prev_event",
+        "log_seconds_since_session_start",
+        "hour_of_day",
+        "day_of_week",
     }
 )
 DEFAULT_TOP_EVENTS = 8
@@ -91,8 +103,15 @@ def session_features(
     ties broken by value). Pass the reference's `event_names` (see `top_event_names`) when
     building the current features, so both frames have the same columns.
     """
-    required = {"session_id", "event_name", "event_index_in_session", "seconds_since_session_start",
-                "log_seconds_since_prev_event", "hour_of_day", "day_of_week"}
+    required = {
+        "session_id",
+        "event_name",
+        "event_index_in_session",
+        "seconds_since_session_start",
+        "log_seconds_since_prev_event",
+        "hour_of_day",
+        "day_of_week",
+    }
     missing = required - set(sessionized.columns)
     if missing:
         raise ValueError(f"sessionized frame lacks columns {sorted(missing)}")
@@ -153,8 +172,10 @@ def _column_kinds(frame: pd.DataFrame, categorical_columns: Sequence[str] | None
         categorical = [c for c in frame.columns if c in set(categorical_columns)]
     else:
         categorical = [
-            c for c in frame.columns
-            if not pd.api.types.is_numeric_dtype(frame[c]) or isinstance(frame[c].dtype, pd.CategoricalDtype)
+            c
+            for c in frame.columns
+            if not pd.api.types.is_numeric_dtype(frame[c])
+            or isinstance(frame[c].dtype, pd.CategoricalDtype)
             or pd.api.types.is_bool_dtype(frame[c])
         ]
     numerical = [c for c in frame.columns if c not in categorical]
@@ -225,7 +246,9 @@ def input_drift(
 
     definition = DataDefinition(numerical_columns=numerical, categorical_columns=categorical)
     preset = DataDriftPreset(
-        columns=columns, drift_share=threshold, method=method,
+        columns=columns,
+        drift_share=threshold,
+        method=method,
         per_column_method=dict(per_column_method) if per_column_method else None,
     )
     snapshot = Report([preset], include_tests=True).run(
@@ -234,9 +257,7 @@ def input_drift(
     )
     report = snapshot.dict()
     verdicts = {
-        test["metric_config"]["metric_id"]: test["status"]
-        for test in report["tests"]
-        if test.get("id") == "drift"
+        test["metric_config"]["metric_id"]: test["status"] for test in report["tests"] if test.get("id") == "drift"
     }
     rows, drift_share = [], None
     for metric in report["metrics"]:
@@ -259,7 +280,9 @@ def input_drift(
             )
     if drift_share is None:
         raise RuntimeError("Evidently's report has no DriftedColumnsCount")
-    per_column = pd.DataFrame(rows, columns=["column", "column_type", "stattest", "stattest_threshold", "score", "drifted"])
+    per_column = pd.DataFrame(
+        rows, columns=["column", "column_type", "stattest", "stattest_threshold", "score", "drifted"]
+    )
 
     report_path = _save_html(snapshot, html_path)
     return DriftResult(
@@ -306,9 +329,7 @@ def prediction_drift(
     """
     reference, current = _scores_frame(reference_scores), _scores_frame(current_scores)
     effective = threshold if threshold is not None else 1.0 / max(len(reference.columns), 1)
-    return input_drift(
-        reference, current, effective, html_path, categorical_columns=[], method=method
-    )
+    return input_drift(reference, current, effective, html_path, categorical_columns=[], method=method)
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,6 @@ upstream of this asset passed; the old champion becomes `previous` (rollback res
 Every decision is written as tags on the model version and as this asset's metadata.
 """
 
-
 from collections import deque
 
 import dagster as dg
@@ -16,9 +15,9 @@ import numpy as np
 import pandas as pd
 from pydantic import Field
 
-from assets.evaluation import evaluation_metrics
-from assets.sequence_models import load_sequence_inputs
-from assets.training_data import funnel_spec_for
+from assets.evaluation.assets import evaluation_metrics
+from assets.trace_models.assets import load_sequence_inputs
+from assets.training_data.assets import funnel_spec_for
 from model_lib.metrics import auroc
 from resources.event_sources import EventSource
 from resources.mlflow_tracking import MLflowTracking
@@ -68,9 +67,15 @@ def trace_scores(model, events: pd.DataFrame, test: pd.DataFrame, label_columns:
     deps=[evaluation_metrics],
     description="Challenger vs `champion` on the same test users; promotes only a winner whose checks all passed.",
 )
-def model_promotion(context: dg.AssetExecutionContext, config: PromotionConfig, warehouse: DuckDBWarehouse,
-                    event_source: EventSource, mlflow_tracking: MLflowTracking, trace_model: dict,
-                    mtlds_model: dict) -> dg.MaterializeResult:
+def model_promotion(
+    context: dg.AssetExecutionContext,
+    config: PromotionConfig,
+    warehouse: DuckDBWarehouse,
+    event_source: EventSource,
+    mlflow_tracking: MLflowTracking,
+    trace_model: dict,
+    mtlds_model: dict,
+) -> dg.MaterializeResult:
     statuses = check_status(context, upstream_check_keys(context.asset_key))
     failing = {k: s for k, s in statuses.items() if s != "SUCCEEDED"}
     checks_passed = not failing
@@ -86,12 +91,25 @@ def model_promotion(context: dg.AssetExecutionContext, config: PromotionConfig, 
     champion_version = mlflow_tracking.champion_version("trace")
     champion_score = None
     if champion_version and champion_version != str(trace_model["version"]):
-        champion_score = trace_scores(mlflow_tracking.load_model(f"models:/trace/{champion_version}"), events, test, label_columns)
-    decisions.append(mlflow_tracking.promote_if_better(
-        "trace", trace_model["version"], trace_scores(challenger, events, test, label_columns), champion_score,
-        config.margin, checks_passed,
-        {"metric": "mean test AUROC over seen tasks", "test_examples": len(test), "dagster_run_id": context.run_id,
-         "failing_checks": failing}))
+        champion_score = trace_scores(
+            mlflow_tracking.load_model(f"models:/trace/{champion_version}"), events, test, label_columns
+        )
+    decisions.append(
+        mlflow_tracking.promote_if_better(
+            "trace",
+            trace_model["version"],
+            trace_scores(challenger, events, test, label_columns),
+            champion_score,
+            config.margin,
+            checks_passed,
+            {
+                "metric": "mean test AUROC over seen tasks",
+                "test_examples": len(test),
+                "dagster_run_id": context.run_id,
+                "failing_checks": failing,
+            },
+        )
+    )
 
     # MTLDS: AUC of the funnel's last stage (purchase) on the test samples.
     spec = funnel_spec_for(event_source)
@@ -102,25 +120,40 @@ def model_promotion(context: dg.AssetExecutionContext, config: PromotionConfig, 
     def purchase_auc(model) -> float | None:  # model: model_lib.conversion_service.ConversionModel
         if tuple(model.cfg.tasks) != tuple(spec.tasks):
             return None
-        return float(auroc(samples[f"label_{last}"].to_numpy(float), model.predict_frame(samples)[f"p_{last}"].to_numpy()))
+        return float(
+            auroc(samples[f"label_{last}"].to_numpy(float), model.predict_frame(samples)[f"p_{last}"].to_numpy())
+        )
 
     champion_version = mlflow_tracking.champion_version("mtlds")
     champion_score = None
     if champion_version and champion_version != str(mtlds_model["version"]):
         champion_score = purchase_auc(mlflow_tracking.load_model(f"models:/mtlds/{champion_version}"))
-    decisions.append(mlflow_tracking.promote_if_better(
-        "mtlds", mtlds_model["version"], purchase_auc(mlflow_tracking.load_model(mtlds_model["model_uri"])), champion_score,
-        config.margin, checks_passed,
-        {"metric": f"test AUC of {last}", "test_samples": len(samples), "dagster_run_id": context.run_id,
-         "failing_checks": failing}))
+    decisions.append(
+        mlflow_tracking.promote_if_better(
+            "mtlds",
+            mtlds_model["version"],
+            purchase_auc(mlflow_tracking.load_model(mtlds_model["model_uri"])),
+            champion_score,
+            config.margin,
+            checks_passed,
+            {
+                "metric": f"test AUC of {last}",
+                "test_samples": len(samples),
+                "dagster_run_id": context.run_id,
+                "failing_checks": failing,
+            },
+        )
+    )
 
     table = pd.DataFrame([{"model": name, **d.as_metadata()} for name, d in zip(("trace", "mtlds"), decisions)])
     for name, d in zip(("trace", "mtlds"), decisions):
         context.log.info(f"{name}: {'PROMOTED' if d.promoted else 'kept champion'} v{d.champion_version} ({d.reason})")
-    return dg.MaterializeResult(metadata={
-        "decisions": dg.MetadataValue.md(table.to_markdown(index=False)),
-        "checks_passed": checks_passed,
-        "checks": dg.MetadataValue.json(statuses),
-        "trace_champion": str(decisions[0].champion_version),
-        "mtlds_champion": str(decisions[1].champion_version),
-    })
+    return dg.MaterializeResult(
+        metadata={
+            "decisions": dg.MetadataValue.md(table.to_markdown(index=False)),
+            "checks_passed": checks_passed,
+            "checks": dg.MetadataValue.json(statuses),
+            "trace_champion": str(decisions[0].champion_version),
+            "mtlds_champion": str(decisions[1].champion_version),
+        }
+    )

@@ -21,7 +21,6 @@ slices' 39 events dated back to 2017-09-11 are real rows with a plausible date, 
 accepted; set `min_event_time: "2017-11-25"` in the run config to quarantine them instead.
 """
 
-
 import os
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -125,9 +124,7 @@ def _new_inputs(
     The hash of a file whose path, size and mtime match a logged row is reused, so a re-run over
     large unchanged files does not read them again.
     """
-    known = con.execute(
-        f"SELECT source_file, content_hash, size_bytes, mtime_ns FROM {INGESTED_FILES}"
-    ).fetchall()
+    known = con.execute(f"SELECT source_file, content_hash, size_bytes, mtime_ns FROM {INGESTED_FILES}").fetchall()
     seen = {(path, digest) for path, digest, _, _ in known}
     cached = {(path, size, mtime): digest for path, digest, size, mtime in known}
     new, skipped = [], []
@@ -164,9 +161,7 @@ def ingest(
     if min_ts.tzinfo is not None:  # the warehouse compares naive UTC timestamps
         min_ts = min_ts.tz_convert("UTC").tz_localize(None)
     min_time = min_ts.strftime("%Y-%m-%d %H:%M:%S.%f")
-    max_time = (ingested_at + timedelta(seconds=config.max_future_seconds)).strftime(
-        "%Y-%m-%d %H:%M:%S.%f"
-    )
+    max_time = (ingested_at + timedelta(seconds=config.max_future_seconds)).strftime("%Y-%m-%d %H:%M:%S.%f")
     staged_inputs = [stage_file(con, item, ordinal) for ordinal, (item, _, _) in enumerate(new)]
     try:
         attributes: list[str] = []
@@ -185,9 +180,7 @@ def ingest(
         existing: set[str] = set()
         if table_exists(con, RAW_EVENTS):
             existing = set(_columns_of(con, RAW_EVENTS))
-            value_columns += sorted(
-                c for c in existing if c not in value_columns and c not in PROVENANCE_COLUMNS
-            )
+            value_columns += sorted(c for c in existing if c not in value_columns and c not in PROVENANCE_COLUMNS)
 
         def values_of(available: set[str]) -> str:
             return ", ".join(
@@ -198,9 +191,9 @@ def ingest(
             )
 
         def hash_of(available: set[str]) -> str:
-            return "hash(" + ", ".join(
-                quote_ident(c) if c in available else "NULL::VARCHAR" for c in value_columns
-            ) + ")"
+            return (
+                "hash(" + ", ".join(quote_ident(c) if c in available else "NULL::VARCHAR" for c in value_columns) + ")"
+            )
 
         batch_columns = {*VALUE_COLUMNS, *attributes}
         con.execute(
@@ -293,11 +286,18 @@ SELECT file_ord, source_row FROM ranked WHERE NOT is_prior AND duplicate_rank > 
                 con.execute(
                     f"INSERT INTO {INGESTED_FILES} VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     [
-                        item.source_file, digest, stat.st_size, stat.st_mtime_ns,
-                        item.preset.name, staged.rows_read, accepted, rejected, ingested_at,
+                        item.source_file,
+                        digest,
+                        stat.st_size,
+                        stat.st_mtime_ns,
+                        item.preset.name,
+                        staged.rows_read,
+                        accepted,
+                        rejected,
+                        ingested_at,
                         run_id,
                     ],
-                )  # fmt: skip
+                )
                 summary.new_files.append(item.source_file)
                 summary.rows_read += staged.rows_read
                 summary.rows_accepted += accepted
@@ -374,20 +374,14 @@ def ingested_events(
             if has_tables
             else (0, 0)
         )
-        rejected_total = (
-            con.execute(f"SELECT count(*) FROM {REJECTED_EVENTS}").fetchall()[0][0]
-            if has_tables
-            else 0
-        )
+        rejected_total = con.execute(f"SELECT count(*) FROM {REJECTED_EVENTS}").fetchall()[0][0] if has_tables else 0
         run_filter = (
             f"WHERE ingested_at = TIMESTAMP {sql_literal(summary.ingested_at.isoformat(sep=' '))}"
             if summary.ingested_at
             else "WHERE false"
         )
         raw_preview = (
-            con.execute(f"SELECT * FROM {RAW_EVENTS} {run_filter} LIMIT 5").df()
-            if has_tables
-            else pd.DataFrame()
+            con.execute(f"SELECT * FROM {RAW_EVENTS} {run_filter} LIMIT 5").df() if has_tables else pd.DataFrame()
         )
         rejected_preview = (
             con.execute(
@@ -397,16 +391,14 @@ def ingested_events(
             if has_tables
             else pd.DataFrame()
         )
-    by_reason = pd.DataFrame(
-        list(summary.rejected_by_reason.items()), columns=["reason", "rows"]
-    )
+    by_reason = pd.DataFrame(list(summary.rejected_by_reason.items()), columns=["reason", "rows"])
     common = {
         "source": event_source.describe(),
         "new_files": dg.MetadataValue.md("\n".join(f"- `{f}`" for f in summary.new_files) or "_(none)_"),
         "files_already_ingested": len(summary.skipped_files),
         "ignored_files": dg.MetadataValue.md("\n".join(f"- `{p}`" for p in ignored) or "_(none)_"),
         "rows_read_this_run": summary.rows_read,
-    }  # fmt: skip
+    }
     yield dg.MaterializeResult(
         asset_key=RAW_EVENTS,
         metadata={
@@ -467,9 +459,7 @@ ORDER BY f.ingested_at, f.source_file
     )
 
 
-def check_rejected_share(
-    con: duckdb.DuckDBPyConnection, max_rejected_share: float
-) -> dg.AssetCheckResult:
+def check_rejected_share(con: duckdb.DuckDBPyConnection, max_rejected_share: float) -> dg.AssetCheckResult:
     """A high share of rejected rows in the latest run usually means a wrong format setting."""
     read, rejected = con.execute(
         f"SELECT coalesce(sum(rows_read), 0), coalesce(sum(rows_rejected), 0) "
@@ -520,18 +510,33 @@ def check_rejected_provenance(con: duckdb.DuckDBPyConnection) -> dg.AssetCheckRe
 
 @dg.multi_asset_check(
     specs=[
-        dg.AssetCheckSpec("rows_reconcile", asset=RAW_EVENTS, blocking=True,
-                          additional_deps=[REJECTED_EVENTS],
-                          description="rows read = rows in raw_events + rejected_events, per file and run"),
-        dg.AssetCheckSpec("rejected_share_below_threshold", asset=RAW_EVENTS, blocking=True,
-                          description="rejected share of the latest run <= max_rejected_share"),
-        dg.AssetCheckSpec("keys_not_null", asset=RAW_EVENTS, blocking=True,
-                          description="no accepted event lacks user_id, event_time or event_name"),
-        dg.AssetCheckSpec("provenance_complete", asset=REJECTED_EVENTS,
-                          description="every rejected row keeps its source_file, source_row, raw text and reason"),
+        dg.AssetCheckSpec(
+            "rows_reconcile",
+            asset=RAW_EVENTS,
+            blocking=True,
+            additional_deps=[REJECTED_EVENTS],
+            description="rows read = rows in raw_events + rejected_events, per file and run",
+        ),
+        dg.AssetCheckSpec(
+            "rejected_share_below_threshold",
+            asset=RAW_EVENTS,
+            blocking=True,
+            description="rejected share of the latest run <= max_rejected_share",
+        ),
+        dg.AssetCheckSpec(
+            "keys_not_null",
+            asset=RAW_EVENTS,
+            blocking=True,
+            description="no accepted event lacks user_id, event_time or event_name",
+        ),
+        dg.AssetCheckSpec(
+            "provenance_complete",
+            asset=REJECTED_EVENTS,
+            description="every rejected row keeps its source_file, source_row, raw text and reason",
+        ),
     ],
     pool=WAREHOUSE_POOL,
-)  # fmt: skip
+)
 def ingestion_checks(config: IngestionCheckConfig, warehouse: DuckDBWarehouse):
     """Data-quality checks of the ingestion tables, read back from the warehouse."""
     with warehouse.connect() as con:

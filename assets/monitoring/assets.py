@@ -13,15 +13,14 @@ plus every newer file). Three Evidently 0.7 reports, all saved as HTML under `re
 One row per check run is appended to the `drift_report` table.
 """
 
-
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import dagster as dg
 import numpy as np
 import pandas as pd
 from pydantic import Field
 
-from assets.embeddings import MODEL_NAME, user_embeddings
+from assets.serving.assets import MODEL_NAME, user_embeddings
 from resources.mlflow_tracking import MLflowTracking
 from resources.paths import TraceDagsterPaths
 from resources.warehouse import WAREHOUSE_POOL, DuckDBWarehouse, sql_literal
@@ -36,9 +35,13 @@ OWNERS = ["team:ml-platform"]
 
 
 class DriftConfig(dg.Config):
-    drift_share_threshold: float = Field(default=DEFAULT_DRIFT_SHARE_THRESHOLD,
-                                         description="Input drift when this share of session features drifted (see drift_reports).")
-    max_sessions: int = Field(default=50_000, description="Sessions sampled per window (seeded) to bound the report's cost.")
+    drift_share_threshold: float = Field(
+        default=DEFAULT_DRIFT_SHARE_THRESHOLD,
+        description="Input drift when this share of session features drifted (see drift_reports).",
+    )
+    max_sessions: int = Field(
+        default=50_000, description="Sessions sampled per window (seeded) to bound the report's cost."
+    )
     seed: int = 0
 
 
@@ -59,11 +62,22 @@ def task_probabilities(model, embeddings: np.ndarray) -> pd.DataFrame:
     deps=["sessionized_events", "training_examples", user_embeddings],
     pool=WAREHOUSE_POOL,
     description="Evidently input, embedding and prediction drift of the current window against the "
-                "training reference; HTML reports under reports/, one row per check in `drift_report`.",
+    "training reference; HTML reports under reports/, one row per check in `drift_report`.",
 )
-def drift_report(context: dg.AssetExecutionContext, config: DriftConfig, warehouse: DuckDBWarehouse,
-                 paths: TraceDagsterPaths, mlflow_tracking: MLflowTracking) -> dg.MaterializeResult:
-    from assets.drift_reports import embedding_drift, input_drift, prediction_drift, session_features, top_event_names
+def drift_report(
+    context: dg.AssetExecutionContext,
+    config: DriftConfig,
+    warehouse: DuckDBWarehouse,
+    paths: TraceDagsterPaths,
+    mlflow_tracking: MLflowTracking,
+) -> dg.MaterializeResult:
+    from assets.monitoring.reports import (
+        embedding_drift,
+        input_drift,
+        prediction_drift,
+        session_features,
+        top_event_names,
+    )
 
     version = mlflow_tracking.champion_version(MODEL_NAME)
     if version is None:
@@ -76,7 +90,8 @@ def drift_report(context: dg.AssetExecutionContext, config: DriftConfig, warehou
             FROM sessionized_events ORDER BY user_id, event_index""").df()
         reference_examples = con.sql(
             "SELECT example_id, user_id, cutoff, seconds_since_last_event FROM training_examples "
-            "WHERE cutoff = (SELECT max(cutoff) FROM training_examples)").df()
+            "WHERE cutoff = (SELECT max(cutoff) FROM training_examples)"
+        ).df()
         # Like with like: the reference is the users active within the observation window before
         # the cutoff (that is what an example is), so the current side is the users active within
         # the same window before `as_of`; comparing against every user ever seen would flag drift
@@ -91,10 +106,18 @@ def drift_report(context: dg.AssetExecutionContext, config: DriftConfig, warehou
     if before.all() or (~before).all():
         raise dg.Failure(f"cannot split sessions at the last training cutoff {cutoff}: one window is empty")
     names = top_event_names(sessions[before])
-    reference = _sample(session_features(sessions[before].drop(columns="session_start"), event_names=names), config.max_sessions, config.seed)
-    current = _sample(session_features(sessions[~before].drop(columns="session_start"), event_names=names), config.max_sessions, config.seed)
+    reference = _sample(
+        session_features(sessions[before].drop(columns="session_start"), event_names=names),
+        config.max_sessions,
+        config.seed,
+    )
+    current = _sample(
+        session_features(sessions[~before].drop(columns="session_start"), event_names=names),
+        config.max_sessions,
+        config.seed,
+    )
 
-    checked_at = datetime.now(timezone.utc).replace(tzinfo=None)
+    checked_at = datetime.now(UTC).replace(tzinfo=None)
     stamp = checked_at.strftime("%Y%m%dT%H%M%S")
     reports = paths.reports_dir
     inputs = input_drift(reference, current, config.drift_share_threshold, reports / f"drift-input-{stamp}.html")
@@ -102,24 +125,43 @@ def drift_report(context: dg.AssetExecutionContext, config: DriftConfig, warehou
     model = mlflow_tracking.load_model(f"models:/{MODEL_NAME}/{version}")
     reference_emb = model.embed(sessions, reference_examples)
     if len(current_embeddings) < MIN_EMBEDDING_ROWS or len(reference_emb) < MIN_EMBEDDING_ROWS:
-        raise dg.Failure(f"too few embeddings to compare: {len(reference_emb)} reference, {len(current_embeddings)} current "
-                         f"(need {MIN_EMBEDDING_ROWS}); materialize user_embeddings for champion v{version}")
+        raise dg.Failure(
+            f"too few embeddings to compare: {len(reference_emb)} reference, {len(current_embeddings)} current "
+            f"(need {MIN_EMBEDDING_ROWS}); materialize user_embeddings for champion v{version}"
+        )
     current_emb = np.stack(current_embeddings["embedding"].to_numpy())
     embeddings = embedding_drift(reference_emb, current_emb, reports / f"drift-embeddings-{stamp}.html")
-    predictions = prediction_drift(task_probabilities(model, reference_emb), task_probabilities(model, current_emb),
-                                   html_path=reports / f"drift-predictions-{stamp}.html")
+    predictions = prediction_drift(
+        task_probabilities(model, reference_emb),
+        task_probabilities(model, current_emb),
+        html_path=reports / f"drift-predictions-{stamp}.html",
+    )
 
-    row = pd.DataFrame([{
-        "checked_at": checked_at, "dataset_drift": bool(inputs.dataset_drift), "drift_share": float(inputs.drift_share),
-        "report_path": str(inputs.report_path), "threshold": config.drift_share_threshold,
-        "reference_cutoff": pd.Timestamp(cutoff), "reference_sessions": inputs.n_reference, "current_sessions": inputs.n_current,
-        "drifted_columns": ", ".join(inputs.drifted_columns),
-        "embedding_drift": bool(embeddings.drift_detected), "embedding_drift_score": float(embeddings.drift_score),
-        "embedding_report_path": str(embeddings.report_path), "prediction_drift": bool(predictions.dataset_drift),
-        "prediction_drift_share": float(predictions.drift_share), "prediction_report_path": str(predictions.report_path),
-        "model_version": str(version), "dagster_run_id": context.run_id,
-        "reference_users": len(reference_examples), "current_users": len(current_embeddings),
-    }])
+    row = pd.DataFrame(
+        [
+            {
+                "checked_at": checked_at,
+                "dataset_drift": bool(inputs.dataset_drift),
+                "drift_share": float(inputs.drift_share),
+                "report_path": str(inputs.report_path),
+                "threshold": config.drift_share_threshold,
+                "reference_cutoff": pd.Timestamp(cutoff),
+                "reference_sessions": inputs.n_reference,
+                "current_sessions": inputs.n_current,
+                "drifted_columns": ", ".join(inputs.drifted_columns),
+                "embedding_drift": bool(embeddings.drift_detected),
+                "embedding_drift_score": float(embeddings.drift_score),
+                "embedding_report_path": str(embeddings.report_path),
+                "prediction_drift": bool(predictions.dataset_drift),
+                "prediction_drift_share": float(predictions.drift_share),
+                "prediction_report_path": str(predictions.report_path),
+                "model_version": str(version),
+                "dagster_run_id": context.run_id,
+                "reference_users": len(reference_examples),
+                "current_users": len(current_embeddings),
+            }
+        ]
+    )
     with warehouse.connect() as con:
         con.register("drift_row", row)
         path, n = warehouse.write_parquet(con, "drift_report", "SELECT * FROM drift_row")
@@ -132,21 +174,40 @@ def drift_report(context: dg.AssetExecutionContext, config: DriftConfig, warehou
             path.unlink(missing_ok=True)
             raise
 
-    summary = pd.DataFrame([
-        {"report": "input (session features)", "drifted": inputs.dataset_drift, "score": f"share {inputs.drift_share:.3f} (threshold {config.drift_share_threshold})", "html": inputs.report_path},
-        {"report": f"embeddings ({embeddings.method})", "drifted": embeddings.drift_detected, "score": f"{embeddings.drift_score:.3f}", "html": embeddings.report_path},
-        {"report": "predictions (task probabilities)", "drifted": predictions.dataset_drift, "score": f"share {predictions.drift_share:.3f}", "html": predictions.report_path},
-    ])
-    return dg.MaterializeResult(metadata={
-        "dataset_drift": bool(inputs.dataset_drift),
-        "drift_share": float(inputs.drift_share),
-        "embedding_drift": bool(embeddings.drift_detected),
-        "prediction_drift_share": float(predictions.drift_share),
-        "summary": dg.MetadataValue.md(summary.to_markdown(index=False)),
-        "per_column": dg.MetadataValue.md(inputs.per_column.round(4).to_markdown(index=False)),
-        "report_path": dg.MetadataValue.path(str(inputs.report_path)),
-        "reference_cutoff": str(cutoff),
-    })
+    summary = pd.DataFrame(
+        [
+            {
+                "report": "input (session features)",
+                "drifted": inputs.dataset_drift,
+                "score": f"share {inputs.drift_share:.3f} (threshold {config.drift_share_threshold})",
+                "html": inputs.report_path,
+            },
+            {
+                "report": f"embeddings ({embeddings.method})",
+                "drifted": embeddings.drift_detected,
+                "score": f"{embeddings.drift_score:.3f}",
+                "html": embeddings.report_path,
+            },
+            {
+                "report": "predictions (task probabilities)",
+                "drifted": predictions.dataset_drift,
+                "score": f"share {predictions.drift_share:.3f}",
+                "html": predictions.report_path,
+            },
+        ]
+    )
+    return dg.MaterializeResult(
+        metadata={
+            "dataset_drift": bool(inputs.dataset_drift),
+            "drift_share": float(inputs.drift_share),
+            "embedding_drift": bool(embeddings.drift_detected),
+            "prediction_drift_share": float(predictions.drift_share),
+            "summary": dg.MetadataValue.md(summary.to_markdown(index=False)),
+            "per_column": dg.MetadataValue.md(inputs.per_column.round(4).to_markdown(index=False)),
+            "report_path": dg.MetadataValue.path(str(inputs.report_path)),
+            "reference_cutoff": str(cutoff),
+        }
+    )
 
 
 def _latest_drift_row(warehouse: DuckDBWarehouse) -> dict:
@@ -155,19 +216,32 @@ def _latest_drift_row(warehouse: DuckDBWarehouse) -> dict:
     return latest.iloc[0].to_dict()
 
 
-@dg.asset_check(asset=drift_report, description="Fails when the share of drifted session features passes the "
-                "threshold; the retraining sensor watches this check.")
+@dg.asset_check(
+    asset=drift_report,
+    description="Fails when the share of drifted session features passes the "
+    "threshold; the retraining sensor watches this check.",
+)
 def drift_below_threshold(warehouse: DuckDBWarehouse) -> dg.AssetCheckResult:
     row = _latest_drift_row(warehouse)
-    return dg.AssetCheckResult(passed=not row["dataset_drift"], metadata={
-        "drift_share": float(row["drift_share"]), "threshold": float(row["threshold"]),
-        "drifted_columns": row["drifted_columns"] or "none", "report_path": dg.MetadataValue.path(row["report_path"])})
+    return dg.AssetCheckResult(
+        passed=not row["dataset_drift"],
+        metadata={
+            "drift_share": float(row["drift_share"]),
+            "threshold": float(row["threshold"]),
+            "drifted_columns": row["drifted_columns"] or "none",
+            "report_path": dg.MetadataValue.path(row["report_path"]),
+        },
+    )
 
 
 @dg.asset_check(asset=drift_report, description="Warns when the champion's embeddings or predictions drifted.")
 def model_outputs_stable(warehouse: DuckDBWarehouse) -> dg.AssetCheckResult:
     row = _latest_drift_row(warehouse)
     return dg.AssetCheckResult(
-        passed=not (row["embedding_drift"] or row["prediction_drift"]), severity=dg.AssetCheckSeverity.WARN,
-        metadata={"embedding_drift_score": float(row["embedding_drift_score"]),
-                  "prediction_drift_share": float(row["prediction_drift_share"])})
+        passed=not (row["embedding_drift"] or row["prediction_drift"]),
+        severity=dg.AssetCheckSeverity.WARN,
+        metadata={
+            "embedding_drift_score": float(row["embedding_drift_score"]),
+            "prediction_drift_share": float(row["prediction_drift_share"]),
+        },
+    )
