@@ -344,7 +344,7 @@ SERVE_SCRIPT = textwrap.dedent("""
     users = pd.DataFrame({"user_id": table["user_id"], "cutoff": table["as_of"]})
     embedded = model.embed(events, users)
     stored = np.stack(table["embedding"].to_numpy())
-    served_vectors = served.set_index("user_id").loc[table["user_id"]].to_numpy(np.float32)
+    served_vectors = served.set_index("user_id").loc[table["user_id"]].filter(like="embedding_").to_numpy(np.float32)
     last_event = events.groupby("user_id")["event_time"].max().loc[table["user_id"]]
     at_last_event = model.embed(events, pd.DataFrame({"user_id": table["user_id"],
                                                       "cutoff": last_event.to_numpy() + pd.Timedelta(seconds=1)}))
@@ -378,7 +378,7 @@ def test_registered_trace_serves_from_a_fresh_process(pipeline, client, tmp_path
     out = json.loads(done.stdout.strip().splitlines()[-1])
     print(out)
     assert out["served_rows"] == out["served_users"] == out["event_users"] > 0
-    assert out["served_columns"] == ["user_id", "embedding_0", "embedding_1"]
+    assert out["served_columns"] == ["user_id", "as_of", "embedding_0"]  # then embedding_*, p_<task>
     assert out["embed_shape"][0] == out["event_users"] and out["finite"]
     # The registry's model is the one `user_embeddings` used: the same vectors at the same cutoff
     # (the table's `as_of`, one second after the last event of anyone). `predict` embeds each user

@@ -22,6 +22,7 @@ import torch
 from pydantic import Field
 
 from assets.common.training import ModelTrainingConfig, epoch_logger
+from assets.model_registry.signatures import raw_event_example, trace_signature, trained_session_gap
 from assets.training_data.assets import read_tasks, training_examples
 from model_lib.embedding_service import UserModel
 from model_lib.encoding import EncoderConfig
@@ -112,6 +113,7 @@ def build_sequence_model_asset(kind: str) -> dg.AssetsDefinition:
                 on_epoch=epoch_logger(context, kind, unit="seq/s"),
                 checkpoint_path=paths.checkpoints_dir / f"{kind}-{context.run_id}.pt",  # a retried step resumes
             )
+            model.session_gap_seconds = trained_session_gap(context.instance)  # served raw events are cut alike
             artifact = model.save(out_dir / "model.pt", metadata={"dagster_run_id": context.run_id})
             embeddings = model.embed(events, examples)  # encoded once: the probabilities come from the heads
             probabilities = model.proba_from_embeddings(embeddings)
@@ -143,21 +145,18 @@ def build_sequence_model_asset(kind: str) -> dg.AssetsDefinition:
             mlflow.log_dict(json.loads(seen.to_json(orient="records")), "seen_tasks.json")
 
             example_users = examples.loc[test, "user_id"].drop_duplicates().head(2)
-            input_example = (
-                events[events["user_id"].isin(example_users)].groupby("user_id").tail(5).reset_index(drop=True)
-            )
-            signature = mlflow.models.infer_signature(input_example, model.embed_latest(input_example))
             registered = mlflow_tracking.log_model_artifact(
                 artifact,
                 registered_model_name=kind,
                 loader=LOADER,
-                predict_method="embed_latest",
-                input_example=input_example,
-                signature=signature,
+                predict_method="score_events",  # raw canonical events in, embedding + p_<task> out
+                input_example=raw_event_example(events, example_users),
+                signature=trace_signature(model),
                 version_tags={
                     "dagster.run_id": context.run_id,
                     "test_mean_auroc": f"{test_metrics['test_mean_auroc']:.6f}",
                 },
+                metrics=test_metrics,
             )
         history = pd.DataFrame([r.__dict__ for r in fit_result.history])
         value = {
