@@ -201,22 +201,31 @@ class UserModel:
         default: each user just after their own last event (1 second later).
         """
         frame = self.as_sessionized(events, unknown_event_names)
-        users = frame["user_id"].drop_duplicates().sort_values().reset_index(drop=True)
-        if as_of is None or (isinstance(as_of, str) and not as_of.strip()):
-            last = frame.groupby("user_id", sort=True)["event_time"].max()
-            cutoff = (last + pd.Timedelta(seconds=1)).reindex(users).to_numpy()
+        user_ids = frame["user_id"].to_numpy(dtype=object)
+        times = frame["event_time"].to_numpy().astype("datetime64[us]")
+        one_user = len(user_ids) > 0 and bool((user_ids == user_ids[0]).all())
+        users = user_ids[:1] if one_user else np.unique(user_ids)  # sorted
+        if as_of is not None and not (isinstance(as_of, str) and not as_of.strip()):
+            at = parse_event_times(pd.Series([as_of])).to_numpy()[0]
+            cutoff = np.full(len(users), at, dtype="datetime64[us]")
+        elif one_user:
+            cutoff = np.array([times.max() + np.timedelta64(1, "s")])
         else:
-            cutoff_ts = parse_event_times(pd.Series([as_of])).iloc[0]
-            cutoff = np.full(len(users), cutoff_ts.to_datetime64())
-        examples = pd.DataFrame({"user_id": users, "cutoff": pd.to_datetime(cutoff)})
-        vectors = self.embed(frame, examples) if len(examples) else np.zeros((0, self.embedding_dim), dtype=np.float32)
-        proba = self.proba_from_embeddings(vectors)
-        out = pd.DataFrame({"user_id": users.astype(str), "as_of": examples["cutoff"].astype("datetime64[us]")})
-        embedding = pd.DataFrame(
-            vectors.astype(np.float32), columns=[f"embedding_{i}" for i in range(self.embedding_dim)]
-        )
-        probabilities = pd.DataFrame(proba.to_numpy(np.float32), columns=self.probability_columns)
-        return pd.concat([out, embedding, probabilities], axis=1)
+            last = pd.Series(times).groupby(user_ids, sort=True).max()
+            cutoff = (last + pd.Timedelta(seconds=1)).to_numpy().astype("datetime64[us]")
+        if len(users) == 0:
+            vectors = np.zeros((0, self.embedding_dim), dtype=np.float32)
+        elif len(users) == 1:  # a live request: the encoder's one-user path, no user index to build
+            with torch.inference_mode():
+                self.model.eval()
+                vectors = self.model.embed(self.encoder.transform_user(frame, pd.Timestamp(cutoff[0]))).numpy()
+        else:
+            vectors = self.embed(frame, pd.DataFrame({"user_id": users, "cutoff": cutoff}))
+        proba = self.proba_from_embeddings(vectors).to_numpy(np.float32)
+        columns = {"user_id": users.astype(str).astype(object), "as_of": cutoff}
+        columns.update({f"embedding_{i}": vectors[:, i].astype(np.float32) for i in range(self.embedding_dim)})
+        columns.update({name: proba[:, j] for j, name in enumerate(self.probability_columns)})
+        return pd.DataFrame(columns)
 
     def evaluate(
         self, events: pd.DataFrame | PreparedEvents, examples: pd.DataFrame, label_columns: Sequence[str] | None = None

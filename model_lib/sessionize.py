@@ -62,17 +62,17 @@ def parse_event_times(values: pd.Series | Iterable) -> pd.Series:
     elif pd.api.types.is_numeric_dtype(series.dtype) and not pd.api.types.is_bool_dtype(series.dtype):
         out = _from_epoch_seconds(series)
     else:
-        text = series.astype("string")
-        numeric = text.str.fullmatch(r"[+-]?[0-9]+(\.[0-9]*)?").fillna(False).to_numpy(bool)
-        out = pd.Series(pd.NaT, index=series.index, dtype="datetime64[us]")
-        if numeric.any():
-            out[numeric] = _from_epoch_seconds(pd.to_numeric(text[numeric])).to_numpy()
-        if (~numeric).any():
-            try:
-                parsed = pd.to_datetime(text[~numeric], utc=True, format="ISO8601")
-            except (ValueError, TypeError, OverflowError):
-                parsed = _parse_one_by_one(text[~numeric])
-            out[~numeric] = parsed.dt.tz_localize(None).to_numpy()
+        values = series.to_numpy(dtype=object)
+        # epoch seconds: numbers, or strings that parse as one (vectorised; ISO strings give NaN)
+        numbers = pd.to_numeric(pd.Series(values), errors="coerce").to_numpy(np.float64)
+        numeric = ~np.isnan(numbers)
+        if not numeric.any():  # the common case: ISO-8601 strings (or datetimes) only
+            out = _parse_iso(pd.Series(values, index=series.index))
+        else:
+            out = pd.Series(pd.NaT, index=series.index, dtype="datetime64[us]")
+            out[numeric] = _from_epoch_seconds(pd.Series(numbers[numeric])).to_numpy()
+            if (~numeric).any():
+                out[~numeric] = _parse_iso(pd.Series(values[~numeric])).to_numpy()
     out = out.astype("datetime64[us]")
     bad = out.isna()
     if bad.any():
@@ -81,6 +81,15 @@ def parse_event_times(values: pd.Series | Iterable) -> pd.Series:
             f"event_time: {int(bad.sum())} value(s) are not ISO-8601 or Unix epoch seconds, first {first!r}"
         )
     return out
+
+
+def _parse_iso(values: pd.Series) -> pd.Series:
+    """ISO-8601 strings (zone or none = UTC) or datetimes -> naive UTC; NaT where unparseable."""
+    try:
+        parsed = pd.to_datetime(values, utc=True, format="ISO8601")
+    except (ValueError, TypeError, OverflowError):
+        parsed = _parse_one_by_one(values.astype("string"))
+    return parsed.dt.tz_localize(None)
 
 
 def _from_epoch_seconds(numbers: pd.Series) -> pd.Series:
@@ -141,20 +150,23 @@ def sessionize(events: pd.DataFrame, session_gap_seconds: float = DEFAULT_SESSIO
     since_start = (t - t[session_start]) / 1e6
 
     day = np.floor_divide(t, _US_PER_DAY)
-    out = events.iloc[order].reset_index(drop=True)
-    out["event_time"] = times.to_numpy()[order]
-    out["user_id"] = users[order]
     session_index = session_index.astype(np.int32)
-    out["session_id"] = pd.Series(users[order]).str.cat(session_index.astype(str), sep=":").to_numpy(dtype=object)
-    out["session_index"] = session_index
-    out["event_index"] = event_index.astype(np.int32)
-    out["event_index_in_session"] = (np.arange(n) - session_start).astype(np.int32)
-    out["seconds_since_prev_event"] = gap
-    out["seconds_since_session_start"] = since_start
-    out["log_seconds_since_prev_event"] = np.log(1.0 + gap)
-    out["log_seconds_since_session_start"] = np.log(1.0 + since_start)
-    out["hour_of_day"] = (np.floor_divide(t - day * _US_PER_DAY, 3_600_000_000)).astype(np.int32)
-    out["day_of_week"] = ((day + _EPOCH_WEEKDAY) % 7).astype(np.int32)
+    ordered_users = users[order]
+    # one DataFrame construction (column-by-column assignment costs more than the arithmetic)
+    columns = {c: events[c].to_numpy()[order] for c in events.columns}
+    columns["event_time"] = times.to_numpy()[order]
+    columns["user_id"] = ordered_users
+    columns["session_id"] = np.array([f"{u}:{s}" for u, s in zip(ordered_users, session_index.tolist())], dtype=object)
+    columns["session_index"] = session_index
+    columns["event_index"] = event_index.astype(np.int32)
+    columns["event_index_in_session"] = (np.arange(n) - session_start).astype(np.int32)
+    columns["seconds_since_prev_event"] = gap
+    columns["seconds_since_session_start"] = since_start
+    columns["log_seconds_since_prev_event"] = np.log(1.0 + gap)
+    columns["log_seconds_since_session_start"] = np.log(1.0 + since_start)
+    columns["hour_of_day"] = np.floor_divide(t - day * _US_PER_DAY, 3_600_000_000).astype(np.int32)
+    columns["day_of_week"] = ((day + _EPOCH_WEEKDAY) % 7).astype(np.int32)
+    out = pd.DataFrame(columns, copy=False)
     return out
 
 

@@ -66,6 +66,9 @@ def test_raw_events_score_like_the_training_path(user_model, raw_events):
     np.testing.assert_allclose(served.filter(like="embedding_").to_numpy(), expected, atol=1e-6)
     proba = user_model.proba_from_embeddings(expected)
     np.testing.assert_allclose(served[["p_booking", "p_bounce"]].to_numpy(), proba.to_numpy(), atol=1e-6)
+    # one user alone takes the encoder's one-user path: the same numbers
+    alone = user_model.score_events(request[request["user_id"] == users[1]])
+    np.testing.assert_allclose(alone.filter(like="embedding_").to_numpy()[0], expected[1], atol=1e-6)
     # sessionized input stays accepted and gives the same answer
     again = user_model.score_events(events)
     np.testing.assert_allclose(again.filter(like="embedding_").to_numpy(), expected, atol=1e-6)

@@ -103,10 +103,10 @@ def user_embeddings(
         # the t-SNE sample, drawn (seeded) by position in user order before streaming
         pick = set(rng.choice(users, size=min(config.map_users, users), replace=False).tolist()) if users else set()
         picked_ids, picked_vectors, seen = [], [], 0
-        reader = con.execute(
+        reader = con.sql(
             "SELECT * EXCLUDE (source_file, source_row, ingested_at) FROM sessionized_events "
             "ORDER BY user_id, event_index"
-        ).fetch_record_batch(100_000)
+        ).to_arrow_reader(100_000)
         for events in user_batches(reader, config.batch_events):
             batch_users = pd.DataFrame({"user_id": events["user_id"].drop_duplicates().to_numpy(), "cutoff": as_of})
             vectors = model.embed(events, batch_users)  # the champion's own encoder: one user batch at a time

@@ -201,7 +201,7 @@ def score_users_op(
             if rejected_rows:
                 rejected_path = output.with_name(output.stem + ".rejected.parquet")
                 con.execute(f"COPY ({rejected}) TO {sql_literal(str(rejected_path))} (FORMAT parquet)")
-            score(con.execute(accepted).fetch_record_batch(min(config.batch_events, 100_000)))
+            score(con.sql(accepted).to_arrow_reader(min(config.batch_events, 100_000)))
         finally:
             con.close()
         source = config.events_path
@@ -213,7 +213,7 @@ def score_users_op(
             where.append(f"event_time < CAST({sql_literal(config.end)} AS TIMESTAMP)")
         sql = "SELECT * EXCLUDE (ingested_at) FROM raw_events" + (" WHERE " + " AND ".join(where) if where else "")
         with warehouse.connect(read_only=True) as con:
-            score(con.execute(sql + " ORDER BY user_id").fetch_record_batch(min(config.batch_events, 100_000)))
+            score(con.sql(sql + " ORDER BY user_id").to_arrow_reader(min(config.batch_events, 100_000)))
         source = f"raw_events [{config.start or '-inf'}, {config.end or '+inf'})"
     path = stream.close(
         pa.schema([("user_id", pa.string()), ("model_name", pa.string()), ("model_version", pa.string())])
