@@ -17,7 +17,9 @@ import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
+from datetime import datetime, timedelta
 from pathlib import Path
+from zoneinfo import ZoneInfo
 
 import dagster as dg
 import duckdb
@@ -449,3 +451,42 @@ def image_stats(path: Path) -> tuple[tuple[int, int], float, int]:
         size = image.size
         grey = np.asarray(image.convert("L"), dtype=np.float64)
     return size, float(grey.std()), len(np.unique(grey))
+
+
+# ---------------------------------------------------------------------------------------------
+# Schedules
+
+
+def _cron_field(spec: str, low: int, high: int) -> set[int]:
+    """Values of one cron field (`*`, `a`, `a-b`, `*/n`, `a-b/n`, comma lists)."""
+    values: set[int] = set()
+    for part in spec.split(","):
+        body, _, step = part.partition("/")
+        start, end = (low, high) if body == "*" else (int(body.split("-")[0]), int(body.split("-")[-1]))
+        values |= set(range(start, end + 1, int(step or 1)))
+    return values
+
+
+def cron_ticks(cron: str, timezone: str, after: datetime, n: int) -> list[datetime]:
+    """The next `n` times strictly after `after` that match a 5-field cron in `timezone`.
+
+    Minute by minute on the wall clock of `timezone` (a few weeks take a fraction of a second);
+    Dagster has no public tick iterator, and this one is independent of the scheduler it checks.
+    Day-of-month and day-of-week combine as in Vixie cron (either matches if both are restricted).
+    """
+    minute, hour, day, month, weekday = cron.split()
+    minutes, hours, months = _cron_field(minute, 0, 59), _cron_field(hour, 0, 23), _cron_field(month, 1, 12)
+    days, weekdays = _cron_field(day, 1, 31), {d % 7 for d in _cron_field(weekday, 0, 7)}  # 0 and 7: Sunday
+    zone = ZoneInfo(timezone)
+    t = after.astimezone(zone).replace(second=0, microsecond=0) + timedelta(minutes=1)
+    found: list[datetime] = []
+    while len(found) < n:
+        cron_weekday = (t.weekday() + 1) % 7  # cron: 0 = Sunday
+        if day != "*" and weekday != "*":
+            day_ok = t.day in days or cron_weekday in weekdays
+        else:
+            day_ok = t.day in days and cron_weekday in weekdays
+        if t.minute in minutes and t.hour in hours and t.month in months and day_ok:
+            found.append(t)
+        t += timedelta(minutes=1)
+    return found
