@@ -19,7 +19,9 @@ import numpy as np
 import pandas as pd
 from pydantic import Field
 
-from assets.model_registry.assets import model_promotion
+from assets.common.metadata import warehouse_table_metadata
+from assets.model_registry.assets import PROMOTION_KEY
+from assets.serving.columns import USER_EMBEDDINGS_COLUMNS
 from assets.serving.scoring import DEFAULT_BATCH_EVENTS, ParquetStream, user_batches
 from resources.mlflow_tracking import MLflowTracking
 from resources.paths import TraceDagsterPaths
@@ -76,7 +78,7 @@ def embedding_map_png(embeddings: np.ndarray, labels: pd.Series, title: str, see
     group_name=GROUP,
     owners=OWNERS,
     kinds={"duckdb", "mlflow", "pytorch"},
-    deps=["sessionized_events", model_promotion],
+    deps=["sessionized_events", PROMOTION_KEY],
     pool=WAREHOUSE_POOL,
     description="Latest embedding per user from the champion TRACE version (loaded from the MLflow "
     "registry), with a t-SNE map coloured by behaviour.",
@@ -140,6 +142,7 @@ def user_embeddings(
             f"CAST(as_of AS TIMESTAMP) AS as_of FROM read_parquet({sql_literal(str(staged))}) {keep_others}",
         )
         staged.unlink(missing_ok=True)
+        catalog = warehouse_table_metadata(con, "user_embeddings", USER_EMBEDDINGS_COLUMNS)
         con.register("picked_users", pd.DataFrame({"user_id": picked_ids}))
         picked_events = con.sql(
             "SELECT user_id, event_name FROM sessionized_events WHERE user_id IN (SELECT user_id FROM picked_users)"
@@ -153,6 +156,7 @@ def user_embeddings(
     png_path.write_bytes(png)
     return dg.MaterializeResult(
         metadata={
+            **catalog,
             "dagster/row_count": rows,
             "users": int(users),
             "batches_events_at_most": config.batch_events,
