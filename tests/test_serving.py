@@ -132,9 +132,8 @@ def test_candidates_ranked_from_a_raw_request_survive_a_save(tmp_path, raw_event
     user = raw_events["user_id"].iloc[0]
     history = client_request(raw_events, [user])[["user_id", "event_time", "event_name", "item_id", "category"]]
     items = history.dropna(subset=["item_id"]).drop_duplicates("item_id").tail(3)
-    request = pd.concat(
-        [history.assign(is_candidate=False), items.assign(is_candidate=True, event_time=None, event_name=None)]
-    )
+    candidates = items.assign(is_candidate=True, event_time=None, event_name=None).astype(object)
+    request = pd.concat([history.assign(is_candidate=False).astype(object), candidates])
     ranked = loaded.score_candidates(request)
     assert list(ranked["item_id"]) == list(items["item_id"].astype(str))
     assert list(ranked.columns) == [

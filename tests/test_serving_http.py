@@ -212,6 +212,95 @@ def test_champion_requirements_cover_its_code_and_metrics_sit_on_the_logged_mode
         assert {m.key for m in logged.metrics} & {"test_mean_auroc", "test_ndcg"}, logged.metrics
 
 
+def test_score_users_streams_a_file_and_a_date_range_to_parquet(pipeline, tmp_path):
+    from trace_dagster.jobs import score_users
+
+    events = raw_request(pipeline, users=6)
+    path = tmp_path / "events.csv"
+    bad = pd.DataFrame([{"user_id": "x", "event_time": "not a time", "event_name": "home"}])
+    pd.concat([events, bad], ignore_index=True).to_csv(path, index=False)
+
+    def run(output: Path, batch_events: int, **config) -> pd.DataFrame:
+        result = score_users.execute_in_process(
+            resources=pipeline.resources,
+            run_config={
+                "ops": {
+                    "score_users_op": {"config": {"output_path": str(output), "batch_events": batch_events, **config}}
+                }
+            },
+        )
+        assert result.success
+        return pd.read_parquet(output)
+
+    small = run(tmp_path / "small.parquet", 40, events_path=str(path))  # many batches of whole users
+    large = run(tmp_path / "large.parquet", 100_000, events_path=str(path))
+    assert len(small) == len(large) == events["user_id"].nunique() == 6
+    assert list(small["user_id"]) == list(large["user_id"])  # batching changes nothing
+    np.testing.assert_allclose(np.stack(small["embedding"]), np.stack(large["embedding"]), atol=1e-5)
+    np.testing.assert_allclose(small.filter(like="p_").to_numpy(), large.filter(like="p_").to_numpy(), atol=1e-5)
+    assert [c for c in small.columns if c.startswith("p_")] and len(small["embedding"].iloc[0]) > 0
+    champion = mlflow.pyfunc.load_model("models:/trace@champion").unwrap_python_model().model
+    expected = champion.score_events(events)
+    np.testing.assert_allclose(np.stack(small["embedding"]), expected.filter(like="embedding_").to_numpy(), atol=1e-5)
+    rejected = pd.read_parquet(tmp_path / "small.rejected.parquet")
+    assert list(rejected["reason"]) == ["malformed_event_time"]
+
+    day = pipeline.query("SELECT CAST(max(event_time) AS DATE) AS d FROM raw_events")["d"].iloc[0]
+    ranged = run(tmp_path / "range.parquet", 500, start=str(day))
+    users = pipeline.query(f"SELECT count(DISTINCT user_id) AS n FROM raw_events WHERE event_time >= '{day}'")[
+        "n"
+    ].iloc[0]
+    assert len(ranged) == users > 0
+
+
+FRESH_ENV_SCRIPT = """
+import json, sys
+import mlflow, pandas as pd
+model = mlflow.pyfunc.load_model(sys.argv[1])
+request = pd.read_json(sys.argv[2], orient="split", dtype=False)
+print(model.predict(request, params={"as_of": "2030-01-01T00:00:00Z"}).to_json(orient="split"))
+"""
+
+
+@pytest.mark.skipif(
+    os.environ.get("TRACE_DAGSTER_FRESH_VENV") != "1",
+    reason="downloads the model's requirements from PyPI into a new virtualenv (~1 GB, minutes): "
+    "set TRACE_DAGSTER_FRESH_VENV=1; the requirement list is checked above in every run",
+)
+def test_champion_loads_in_a_fresh_virtualenv_from_its_own_requirements(pipeline, tmp_path):
+    """What `mlflow models serve --env-manager virtualenv` does, minus pyenv: a new venv (no site
+    packages), `pip install -r` the version's own requirements.txt, load and predict there."""
+    model_dir = Path(mlflow.artifacts.download_artifacts("models:/trace@champion", dst_path=str(tmp_path / "m")))
+    env_dir = tmp_path / "env"
+    subprocess.run([sys.executable, "-m", "venv", str(env_dir)], check=True)  # a venv has none of our packages
+    pip = subprocess.run(
+        [str(env_dir / "bin" / "pip"), "install", "-q", "-r", str(model_dir / "requirements.txt")],
+        capture_output=True,
+        text=True,
+        timeout=3600,
+    )
+    assert pip.returncode == 0, pip.stderr[-3000:]
+    request = raw_request(pipeline)
+    request_path = tmp_path / "request.json"
+    request.to_json(request_path, orient="split", index=False)
+    script = tmp_path / "predict.py"
+    script.write_text(FRESH_ENV_SCRIPT)
+    clean_env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    done = subprocess.run(
+        [str(env_dir / "bin" / "python"), str(script), str(model_dir), str(request_path)],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=clean_env,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    served = pd.read_json(done.stdout.strip().splitlines()[-1], orient="split")
+    local = mlflow.pyfunc.load_model(str(model_dir)).predict(request, params={"as_of": "2030-01-01T00:00:00Z"})
+    numeric = [c for c in local.columns if c.startswith(("embedding_", "p_"))]
+    np.testing.assert_allclose(served[numeric].to_numpy(float), local[numeric].to_numpy(float), atol=1e-5)
+
+
 def test_a_version_loads_after_the_home_directory_moved(pipeline, tmp_path):
     """Last in the module: the home really moves (nothing left at the old path)."""
     from resources.mlflow_tracking import MLflowTracking
