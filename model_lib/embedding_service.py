@@ -190,8 +190,12 @@ class UserModel:
             frame = events.copy()
             frame["event_time"] = parse_event_times(frame["event_time"])
             frame["user_id"] = frame["user_id"].astype(str)
-            return frame
-        return sessionize(events, self.session_gap_seconds)
+        else:
+            frame = sessionize(events, self.session_gap_seconds)
+        absent = [c for c in self.encoder.columns if c not in frame.columns]
+        if absent:  # optional attributes a request leaves out: missing values, as in training
+            frame = frame.assign(**dict.fromkeys(absent, None))
+        return frame
 
     def score_events(self, events: pd.DataFrame, as_of=None, unknown_event_names: str = "reject") -> pd.DataFrame:
         """Raw canonical events of one or more users -> one row per user: `user_id`, `as_of`,

@@ -93,6 +93,8 @@ def test_bad_requests_raise_clear_errors(user_model, raw_events):
     assert len(kept) == 1  # batch scoring maps unseen names to the OOV token
     with pytest.raises(InvalidEventsError, match="event_time"):
         user_model.score_events(request.assign(event_time="soon"))
+    fewer = user_model.score_events(request.drop(columns=["device", "category"]))  # optional columns
+    assert len(fewer) == 1 and np.isfinite(fewer.filter(like="embedding_").to_numpy()).all()
     with pytest.raises(InvalidEventsError, match="user_id"):
         user_model.score_events(request.drop(columns="user_id"))
 
