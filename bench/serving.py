@@ -100,7 +100,13 @@ def free_port() -> int:
 
 def start_server(model_uri: str, tracking_uri: str, workdir: Path) -> tuple[subprocess.Popen, int]:
     port = free_port()
-    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri, "OMP_NUM_THREADS": "1"}
+    venv_bin = str(Path(sys.executable).parent)  # `mlflow models serve` execs `uvicorn` from PATH
+    env = {
+        **os.environ,
+        "MLFLOW_TRACKING_URI": tracking_uri,
+        "OMP_NUM_THREADS": "1",
+        "PATH": venv_bin + os.pathsep + os.environ.get("PATH", ""),
+    }
     process = subprocess.Popen(
         [str(Path(sys.executable).with_name("mlflow")), "models", "serve", "-m", model_uri]
         + ["-h", "127.0.0.1", "-p", str(port), "--env-manager", "local", "-w", "1"],

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -25,8 +24,8 @@ import mlflow
 import numpy as np
 import pandas as pd
 import pytest
+from helpers import failed_steps, free_port, materialize_full_graph, small_run_config
 from mlflow import MlflowClient
-from pipeline_helpers import failed_steps, materialize_full_graph, small_run_config
 
 from resources.mlflow_tracking import imported_modules
 
@@ -56,19 +55,18 @@ def pipeline(tmp_path_factory):
             yield run
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class Server:
     """`mlflow models serve` in a subprocess; stopped (its process only) on exit."""
 
     def __init__(self, model_uri: str, tracking_uri: str, cwd: Path):
         self.port = free_port()
         self.log = cwd / f"serve-{self.port}.log"
-        env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri}
+        venv_bin = str(Path(sys.executable).parent)  # `mlflow models serve` execs `uvicorn` from PATH
+        env = {
+            **os.environ,
+            "MLFLOW_TRACKING_URI": tracking_uri,
+            "PATH": venv_bin + os.pathsep + os.environ.get("PATH", ""),
+        }
         mlflow_cli = Path(sys.executable).with_name("mlflow")
         self.process = subprocess.Popen(
             [str(mlflow_cli), "models", "serve", "-m", model_uri, "-h", "127.0.0.1", "-p", str(self.port)]

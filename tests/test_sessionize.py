@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import SHARED_DATA, check_results, materialize_pipeline, pipeline_resources, query
+from helpers import SHARED_DATA, check_results, materialize_pipeline, pipeline_resources, query
 
 from model_lib.sessionize import SESSION_COLUMNS, InvalidEventsError, parse_event_times, sessionize
 
