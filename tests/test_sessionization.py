@@ -91,6 +91,26 @@ def test_sql_matches_the_pandas_reference_on_simulated_events(home):
     assert sql.groupby("user_id").session_index.max().ge(1).mean() > 0.5  # multi-session users
 
 
+def test_late_events_land_in_the_right_sessions(home, tmp_path):
+    """A later file with events older than ones already sessionized: positions are recomputed."""
+    folder = tmp_path / "drop"
+    header = "user_id,event_time,event_name"
+    write_lines(folder / "day1.csv", [header, "a,2026-01-05 10:00:00,home", "a,2026-01-05 14:00:00,buy"])
+    resources = pipeline_resources(home, folder, "canonical")
+    assert materialize_pipeline(resources).success
+    assert sessionized(home).session_id.tolist() == ["a:0", "a:1"]  # a 4-hour gap: two sessions
+
+    # The collector delivers a late event from between the two: now one session of three events.
+    write_lines(folder / "late.csv", [header, "a,2026-01-05 12:00:00,search", "b,2026-01-05 09:00:00,home"])
+    result = materialize_pipeline(resources)
+    assert result.success and all(check_results(result).values())
+    a = sessionized(home).query("user_id == 'a'")
+    assert a.event_name.tolist() == ["home", "search", "buy"]
+    assert a.session_id.tolist() == ["a:0", "a:0", "a:0"]
+    assert a.event_index.tolist() == [0, 1, 2] and a.event_index_in_session.tolist() == [0, 1, 2]
+    assert a.seconds_since_prev_event.tolist() == [0, 7200, 7200]
+
+
 @pytest.fixture
 def check_con():
     con = duckdb.connect()

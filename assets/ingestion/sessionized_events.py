@@ -151,11 +151,13 @@ def check_session_keys_not_null(con: duckdb.DuckDBPyConnection) -> dg.AssetCheck
     counts = con.execute(
         "SELECT " + ", ".join(f"count(*) FILTER ({c} IS NULL)" for c in columns) + f" FROM {SESSIONIZED_EVENTS}"
     ).fetchall()[0]
+    metadata: dict = {f"null_{c}": int(n) for c, n in zip(columns, counts)}
+    if sum(counts):
+        metadata["reason"] = "sessionized events with a null key: " + ", ".join(
+            f"{n} null {c}" for c, n in zip(columns, counts) if n
+        )
     return dg.AssetCheckResult(
-        check_name="keys_not_null",
-        asset_key=SESSIONIZED_EVENTS,
-        passed=sum(counts) == 0,
-        metadata={f"null_{c}": int(n) for c, n in zip(columns, counts)},
+        check_name="keys_not_null", asset_key=SESSIONIZED_EVENTS, passed=sum(counts) == 0, metadata=metadata
     )
 
 
@@ -185,11 +187,15 @@ SELECT
       WHERE lo <> 0 OR hi <> n - 1 OR distinct_positions <> n OR ids <> 1)
 """
     ).fetchall()[0]
+    passed = bad_users == 0 and bad_sessions == 0
+    metadata: dict = {"users_with_gaps": int(bad_users), "sessions_with_gaps": int(bad_sessions)}
+    if not passed:
+        metadata["reason"] = (
+            f"positions are not 0..n-1: {bad_users} user(s) with gaps or repeats in event_index or "
+            f"session_index, {bad_sessions} session(s) in event_index_in_session or session_id"
+        )
     return dg.AssetCheckResult(
-        check_name="positions_contiguous",
-        asset_key=SESSIONIZED_EVENTS,
-        passed=bad_users == 0 and bad_sessions == 0,
-        metadata={"users_with_gaps": int(bad_users), "sessions_with_gaps": int(bad_sessions)},
+        check_name="positions_contiguous", asset_key=SESSIONIZED_EVENTS, passed=passed, metadata=metadata
     )
 
 
@@ -198,11 +204,11 @@ def check_rows_match_raw_events(con: duckdb.DuckDBPyConnection) -> dg.AssetCheck
     sessionized, raw = con.execute(
         f"SELECT (SELECT count(*) FROM {SESSIONIZED_EVENTS}), (SELECT count(*) FROM {RAW_EVENTS})"
     ).fetchall()[0]
+    metadata: dict = {"sessionized_rows": int(sessionized), "raw_rows": int(raw)}
+    if sessionized != raw:
+        metadata["reason"] = f"{sessionized} sessionized rows for {raw} accepted raw events"
     return dg.AssetCheckResult(
-        check_name="rows_match_raw_events",
-        asset_key=SESSIONIZED_EVENTS,
-        passed=sessionized == raw,
-        metadata={"sessionized_rows": int(sessionized), "raw_rows": int(raw)},
+        check_name="rows_match_raw_events", asset_key=SESSIONIZED_EVENTS, passed=sessionized == raw, metadata=metadata
     )
 
 
