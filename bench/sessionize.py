@@ -68,7 +68,7 @@ def run_duckdb(input_path: Path, out_dir: Path, gap: float) -> dict:
     started = time.perf_counter()
     with warehouse.connect() as con:
         summary = ingest(warehouse, con, [InputFile(input_path, "parquet", get_format("canonical"))])
-        rows = build_sessionized_events(warehouse, con, gap)
+        rows = build_sessionized_events(warehouse, con, gap).rows_written
         seconds = time.perf_counter() - started
         sessions = con.execute(f"SELECT count(DISTINCT session_id) FROM {SESSIONIZED_EVENTS}").fetchall()[0][0]
     return {
