@@ -268,6 +268,22 @@ def test_a_rotated_file_and_an_overlapping_file_lose_nothing_and_say_why(home, t
         assert run.rows_read == run.rows_accepted + run.rows_rejected
 
 
+def test_small_parquet_parts_are_compacted(home, tmp_path):
+    folder = tmp_path / "drop"
+    header = "user_id,event_time,event_name"
+    resources = pipeline_resources(home, folder, "canonical")
+    run_config = {"ops": {"ingested_events": {"config": {"compact_above_parts": 3}}}}
+    parts = []
+    for day in range(1, 6):  # five deliveries, one part per table each
+        write_lines(folder / f"day{day}.csv", [header, f"u{day},2026-01-0{day} 10:00:00,home", ""])
+        result = materialize_pipeline(resources, run_config, sessionize=False)
+        assert result.success and all(check_results(result).values())
+        parts.append(len(list((home / "parquet" / "raw_events").glob("*.parquet"))))
+    assert parts == [1, 2, 3, 1, 2]  # the 4th run found 4 parts > 3 and merged them
+    assert sorted(query(home, "SELECT user_id FROM raw_events").user_id) == [f"u{d}" for d in range(1, 6)]
+    assert len(query(home, "SELECT * FROM rejected_events WHERE reason = 'blank_line'")) == 5
+
+
 def test_a_run_that_fails_midway_leaves_the_previous_tables(home, tmp_path, monkeypatch):
     folder = tmp_path / "events"
     header = "user_id,event_time,event_name"

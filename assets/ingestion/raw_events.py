@@ -49,6 +49,7 @@ from resources.event_sources import (
     stage_file,
 )
 from resources.warehouse import (
+    PARQUET_CATALOG,
     WAREHOUSE_POOL,
     DuckDBWarehouse,
     quote_ident,
@@ -102,6 +103,7 @@ class IngestionConfig(dg.Config):
 
     min_event_time: str = "1995-01-01"
     max_future_seconds: int = 86_400
+    compact_above_parts: int = 8  # merge the small parquet parts of a table once it has more
 
 
 @dataclass
@@ -429,6 +431,40 @@ FROM ranked WHERE NOT is_prior AND duplicate_rank > 1
     return summary
 
 
+def compact_parts(
+    warehouse: DuckDBWarehouse,
+    con: duckdb.DuckDBPyConnection,
+    table: str,
+    max_parts: int = 8,
+    small_part_rows: int = 5_000_000,
+) -> int:
+    """Merge the small parquet parts of an append-only table once it has more than `max_parts`.
+
+    Every ingestion adds one part per table; a folder fed every few minutes would leave thousands
+    of tiny files (slow scans, one file handle each). The parts below `small_part_rows` are
+    rewritten as one file and swapped in atomically; rows and their order keys are unchanged.
+    Returns the number of parts merged (0: nothing to do).
+    """
+    parts = con.execute(
+        f"SELECT path, row_count FROM {PARQUET_CATALOG} WHERE table_name = ? ORDER BY written_at, path", [table]
+    ).fetchall()
+    small = [path for path, rows in parts if rows is not None and rows < small_part_rows]
+    if len(parts) <= max_parts or len(small) < 2:
+        return 0
+    listed = "[" + ", ".join(sql_literal(p) for p in small) + "]"
+    merged = warehouse.write_parquet(con, table, f"SELECT * FROM read_parquet({listed}, union_by_name = true)")
+    con.execute("BEGIN TRANSACTION")
+    try:
+        con.execute(f"DELETE FROM {PARQUET_CATALOG} WHERE table_name = ? AND list_contains(?, path)", [table, small])
+        warehouse.register_parquet(con, table, [merged], replace=False)
+        con.execute("COMMIT")
+    except BaseException:
+        con.execute("ROLLBACK")
+        raise
+    warehouse.sweep_unreferenced(con, table)
+    return len(small)
+
+
 def markdown_table(frame: pd.DataFrame, max_rows: int = 10) -> str:
     """A small frame as a markdown table for Dagster metadata (no tabulate dependency)."""
     frame = frame.head(max_rows)
@@ -483,6 +519,19 @@ def ingested_events(
             )
         else:
             context.log.info(f"no new input among {len(inputs)} file(s): tables unchanged")
+        compacted = {
+            table: compact_parts(warehouse, con, table, max_parts=config.compact_above_parts)
+            for table in (RAW_EVENTS, REJECTED_EVENTS)
+        }
+        for table, merged in compacted.items():
+            if merged:
+                context.log.info(f"{table}: {merged} small parquet parts compacted into one")
+        parquet_parts = dict(
+            con.execute(
+                f"SELECT table_name, count(*) FROM {PARQUET_CATALOG} WHERE table_name IN (?, ?) GROUP BY 1",
+                [RAW_EVENTS, REJECTED_EVENTS],
+            ).fetchall()
+        )
         has_tables = table_exists(con, RAW_EVENTS)
         raw_total, users = (
             con.execute(f"SELECT count(*), count(DISTINCT user_id) FROM {RAW_EVENTS}").fetchall()[0]
@@ -532,6 +581,8 @@ def ingested_events(
             **common,
             "dagster/row_count": int(raw_total),
             "rows_added": summary.rows_accepted,
+            "parquet_parts": int(parquet_parts.get(RAW_EVENTS, 0)),
+            "parts_compacted": compacted[RAW_EVENTS],
             "users": int(users),
             "preview": dg.MetadataValue.md(markdown_table(raw_preview)),
         },
@@ -542,6 +593,8 @@ def ingested_events(
             **common,
             "dagster/row_count": int(rejected_total),
             "rows_added": summary.rows_rejected,
+            "parquet_parts": int(parquet_parts.get(REJECTED_EVENTS, 0)),
+            "parts_compacted": compacted[REJECTED_EVENTS],
             "rejected_by_reason": dg.MetadataValue.md(markdown_table(by_reason, max_rows=50)),
             "preview": dg.MetadataValue.md(markdown_table(rejected_preview)),
         },
