@@ -511,6 +511,23 @@ def ingested_events(
         summary = ingest(warehouse, con, inputs, config, run_id=context.run_id)
         for note in summary.notes:
             context.log.warning(note)
+        for read in summary.files:  # one observation per file read: its history in the asset's UI
+            context.log_event(
+                dg.AssetObservation(
+                    asset_key=RAW_EVENTS,
+                    metadata={
+                        "source_file": read.source_file,
+                        "read": read.read_kind,
+                        "file_version": read.version,
+                        "from_row": read.start_row,
+                        "rows_read": read.rows_read,
+                        "rows_accepted": read.rows_accepted,
+                        "rows_rejected": read.rows_rejected,
+                        "rows_overlap": read.rows_overlap,
+                        **({"reason": read.note} if read.note else {}),
+                    },
+                )
+            )
         if summary.new_files:
             context.log.info(
                 f"ingested {len(summary.new_files)} file(s): {summary.rows_read} rows read, "
