@@ -268,6 +268,27 @@ def test_a_rotated_file_and_an_overlapping_file_lose_nothing_and_say_why(home, t
         assert run.rows_read == run.rows_accepted + run.rows_rejected
 
 
+def test_a_gzip_file_grown_by_a_new_member_is_read_from_where_it_stopped(home, tmp_path):
+    import gzip
+
+    path = tmp_path / "UserBehavior.csv.gz"
+    path.write_bytes(gzip.compress(("\n".join(taobao_rows(0, 100)) + "\n").encode()))
+    warehouse = DuckDBWarehouse(paths=TraceDagsterPaths(home=str(home)))
+    inputs = [InputFile(path.resolve(), "csv", get_format("taobao"))]
+    with warehouse.connect() as con:
+        ingest(warehouse, con, inputs)
+    with path.open("ab") as handle:  # gzip allows appending members; the old bytes stay a prefix
+        handle.write(gzip.compress(("\n".join(taobao_rows(100, 50)) + "\n").encode()))
+    with warehouse.connect() as con:
+        grown = ingest(warehouse, con, inputs)
+        again = ingest(warehouse, con, inputs)
+    assert [(f.read_kind, f.start_row, f.rows_read, f.rows_accepted) for f in grown.files] == [
+        ("appended", 101, 50, 50)
+    ]
+    assert again.files == [] and again.skipped_files == [str(path.resolve())]
+    assert sorted(query(home, "SELECT source_row FROM raw_events").source_row) == list(range(1, 151))
+
+
 def test_small_parquet_parts_are_compacted(home, tmp_path):
     folder = tmp_path / "drop"
     header = "user_id,event_time,event_name"
