@@ -144,6 +144,19 @@ def test_incremental_sessionization_touches_only_buckets_of_users_with_new_event
     pd.testing.assert_frame_equal(incremental, rebuilt)
 
 
+def test_no_accepted_event_yet_gives_an_empty_table_then_a_full_one(home, tmp_path):
+    folder = tmp_path / "drop"
+    header = "user_id,event_time,event_name"
+    write_lines(folder / "bad.csv", [header, ",2026-01-05 10:00:00,home"])
+    resources = pipeline_resources(home, folder, "canonical")
+    assert materialize_pipeline(resources).success
+    assert len(sessionized(home)) == 0
+    write_lines(folder / "good.csv", [header, "a,2026-01-05 10:00:00,home"])
+    result = materialize_pipeline(resources)
+    assert result.success and all(check_results(result).values())
+    assert sessionized(home).session_id.tolist() == ["a:0"]
+
+
 @pytest.fixture
 def check_con():
     con = duckdb.connect()

@@ -214,7 +214,10 @@ def plan_reads(con: duckdb.DuckDBPyConnection, inputs: list[InputFile]) -> tuple
             start = LineCursor(int(end_offset), int(end_row))
             reads.append(FileRead(item, "appended", old_version, digest, size, mtime, start))
         else:
-            why = "shorter" if size < old_size else "its first bytes changed" if size > old_size else "same size"
+            if item.kind == "parquet":
+                why = "a parquet file is read in full"
+            else:
+                why = "shorter" if size < old_size else "its first bytes changed" if size > old_size else "same size"
             note = (
                 f"{item.source_file} was rewritten ({why}; {old_size:,} -> {size:,} bytes): "
                 f"read again in full as version {old_version + 1}; rows accepted from earlier "

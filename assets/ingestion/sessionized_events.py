@@ -171,7 +171,10 @@ def build_sessionized_events(
         raw_columns = [r[0] for r in con.execute(f"DESCRIBE SELECT * FROM {RAW_EVENTS}").fetchall()]
         bucket_list = ", ".join(str(b) for b in buckets)
         source = f"(SELECT * FROM {RAW_EVENTS} WHERE {bucket} IN ({bucket_list}))"
-        parts = _write_bucket_parts(warehouse, con, sessionize_sql(source, raw_columns, session_gap_seconds), bucket)
+        query = sessionize_sql(source, raw_columns, session_gap_seconds)
+        parts = _write_bucket_parts(warehouse, con, query, bucket)
+        if full_rebuild and not parts:  # no accepted event yet: an empty table, not a missing one
+            parts = [warehouse.write_parquet(con, SESSIONIZED_EVENTS, query)]
     rows = sum(n for _, n in parts)
     con.execute("BEGIN TRANSACTION")
     try:
