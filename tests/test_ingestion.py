@@ -289,6 +289,19 @@ def test_a_gzip_file_grown_by_a_new_member_is_read_from_where_it_stopped(home, t
     assert sorted(query(home, "SELECT source_row FROM raw_events").source_row) == list(range(1, 151))
 
 
+def test_one_file_can_be_ingested_alone(home, tmp_path):
+    folder = tmp_path / "drop"
+    header = "user_id,event_time,event_name"
+    write_lines(folder / "day1.csv", [header, "u1,2026-01-05 10:00:00,home"])
+    write_lines(folder / "day2.csv", [header, "u2,2026-01-06 10:00:00,home"])
+    resources = pipeline_resources(home, folder, "canonical")
+    only = {"ops": {"ingested_events": {"config": {"only_files": ["day2.csv"]}}}}
+    assert materialize_pipeline(resources, only, sessionize=False).success
+    assert query(home, "SELECT user_id FROM raw_events").user_id.tolist() == ["u2"]
+    assert materialize_pipeline(resources, sessionize=False).success  # then the rest
+    assert sorted(query(home, "SELECT user_id FROM raw_events").user_id) == ["u1", "u2"]
+
+
 def test_small_parquet_parts_are_compacted(home, tmp_path):
     folder = tmp_path / "drop"
     header = "user_id,event_time,event_name"

@@ -33,10 +33,12 @@ accepted; set `min_event_time: "2017-11-25"` in the run config to quarantine the
 
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from fnmatch import fnmatch
 
 import dagster as dg
 import duckdb
 import pandas as pd
+from pydantic import Field
 
 from assets.common.metadata import markdown_table, warehouse_table_metadata
 from assets.ingestion.columns import RAW_EVENTS_COLUMNS, REJECTED_EVENTS_COLUMNS
@@ -106,6 +108,20 @@ class IngestionConfig(dg.Config):
     min_event_time: str = "1995-01-01"
     max_future_seconds: int = 86_400
     compact_above_parts: int = 8  # merge the small parquet parts of a table once it has more
+    only_files: list[str] = Field(
+        default_factory=list,
+        description="Ingest only the input files matching one of these globs (full path or file "
+        "name), e.g. to re-run one file's ingestion alone; empty means every input file.",
+    )
+
+
+def select_files(inputs: list[InputFile], patterns: list[str]) -> list[InputFile]:
+    """The inputs whose full path or file name matches one of `patterns` (all when empty)."""
+    if not patterns:
+        return inputs
+    return [
+        item for item in inputs if any(fnmatch(item.source_file, p) or fnmatch(item.path.name, p) for p in patterns)
+    ]
 
 
 @dataclass
@@ -490,6 +506,10 @@ def ingested_events(
 ):
     """Validate the event source's new files into raw_events / rejected_events."""
     inputs, ignored = event_source.list_inputs()
+    if config.only_files:
+        chosen = select_files(inputs, config.only_files)
+        context.log.info(f"only_files {config.only_files}: {len(chosen)} of {len(inputs)} input files")
+        inputs = chosen
     with warehouse.connect() as con:
         summary = ingest(warehouse, con, inputs, config, run_id=context.run_id)
         for note in summary.notes:
