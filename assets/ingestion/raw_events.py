@@ -340,7 +340,7 @@ def ingested_events(
     """Validate the event source's new files into raw_events / rejected_events."""
     inputs, ignored = event_source.list_inputs()
     with warehouse.connect() as con:
-        summary = ingest(warehouse, con, inputs, config, run_id=context.run_id)
+        summary = ingest(warehouse, con, inputs, config, run_id=context.run.run_id)
         if summary.new_files:
             context.log.info(
                 f"ingested {len(summary.new_files)} file(s): {summary.rows_read} rows read, "
