@@ -511,7 +511,7 @@ def ingested_events(
         context.log.info(f"only_files {config.only_files}: {len(chosen)} of {len(inputs)} input files")
         inputs = chosen
     with warehouse.connect() as con:
-        summary = ingest(warehouse, con, inputs, config, run_id=context.run_id)
+        summary = ingest(warehouse, con, inputs, config, run_id=context.run.run_id)
         for note in summary.notes:
             context.log.warning(note)
         for read in summary.files:  # one observation per file read: its history in the asset's UI

@@ -158,7 +158,7 @@ def drift_report(
                 "prediction_drift_share": float(predictions.drift_share),
                 "prediction_report_path": str(predictions.report_path),
                 "model_version": str(version),
-                "dagster_run_id": context.run_id,
+                "dagster_run_id": context.run.run_id,
                 "reference_users": len(reference_examples),
                 "current_users": len(current_embeddings),
             }
