@@ -121,7 +121,7 @@ def test_changed_file_counts_as_new(file_sensor_instance, drop_folder, home, mon
     write_events(day1, 9)  # new content: size and mtime change
     rewritten = tick(new_event_files, file_sensor_instance, first.cursor, resources)
     request = only_request(rewritten, "ingest_and_monitor")
-    assert request.tags["trace_dagster/new_files"] == "1"
+    assert request.tags["trace_dagster/new_files"] == "0" and request.tags["trace_dagster/changed_files"] == "1"
     keys.add(request.run_key)
 
     stat = day1.stat()
@@ -292,3 +292,26 @@ def test_cursor_waits_for_a_check_still_running(instance):
 
     after = tick(retrain_on_drift, instance, during.cursor)
     assert only_request(after, "retrain_models").tags["trace_dagster/drift_check_run"] == seen_during_run["b"].run_id
+
+
+def test_a_growing_file_starts_one_ingestion_per_change(file_sensor_instance, drop_folder, home):
+    resources = event_source_resources(home, events=str(drop_folder))
+    log = write_events(drop_folder / "today.csv", 5)
+    first = only_request(tick(new_event_files, file_sensor_instance, None, resources), "ingest_and_monitor")
+    cursor = tick(new_event_files, file_sensor_instance, None, resources).cursor
+
+    keys = [first.run_key]
+    for extra in (3, 4):  # the collector appends twice
+        with log.open("a") as handle:
+            handle.write("".join(f"u9,2026-01-06 11:{i:02d}:00,pv,item{i},cat0,mobile\n" for i in range(extra)))
+        grown = tick(new_event_files, file_sensor_instance, cursor, resources)
+        request = only_request(grown, "ingest_and_monitor")
+        assert request.tags["trace_dagster/changed_files"] == "1" and request.tags["trace_dagster/new_files"] == "0"
+        # The same state seen from the same cursor again (a restarted daemon) asks for the same key.
+        assert only_request(
+            tick(new_event_files, file_sensor_instance, cursor, resources), "ingest_and_monitor"
+        ).run_key == (request.run_key)
+        assert "no new files" in assert_skipped(tick(new_event_files, file_sensor_instance, grown.cursor, resources))
+        keys.append(request.run_key)
+        cursor = grown.cursor
+    assert len(set(keys)) == 3  # one run per change, none repeated

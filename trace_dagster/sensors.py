@@ -16,7 +16,7 @@ DRIFT_CHECK = dg.AssetCheckKey(dg.AssetKey("drift_report"), "drift_below_thresho
 
 
 def file_fingerprints(event_source: EventSource) -> dict[str, str]:
-    """path -> "size:mtime_ns" of every readable input file; a changed file is a new file."""
+    """path -> "size:mtime_ns" of every readable input file: growth or a rewrite changes it."""
     inputs, _ignored = event_source.list_inputs()
     out = {}
     for item in inputs:
@@ -39,13 +39,21 @@ def new_event_files(context: dg.SensorEvaluationContext, event_source: EventSour
         current = file_fingerprints(event_source)
     except EventSourceError as error:  # e.g. a drop folder with no event file yet: wait, say why
         return dg.SkipReason(str(error))
-    new = {path: fp for path, fp in current.items() if seen.get(path) != fp}
-    if not new:
+    changed = {path: fp for path, fp in current.items() if seen.get(path) != fp}
+    if not changed:
         return dg.SkipReason(f"no new files among {len(current)}")
-    run_key = "new-files-" + hashlib.sha256(json.dumps(sorted(new.items())).encode()).hexdigest()[:16]
+    # The key names the exact (path, size, mtime) states: the same change never launches twice,
+    # and every later growth of a file is a new state, hence a new run.
+    run_key = "new-files-" + hashlib.sha256(json.dumps(sorted(changed.items())).encode()).hexdigest()[:16]
     context.update_cursor(json.dumps({**seen, **current}, sort_keys=True))
+    new = [path for path in changed if path not in seen]
     return dg.RunRequest(
-        run_key=run_key, tags={"trace_dagster/trigger": "new_files", "trace_dagster/new_files": str(len(new))}
+        run_key=run_key,
+        tags={
+            "trace_dagster/trigger": "new_files",
+            "trace_dagster/new_files": str(len(new)),
+            "trace_dagster/changed_files": str(len(changed) - len(new)),
+        },
     )
 
 
