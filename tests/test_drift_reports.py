@@ -1,4 +1,6 @@
-"""Drift computation on real Taobao slices, on a deliberately shifted copy, and on embeddings."""
+"""Drift computation on real Taobao slices, on a deliberately shifted copy, and on embeddings.
+
+`session_features` here is the asset's DuckDB SQL run on an in-memory frame (one implementation)."""
 
 from __future__ import annotations
 
@@ -8,13 +10,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from assets.monitoring.features import session_features_of_frame as session_features
 from assets.monitoring.reports import (
     DEFAULT_DRIFT_SHARE_THRESHOLD,
     embedding_drift,
     input_drift,
     prediction_drift,
-    session_features,
-    top_event_names,
 )
 
 TAOBAO = Path(__file__).resolve().parents[2] / "shared" / "data" / "taobao_userbehavior"
@@ -82,8 +83,8 @@ def head_features(head_events) -> pd.DataFrame:
 
 
 @pytest.fixture(scope="module")
-def event_names(head_events) -> list[str]:
-    return top_event_names(head_events)
+def event_names(head_features) -> list[str]:
+    return [c.removeprefix("share_") for c in head_features.columns if c.startswith("share_") and c != "share_other"]
 
 
 def test_session_features_by_hand():
