@@ -30,6 +30,7 @@ def pipeline(tmp_path_factory):
         env.setenv("TRACE_DAGSTER_HOME", str(home))
         for name in ("TRACE_DAGSTER_EVENTS", "TRACE_DAGSTER_EVENTS_FORMAT", "MLFLOW_TRACKING_URI"):
             env.delenv(name, raising=False)
+        (home.parent / "dagster_home").mkdir()
         with dg.instance_for_test(temp_dir=str(home.parent / "dagster_home")) as instance:
             run = materialize_full_graph(
                 home,

@@ -196,3 +196,46 @@ def test_drift_asset_default_threshold_matches_the_drift_functions():
     from assets.monitoring.reports import DEFAULT_DRIFT_SHARE_THRESHOLD as function_default
 
     assert asset_default == function_default
+
+
+def test_column_verdicts_are_the_reports_verdicts(head_events, head_features, event_names):
+    from assets.monitoring.reports import column_verdicts
+
+    shifted = session_features(sessionize(shifted_copy(head_events)), event_names=event_names)
+    for current, sample in ((head_features.sample(frac=0.5, random_state=1), 800), (shifted, 3000)):
+        reference = head_features.sample(n=sample, random_state=0)  # both sides of Evidently's 1000-row switch
+        report = input_drift(reference, current).per_column.set_index("column")
+        fast = column_verdicts(reference, current).set_index("column")
+        assert fast["drifted"].equals(report["drifted"])
+        assert fast["score"].to_numpy() == pytest.approx(report["score"].to_numpy())
+
+
+def test_session_features_sample_is_bounded_and_repeatable(head_events):
+    import duckdb
+
+    from assets.monitoring.features import session_features as sql_session_features
+
+    con = duckdb.connect()
+    con.register("events", sessionize(head_events))
+    first = sql_session_features(con, "events", event_names=["pv", "cart"], max_sessions=500, seed=3)
+    again = sql_session_features(con, "events", event_names=["pv", "cart"], max_sessions=500, seed=3)
+    assert len(first) == 500
+    assert list(first.index) == list(again.index)  # a re-run on unchanged data compares the same sessions
+    other = sql_session_features(con, "events", "s.session_index = 0", event_names=["pv", "cart"], max_sessions=500)
+    assert other.index.str.endswith(":0").all()
+
+
+def test_drift_windows_have_equal_lengths_on_the_cutoff_grid():
+    from datetime import datetime, timedelta
+
+    from assets.monitoring.features import drift_windows
+
+    cutoff = datetime(2017, 12, 1)
+    windows = drift_windows(cutoff, datetime(2017, 12, 3, 15, 59), timedelta(days=1), timedelta(days=4))
+    assert windows.current_end == datetime(2017, 12, 3)  # the partial day is left out: same phase
+    assert windows.reference_start == datetime(2017, 11, 29)
+    assert windows.compares_hour_of_day and not windows.compares_day_of_week  # two days: different weekdays
+    weeks = drift_windows(cutoff, datetime(2017, 12, 16), timedelta(days=7), timedelta(days=14))
+    assert weeks.length == timedelta(days=14) and weeks.compares_day_of_week
+    with pytest.raises(ValueError, match="less than one cutoff step"):
+        drift_windows(cutoff, datetime(2017, 12, 1, 20), timedelta(days=1), timedelta(days=4))

@@ -12,7 +12,8 @@ have the same length, so both sides cover the same phase of the day and week. Th
   (`bench/drift_calibration.py`: at most 5% false alarms on stationary splits) and a change in
   what users do is exactly what retraining on fresh examples repairs;
 - **embedding drift** and **prediction drift** of the champion (WARN only): the same champion
-  embeds the users active within the observation window before each side's end, as of that end.
+  embeds the users active within the observation window before each side's end, as of that end,
+  from histories of the same span (the reference's: from the data's start to `T_r`).
   They only warn because they move with the champion itself (a retrained model has a new
   embedding space) and, when the inputs did not drift, a retraining would learn the same thing
   again; they tell a reader that the model sees its users differently, and the report says why.
@@ -84,13 +85,14 @@ def _user_sample(con, examples_sql: str, n: int, seed: int) -> pd.DataFrame:
     ).df()
 
 
-def _events_of(con, sample: pd.DataFrame, cutoff) -> pd.DataFrame:
-    """Sessionized events before `cutoff` of the sampled users only (what the encoder reads)."""
+def _events_of(con, sample: pd.DataFrame, since, cutoff) -> pd.DataFrame:
+    """Sessionized events in [since, cutoff) of the sampled users only (what the encoder reads)."""
     con.register("drift_user_sample", sample[["user_id"]])
     try:
         return con.sql(
             f"SELECT * EXCLUDE ({SESSION_COLUMNS_NOT_NEEDED}) FROM sessionized_events "
-            f"WHERE user_id IN (SELECT user_id FROM drift_user_sample) AND event_time < {sql_timestamp(cutoff)} "
+            f"WHERE user_id IN (SELECT user_id FROM drift_user_sample) AND event_time >= {sql_timestamp(since)} "
+            f"AND event_time < {sql_timestamp(cutoff)} "
             "ORDER BY user_id, event_index"
         ).df()
     finally:
@@ -221,8 +223,13 @@ def drift_report(
             )
         reference_users = _user_sample(con, reference_sql, n_users, config.seed)
         current_users = _user_sample(con, current_sql, n_users, config.seed)
-        reference_events_frame = _events_of(con, reference_users, windows.reference_end)
-        current_events_frame = _events_of(con, current_users, windows.current_end)
+        # Same history span on both sides: the reference users' histories start with the data;
+        # the current users' are cut to as long a span before T_c. Otherwise a population that
+        # merely grows older (every simulated user starts on day 0) reads as embedding drift.
+        [(data_start,)] = con.execute(f"SELECT min(event_time) FROM {source}").fetchall()
+        history_span = windows.reference_end - data_start
+        reference_events_frame = _events_of(con, reference_users, data_start, windows.reference_end)
+        current_events_frame = _events_of(con, current_users, windows.current_end - history_span, windows.current_end)
 
     model = mlflow_tracking.load_model(f"models:/{MODEL_NAME}/{version}")
     reference_emb = model.embed(reference_events_frame, reference_users)
