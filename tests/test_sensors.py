@@ -304,7 +304,7 @@ def test_drift_right_after_training_on_the_same_data_does_not_retrain_again(inst
         jobs=[job],
         resources={"during_run": lambda instance: None},
     )
-    run = definitions.get_job_def("retrain_models").execute_in_process(
+    run = definitions.resolve_job_def("retrain_models").execute_in_process(
         instance=instance, run_config={"ops": {"drift_report": {"config": {"drifted": True}}}}, raise_on_error=False
     )
     [record] = instance.event_log_storage.get_asset_check_execution_history(DRIFT_CHECK, limit=10)
