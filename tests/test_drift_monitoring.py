@@ -14,7 +14,7 @@ import json
 import dagster as dg
 import pytest
 
-from tests.pipeline_helpers import failed_steps, materialize_full_graph, small_run_config
+from tests.helpers import failed_steps, materialize_full_graph, small_run_config
 from trace_dagster.sensors import DRIFT_CHECK, retrain_on_drift
 
 pytestmark = pytest.mark.slow

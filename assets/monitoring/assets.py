@@ -30,6 +30,8 @@ import numpy as np
 import pandas as pd
 from pydantic import Field
 
+from assets.common.metadata import warehouse_table_metadata
+from assets.monitoring.columns import DRIFT_REPORT_COLUMNS
 from assets.monitoring.features import (
     MIN_SEGMENT_SESSIONS,
     attribute_columns,
@@ -293,7 +295,7 @@ def drift_report(
                 "prediction_report_path": str(predictions.report_path),
                 "outputs_reason": outputs_reason,
                 "model_version": str(version),
-                "dagster_run_id": context.run_id,
+                "dagster_run_id": context.run.run_id,
                 "reference_users": len(reference_users),
                 "current_users": len(current_users),
                 "reference_median_history_events": history[0],
@@ -303,15 +305,8 @@ def drift_report(
     )
     with warehouse.connect() as con:
         con.register("drift_row", row)
-        path, n = warehouse.write_parquet(con, "drift_report", "SELECT * FROM drift_row")
-        con.execute("BEGIN TRANSACTION")
-        try:
-            warehouse.register_parquet(con, "drift_report", [(path, n)], replace=False)  # append: one row per check
-            con.execute("COMMIT")
-        except BaseException:
-            con.execute("ROLLBACK")
-            path.unlink(missing_ok=True)
-            raise
+        warehouse.append_table(con, "drift_report", "SELECT * FROM drift_row")  # one row per check
+        catalog = warehouse_table_metadata(con, "drift_report", DRIFT_REPORT_COLUMNS)
 
     summary = pd.DataFrame(
         [
@@ -343,6 +338,7 @@ def drift_report(
     )
     return dg.MaterializeResult(
         metadata={
+            **catalog,
             "dataset_drift": dataset_drift,
             "drift_share": float(whole["drift_share"]),
             "embedding_drift": bool(embeddings.drift_detected),
