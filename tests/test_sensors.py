@@ -315,3 +315,25 @@ def test_a_growing_file_starts_one_ingestion_per_change(file_sensor_instance, dr
         keys.append(request.run_key)
         cursor = grown.cursor
     assert len(set(keys)) == 3  # one run per change, none repeated
+
+
+def test_drift_right_after_training_on_the_same_data_does_not_retrain_again(instance):
+    """A failure in a run that has just trained (e.g. `retrain_models`) would retrain in a loop:
+    the shift lies where examples only have labels, so the sensor waits for new data instead."""
+    job = dg.define_asset_job("retrain_models", selection=[stand_in_drift_report])
+    definitions = dg.Definitions(
+        assets=[stand_in_drift_report],
+        asset_checks=[stand_in_drift_below_threshold],
+        jobs=[job],
+        resources={"during_run": lambda instance: None},
+    )
+    run = definitions.resolve_job_def("retrain_models").execute_in_process(
+        instance=instance, run_config={"ops": {"drift_report": {"config": {"drifted": True}}}}, raise_on_error=False
+    )
+    [record] = instance.event_log_storage.get_asset_check_execution_history(DRIFT_CHECK, limit=10)
+    assert record.status.value == "FAILED" and record.run_id == run.run_id
+    assert "waiting for new events" in assert_skipped(tick(retrain_on_drift, instance, None))
+
+    failed = check_drift(instance, drifted=True)  # e.g. ingest_and_monitor after new files
+    data = tick(retrain_on_drift, instance, None)
+    assert only_request(data, "retrain_models").tags["trace_dagster/drift_check_run"] == failed.run_id
