@@ -138,7 +138,7 @@ def test_cli_without_terminal_prints_a_short_run_and_a_summary(tmp_path):
     assert done.returncode == 0, out + done.stderr
     lines = out.splitlines()
     assert len(lines) < 60, out
-    for section in ("full_pipeline succeeded", "Models:", "Champion: trace v1", "Checks:", "Drift:", "Where to look:"):
+    for section in ("full_pipeline succeeded", "Models ", "Champion: trace v1", "Checks:", "Drift:", "Where to look:"):
         assert section in out, f"{section!r} missing from:\n{out}"
     assert re.search(r"^  trace +v1 +champion +AUROC seen 0\.\d{3}.*[+-]\d+\.\d% \[", out, re.M), out
     # No Dagster DEBUG events, MLflow artifact bars or library warnings on the console.
@@ -165,7 +165,7 @@ def test_failing_blocking_check_prints_its_reason_and_exits_non_zero(tmp_path):
     assert done.returncode == 1, out + done.stderr
     assert "full_pipeline FAILED" in out
     summary = out[out.index("full_pipeline FAILED") :]
-    match = re.search(r"FAILED raw_events:rejected_share_below_threshold \(blocking\)\n +(.+)", summary)
+    match = re.search(r"FAILED raw_events:rejected_share_below_threshold \(blocking\): (.+)", summary)
     assert match, out
     assert "reject" in match.group(1) and match.group(1) != "no reason recorded", out
     assert "step ingestion_checks failed: blocking check failed: raw_events:rejected_share_below_threshold" in out

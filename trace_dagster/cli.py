@@ -140,7 +140,7 @@ def run(args: argparse.Namespace) -> int:
     print(
         f"trace-dagster run: full_pipeline on {events}"
         + (f" (format {os.environ[FORMAT_ENV_VAR]})" if os.environ.get(FORMAT_ENV_VAR) else "")
-        + f"\n  home {home}",
+        + f", home {home}",
         flush=True,
     )
     with console_and_log(starting_log, args.verbose) as (stream, log_file):

@@ -62,7 +62,7 @@ def model_lines(warehouse: Path, run_id: str, champions: dict[str, str]) -> list
         [run_id],
     )
     if not metrics:
-        return ["  no evaluation in this run (see the failed step above)"]
+        return ["Models: no evaluation in this run"]
     uplifts = _query(
         warehouse,
         "SELECT model, avg(uplift_pct), avg(ci_low), avg(ci_high), count(*) FROM evaluation_uplifts "
@@ -72,7 +72,7 @@ def model_lines(warehouse: Path, run_id: str, champions: dict[str, str]) -> list
     uplift = {m: (u, lo, hi, n) for m, u, lo, hi, n in uplifts or []}
     value = {(m, kind, metric): (v, n) for m, _, kind, metric, v, n in metrics}
     version = {m: str(v) for m, v, *_ in metrics}
-    lines = ["  model                version  headline (test, mean over tasks)        AUROC uplift vs myopic [95% CI]"]
+    lines = ["Models               version  headline (test, mean over tasks)        AUROC uplift vs myopic [95% CI]"]
     for model in [*SEQUENCE_MODELS, *CONVERSION_MODELS]:
         if model not in version:
             continue
@@ -128,8 +128,9 @@ def check_lines(progress: RunProgress) -> list[str]:
     failed = [c for c in progress.checks if c.status == "FAILED"]
     lines = [f"Checks: {passed} passed, {len(warned)} warned, {len(failed)} failed"]
     for c in failed + warned:
-        lines.append(f"  {c.status:<6} {c.name}{' (blocking)' if c.blocking and c.status == 'FAILED' else ''}")
-        lines.append(f"         {c.reason}")
+        lines.append(
+            f"  {c.status:<6} {c.name}{' (blocking)' if c.blocking and c.status == 'FAILED' else ''}: {c.reason}"
+        )
     return lines
 
 
@@ -142,7 +143,12 @@ def drift_lines(warehouse: Path, progress: RunProgress) -> tuple[list[str], str 
     if not drift_checks and not row:
         return ["Drift: not checked in this run"], None
     latest = dict(zip(wanted, row[0])) if row else {}
-    verdict = "no drift" if all(c.passed for c in drift_checks) else "DRIFT"
+    if all(c.passed for c in drift_checks):
+        verdict = "no drift"
+    elif any(c.status == "FAILED" for c in drift_checks):
+        verdict = "DRIFT (a gated check failed: retraining is due)"
+    else:
+        verdict = "warning only"
     detail = []
     if "drift_share" in latest:
         detail.append(f"input drift share {latest['drift_share']:.2f}")
@@ -176,7 +182,7 @@ def render_summary(outcome: RunOutcome) -> str:
         (registered_name(m) if m in CONVERSION_MODELS else m): str(v) for m, v in versions or [] if v is not None
     }
     champion, champions = champion_lines(tracking, run_versions)
-    lines += ["", "Models:", *model_lines(warehouse, outcome.run_id, champions), *champion]
+    lines += [*model_lines(warehouse, outcome.run_id, champions), *champion]
     lines += check_lines(progress)
     drift, drift_html = drift_lines(warehouse, progress)
     lines += drift

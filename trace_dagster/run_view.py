@@ -286,12 +286,9 @@ class RunWatcher:
         if state.epoch is not None:
             e = state.epoch
             detail += f"  {e.epoch}/{e.epochs} epochs, valid loss {e.valid_loss:.4f}, {e.rate} {e.unit}"
-        checks = [c for c in self.progress.checks if c.status != "passed" and c.step_key == state.key]
         line = f"{self._counter()}  {state.status:<7} {state.key:<34} {detail}"
-        if state.status == "FAILED":
+        if state.status == "FAILED":  # checks that failed or warned are listed with reasons in the summary
             line += f"\n{'':>16}why: {state.error}"
-        for c in checks:
-            line += f"\n{'':>16}{c.status} {c.name}: {c.reason}"
         return line
 
     def _footer(self):
