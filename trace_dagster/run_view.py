@@ -92,7 +92,7 @@ class StepState:
     started: float
     epoch: EpochProgress | None = None
     finished: float | None = None
-    status: str = "running"  # running, ok, FAILED, skipped
+    status: str = "running"  # starting (process spawn), running, ok, FAILED, skipped
     error: str = ""
 
 
@@ -107,11 +107,11 @@ class RunProgress:
 
     @property
     def running(self) -> list[StepState]:
-        return [s for s in self.steps.values() if s.status == "running"]
+        return [s for s in self.steps.values() if s.status in ("starting", "running")]
 
     @property
     def finished(self) -> list[StepState]:
-        return [s for s in self.steps.values() if s.status != "running"]
+        return [s for s in self.steps.values() if s.status not in ("starting", "running")]
 
     @property
     def failed(self) -> list[StepState]:
@@ -236,7 +236,9 @@ class RunWatcher:
         kind = event.event_type_value
         key = event.step_key
         now = time.monotonic()
-        if kind == "STEP_START" and key:
+        if kind == "STEP_WORKER_STARTING" and key:  # a process is being started for the step
+            self.progress.steps[key] = StepState(key, now, status="starting")
+        elif kind == "STEP_START" and key:
             self.progress.steps[key] = StepState(key, now)
         elif kind in ("STEP_SUCCESS", "STEP_FAILURE", "STEP_SKIPPED") and key:
             state = self.progress.steps.setdefault(key, StepState(key, now))
@@ -308,7 +310,7 @@ class RunWatcher:
             if e is not None:
                 detail = f"epoch {e.epoch}/{e.epochs}  {e.rate} {e.unit}  valid loss {e.valid_loss:.4f}"
             else:
-                detail = "running"
+                detail = state.status  # "starting" (its process) or "running"
             rows.add_row(
                 Text(f"  {state.key}", style="cyan"),
                 Text(detail),
