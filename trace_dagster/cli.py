@@ -21,7 +21,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from resources.event_sources import EVENTS_ENV_VAR, FORMAT_ENV_VAR, FORMATS
-from resources.paths import DEFAULT_HOME, HOME_ENV_VAR, resolve_home
+from resources.paths import DAGSTER_DIR, DEFAULT_HOME, HOME_ENV_VAR, resolve_home
 from resources.warehouse import WAREHOUSE_POOL
 
 DAGSTER_YAML = """\
@@ -40,7 +40,7 @@ telemetry:
 def prepare_instance(home: Path | None = None) -> Path:
     """Create DAGSTER_HOME under the home with its dagster.yaml; export both variables."""
     home = home or resolve_home()
-    dagster_home = home / "dagster"
+    dagster_home = home / DAGSTER_DIR
     dagster_home.mkdir(parents=True, exist_ok=True)
     config = dagster_home / "dagster.yaml"
     if not config.exists():

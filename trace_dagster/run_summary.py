@@ -17,6 +17,7 @@ import duckdb
 from assets.conversion_models.assets import CONVERSION_MODELS, registered_name
 from assets.trace_models.assets import SEQUENCE_MODELS
 from resources.mlflow_tracking import TAG_DECISION, TAG_REASON, MLflowTracking
+from resources.paths import REPORTS_DIR, WAREHOUSE_FILE
 from trace_dagster.run_view import RunProgress, format_duration
 
 PROMOTED_MODELS = ("trace", "mtlds")  # the registered models whose `champion` alias is gated
@@ -160,7 +161,7 @@ def drift_lines(warehouse: Path, progress: RunProgress) -> tuple[list[str], str 
 def render_summary(outcome: RunOutcome) -> str:
     """The closing lines, from the run's event log, the warehouse and the registry."""
     home, progress = outcome.home, outcome.progress
-    warehouse = home / "warehouse.duckdb"
+    warehouse = home / WAREHOUSE_FILE
     tracking = MLflowTracking()
     state = "succeeded" if outcome.success else "FAILED"
     done = len(progress.finished)
@@ -187,7 +188,7 @@ def render_summary(outcome: RunOutcome) -> str:
     drift, drift_html = drift_lines(warehouse, progress)
     lines += drift
     uri = tracking.resolved_tracking_uri()
-    report = home / "reports" / "evaluation_latest.md"
+    report = home / REPORTS_DIR / "evaluation_latest.md"
     lines += [
         "",
         "Where to look:",

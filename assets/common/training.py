@@ -73,7 +73,7 @@ def parse_epoch_message(message: str) -> EpochProgress | None:
 
 def epoch_logger(context: dg.AssetExecutionContext, model: str, unit: str):
     """Per-epoch losses to the MLflow run and the Dagster run log (progress visible while it trains)."""
-    epochs = (context.op_config or {}).get("epochs", 0)  # the upper bound, shown as "epoch k/n"
+    epochs = (context.op_execution_context.op_config or {}).get("epochs", 0)  # the upper bound, shown as "epoch k/n"
 
     def on_epoch(report: EpochReport) -> None:
         mlflow.log_metrics(
