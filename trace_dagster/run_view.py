@@ -65,7 +65,7 @@ def failure_message(data) -> str:
     qualified = text.split(":", 1)[0]
     if qualified.endswith(error.cls_name):
         text = text[len(qualified) + 1 :].strip()
-    return f"{error.cls_name}: {text}"
+    return f"{error.cls_name}: {text or 'no message (a crashed process: its stderr is in the full log)'}"
 
 
 @dataclass
