@@ -18,7 +18,7 @@ from pathlib import Path
 import dagster as dg
 import pytest
 import yaml
-from pipeline_helpers import small_run_config
+from helpers import small_run_config
 
 from assets.common.training import parse_epoch_message
 from trace_dagster.cli import apply_flags, build_parser, deep_merge
