@@ -16,6 +16,7 @@ import argparse
 import os
 import sys
 import time
+import traceback
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
@@ -128,7 +129,7 @@ def run(args: argparse.Namespace) -> int:
 
     from resources.mlflow_tracking import MLflowTracking
     from trace_dagster.run_summary import RunOutcome, render_summary
-    from trace_dagster.run_view import WATCH_TAG, RunWatcher, check_descriptions
+    from trace_dagster.run_view import WATCH_TAG, RunWatcher, check_descriptions, one_line
 
     prepare_instance()
     home = Path(os.environ[HOME_ENV_VAR])
@@ -173,7 +174,9 @@ def run(args: argparse.Namespace) -> int:
                     success, run_id = result.success, result.run_id
             except Exception as error:  # invalid run config and the like: no run was created
                 watcher.stop()
-                console.print(f"trace-dagster run: could not start full_pipeline: {error}", markup=False)
+                traceback.print_exc(file=log_file)
+                detail = "\n  ".join(one_line(line, 300) for line in str(error).splitlines()[:6] if line.strip())
+                console.print(f"trace-dagster run: could not start full_pipeline: {detail}", markup=False)
                 console.print(f"  details in {starting_log}", markup=False)
                 return 2
             finally:
