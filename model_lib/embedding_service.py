@@ -21,6 +21,7 @@ from torch import Tensor
 from model_lib.artifact import load_artifact, save_artifact
 from model_lib.encoding import EncoderConfig, PreparedEvents, SequenceEncoder, prepare_events
 from model_lib.metrics import auprc, auroc
+from model_lib.sequence_shards import ShardedExamples
 from model_lib.trace import SequenceUserModel
 from model_lib.trace_baselines import build_model, encoder_config_for, make_config
 from model_lib.training import EpochReport, FitResult, TrainConfig, fit, iterate_batches, set_seed
@@ -78,6 +79,29 @@ class UserModel:
         set_seed(train_config.seed)  # initial weights are part of the run's reproducibility
         model = build_model(kind, make_config(kind, encoder, label_columns, **(model_overrides or {})))
         model.set_class_weights(train["labels"])
+        result = fit(model, train, valid, train_config, on_epoch=on_epoch, checkpoint_path=checkpoint_path)
+        return cls(kind, model, encoder), result
+
+    @classmethod
+    def train_on_shards(
+        cls,
+        kind: str,
+        encoder: SequenceEncoder,
+        train: ShardedExamples,
+        valid: ShardedExamples,
+        label_columns: Sequence[str],
+        *,
+        model_overrides: dict | None = None,
+        train_config: TrainConfig | None = None,
+        on_epoch: Callable[[EpochReport], None] | None = None,
+        checkpoint_path: str | Path | None = None,
+    ) -> tuple[UserModel, FitResult]:
+        """``train`` on examples already encoded to shards (``encoder`` fitted on the training
+        examples): read batch by batch from disk, so memory is bounded by the batch size."""
+        train_config = train_config or TrainConfig()
+        set_seed(train_config.seed)
+        model = build_model(kind, make_config(kind, encoder, label_columns, **(model_overrides or {})))
+        model.set_class_weights(torch.from_numpy(train.column("labels")).reshape(-1, len(label_columns)))
         result = fit(model, train, valid, train_config, on_epoch=on_epoch, checkpoint_path=checkpoint_path)
         return cls(kind, model, encoder), result
 
