@@ -263,7 +263,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sizes", default="", help="comma-separated event counts, e.g. 1e5,1e6")
     parser.add_argument("--max-events", type=parse_size, default=10_000_000, help="largest power of ten to run")
-    parser.add_argument("--sample-budget", type=int, default=200_000, help="training rows per model step")
+    parser.add_argument("--sample-budget", type=int, default=50_000, help="training rows per model step")
     parser.add_argument("--max-concurrent", type=int, default=1, help="steps at once (1: figures per step)")
     parser.add_argument("--root", default="", help="folder for the per-size homes (default: a tmp dir)")
     parser.add_argument("--child-events", type=parse_size, default=0, help=argparse.SUPPRESS)
@@ -278,6 +278,7 @@ def main(argv: list[str] | None = None) -> None:
 
     sizes = [parse_size(s) for s in args.sizes.split(",") if s] or default_sizes(args.max_events)
     root = Path(args.root or tempfile.mkdtemp(prefix="pipeline_scale_"))
+    root.mkdir(parents=True, exist_ok=True)
     print(
         f"full_pipeline on the simulator at {', '.join(f'{s:.0e}' for s in sizes)} events; "
         f"sample budget {args.sample_budget:,} training rows per model; {args.max_concurrent} step(s) at once; "
@@ -303,7 +304,12 @@ def main(argv: list[str] | None = None) -> None:
             "--max-concurrent",
             str(args.max_concurrent),
         ]
-        code = subprocess.call(command, cwd=Path(__file__).resolve().parents[1])
+        log = root / f"events_{size:.0e}.log"  # Dagster's event log of the run (step by step, as it goes)
+        with log.open("w") as log_file:
+            code = subprocess.call(
+                command, cwd=Path(__file__).resolve().parents[1], stdout=log_file, stderr=subprocess.STDOUT
+            )
+        print(f"size {size:.0e}: child exited with {code}; its log: {log}", flush=True)
         if not out.exists():
             print(f"size {size:.0e}: the child exited with {code} before writing figures", flush=True)
             continue

@@ -73,9 +73,27 @@ class ShardedExamples:
         self.shards = sorted(p.parent for p in self.root.glob(f"*/{DONE_MARKER}"))
         self.shard_rows = [int((s / DONE_MARKER).read_text()) for s in self.shards]
         self.keys = keys
+        self.rank, self.world_size = 0, 1
+
+    def partition(self, rank: int, world_size: int) -> ShardedExamples:
+        """This rank's share for data-parallel training: rows ``rank, rank + world_size, ...`` of
+        every shard, the same number on every rank (the last ``n % world_size`` rows of a shard are
+        left out), so that every rank runs the same number of steps, as DDP requires."""
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank must be in [0, {world_size}), got {rank}")
+        part = ShardedExamples(self.root, self.keys)
+        part.rank, part.world_size = rank, world_size
+        return part
+
+    def _rows_of(self, i: int) -> np.ndarray | None:
+        """Row indexes of shard ``i`` in this partition (None: all of them)."""
+        if self.world_size == 1:
+            return None
+        n = self.shard_rows[i] // self.world_size * self.world_size
+        return np.arange(self.rank, n, self.world_size)
 
     def __len__(self) -> int:
-        return sum(self.shard_rows)
+        return sum(self.shard_rows) if self.world_size == 1 else sum(n // self.world_size for n in self.shard_rows)
 
     def _arrays(self, shard: Path) -> dict[str, np.ndarray]:
         files = sorted(shard.glob("*.npy"))
@@ -109,13 +127,15 @@ class ShardedExamples:
             ids = [ids[i] for i in torch.randperm(len(ids), generator=generator).tolist()]
         for i in ids:
             arrays = self._arrays(self.shards[i])
-            n = self.shard_rows[i]
+            mine = self._rows_of(i)
+            n = self.shard_rows[i] if mine is None else len(mine)
             order = torch.randperm(n, generator=generator).numpy() if shuffle else None
             for start in range(0, n, batch_size):
                 if order is None:
-                    rows = slice(start, start + batch_size)
+                    rows = slice(start, start + batch_size) if mine is None else mine[start : start + batch_size]
                 else:
                     rows = np.sort(order[start : start + batch_size])
+                    rows = rows if mine is None else mine[rows]
                 yield {k: _as_batch_value(np.array(a[rows])) for k, a in arrays.items()}  # copies the batch only
 
 

@@ -53,6 +53,11 @@ class SequenceTrainingConfig(ModelTrainingConfig):
         default=2_000_000,
         description="Events read and encoded at once (one user-hash bucket): bounds the step's memory.",
     )
+    ddp_processes: int = Field(
+        default=1,
+        description="Worker processes of PyTorch DistributedDataParallel (gloo on CPU, NCCL on GPU), "
+        "started the torchrun way; 1 trains in the step's own process.",
+    )
 
 
 def load_sequence_inputs(
@@ -206,6 +211,7 @@ def build_sequence_model_asset(kind: str) -> dg.AssetsDefinition:
                     train_config=config.train_config(),
                     on_epoch=epoch_logger(context, kind, unit="seq/s"),
                     checkpoint_path=paths.checkpoints_dir / f"{kind}-{context.run_id}.pt",  # a retried step resumes
+                    processes=config.ddp_processes,
                 )
                 artifact = model.save(out_dir / "model.pt", metadata={"dagster_run_id": context.run_id})
                 # encoded once, streamed: the probabilities come from the heads on the embeddings
