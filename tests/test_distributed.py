@@ -70,5 +70,5 @@ def test_two_gloo_processes_train_trace_as_well_as_one(tmp_path):
         known = ~np.isnan(y[:, main])
         scores[world] = auroc(y[known, main], p[known, main])
         ses[world] = bootstrap_se(y[known, main], p[known, main])
-    assert scores[1] > 0.65 and scores[2] > 0.65, scores  # both learn
+    assert scores[1] > 0.6 and scores[2] > 0.6, scores  # both learn (chance is 0.5)
     assert abs(scores[2] - scores[1]) < 3 * max(ses.values()), (scores, ses)  # within noise
