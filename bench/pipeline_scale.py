@@ -33,6 +33,9 @@ import threading
 import time
 from pathlib import Path
 
+if __package__ in (None, ""):  # `python bench/x.py`: the repository root, as `python -m bench.x` has it
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 SIMULATOR_DAYS = 35  # the EventSource default: three weekly cutoffs with 14 days of labels each
 
 
