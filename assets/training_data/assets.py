@@ -18,8 +18,9 @@ from assets.training_data.examples_sql import (
     training_examples_sql,
     user_splits_sql,
 )
+from assets.training_data.funnel_sql import create_funnel_samples
 from assets.training_data.tasks import TaskSet, default_task_set, load_task_set
-from model_lib.funnel_samples import FUNNELS, FunnelSpec, build_funnel_samples
+from model_lib.funnel_samples import FUNNELS, FunnelSpec
 from resources.event_sources import EventSource
 from resources.warehouse import WAREHOUSE_POOL, DuckDBWarehouse
 
@@ -194,28 +195,34 @@ def training_examples_labels_are_learnable(warehouse: DuckDBWarehouse) -> dg.Ass
 @dg.asset(
     group_name=GROUP,
     owners=OWNERS,
-    kinds={"duckdb", "pandas"},
+    kinds={"duckdb"},
     deps=["sessionized_events", user_splits],
     pool=WAREHOUSE_POOL,
-    description="MTLDS samples: one row per viewed (user, item), a label per later funnel behaviour.",
+    description="MTLDS samples: one row per viewed (user, item), a label per later funnel behaviour. "
+    "Built in DuckDB SQL (window functions, out of core); model_lib/funnel_samples.py is the pandas reference.",
 )
 def funnel_examples(
     context: dg.AssetExecutionContext, warehouse: DuckDBWarehouse, event_source: EventSource
 ) -> dg.MaterializeResult:
     spec = funnel_spec_for(event_source)
     with warehouse.connect() as con:
-        events = con.sql(
-            "SELECT user_id, event_time, event_name, item_id, category FROM sessionized_events "
-            "ORDER BY user_id, event_index"
-        ).df()
-        splits = con.sql("SELECT user_id, split FROM user_splits").df()
-        samples = build_funnel_samples(events, spec).merge(splits, on="user_id", how="left", validate="many_to_one")
-        if samples["split"].isna().any():
-            raise dg.Failure("funnel samples of users without a split: user_splits is stale, rematerialize it")
-        con.register("funnel_samples_frame", samples)
-        rows = warehouse.replace_table(con, "funnel_examples", "SELECT * FROM funnel_samples_frame")
+        samples = create_funnel_samples(con, spec)
+        unsplit = con.execute(
+            f"SELECT count(*) FROM {samples} s ANTI JOIN user_splits u ON u.user_id = s.user_id"
+        ).fetchall()[0][0]
+        if unsplit:
+            raise dg.Failure(
+                f"{unsplit} funnel samples of users without a split: user_splits is stale, rematerialize it"
+            )
+        rows = warehouse.replace_table(
+            con,
+            "funnel_examples",
+            f"SELECT s.*, u.split FROM {samples} s JOIN user_splits u ON u.user_id = s.user_id "
+            "ORDER BY s.user_id, s.anchor_time, s.item_id",
+        )
+        means = ", ".join(f"round(avg({c}), 4) AS {c}" for c in spec.label_columns)
+        rates = con.sql(f"SELECT split, {means} FROM funnel_examples GROUP BY split ORDER BY split").df()
         catalog = warehouse_table_metadata(con, "funnel_examples", FUNNEL_EXAMPLES_COLUMNS)
-    rates = samples.groupby("split")[spec.label_columns].mean().round(4)
     context.log.info(f"{rows} funnel samples for funnel {' < '.join(spec.funnel)}")
     return dg.MaterializeResult(
         metadata={
@@ -223,7 +230,7 @@ def funnel_examples(
             "dagster/row_count": rows,
             "funnel": " < ".join(spec.funnel),
             "extra_labels": ", ".join(spec.extra_labels) or "none",
-            "label_rate_per_split": dg.MetadataValue.md(rates.reset_index().to_markdown(index=False)),
+            "label_rate_per_split": dg.MetadataValue.md(rates.to_markdown(index=False)),
         }
     )
 
