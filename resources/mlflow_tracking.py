@@ -282,7 +282,7 @@ class MLflowTracking(dg.ConfigurableResource):
             return 0
         import sqlite3
 
-        with self._store_lock(), sqlite3.connect(db_path) as con:
+        with self.store_lock(), sqlite3.connect(db_path) as con:
             found = con.execute(
                 "SELECT artifact_location FROM experiments WHERE name = ?", [self.experiment_name]
             ).fetchall()

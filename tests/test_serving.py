@@ -158,3 +158,19 @@ def test_pinned_requirements_cover_the_imports_of_model_lib():
     pins = {p.split("==")[0].lower() for p in model_pip_requirements(code)}
     assert {"mlflow", "numpy", "pandas", "torch", "scipy"} <= pins
     assert "dagster" not in pins  # model_lib never imports the workflow
+
+
+def test_user_batches_keep_each_user_whole_and_lose_no_row():
+    import pyarrow as pa
+
+    from assets.serving.scoring import user_batches
+
+    users = np.repeat([f"u{i:02d}" for i in range(12)], np.arange(1, 13))  # 1..12 events per user
+    table = pa.table({"user_id": users, "n": np.arange(len(users)), "empty": pa.nulls(len(users), pa.string())})
+    reader = pa.RecordBatchReader.from_batches(table.schema, table.to_batches(max_chunksize=7))
+    frames = list(user_batches(reader, batch_events=10))
+    assert len(frames) > 3
+    assert sum(map(len, frames)) == len(users)
+    assert np.array_equal(np.concatenate([f["n"].to_numpy() for f in frames]), np.arange(len(users)))
+    seen = [set(f["user_id"]) for f in frames]
+    assert all(a.isdisjoint(b) for i, a in enumerate(seen) for b in seen[i + 1 :])  # no user split

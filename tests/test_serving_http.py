@@ -198,7 +198,8 @@ def test_champion_requirements_cover_its_code_and_metrics_sit_on_the_logged_mode
             line.split("==")[0].lower() for line in (local / "requirements.txt").read_text().split() if "==" in line
         }
         code = local / "code"
-        modules = imported_modules([local / "python_model.py", *code.iterdir()]) - {p.name for p in code.iterdir()}
+        model_file = [p for p in local.glob("*.py")]  # the wrapper file, copied by "models from code"
+        modules = imported_modules([*model_file, *code.iterdir()]) - {p.name for p in code.iterdir()}
         third_party = {m for m in modules if m not in sys.stdlib_module_names}
         from importlib.metadata import packages_distributions
 

@@ -42,12 +42,13 @@ def user_batches(reader: pa.RecordBatchReader, batch_events: int = DEFAULT_BATCH
         pending_rows += batch.num_rows
         if pending_rows < batch_events:
             continue
-        frame = pa.Table.from_batches(pending).to_pandas()
-        last_user = frame["user_id"].iloc[-1]
-        complete = (frame["user_id"] != last_user).to_numpy()  # the last user may continue in the next batch
-        if complete.any():
-            yield frame[complete].reset_index(drop=True)
-        rest = pa.Table.from_pandas(frame[~complete], preserve_index=False)
+        table = pa.Table.from_batches(pending)
+        users = table.column("user_id").to_numpy(zero_copy_only=False)
+        others = np.flatnonzero(users != users[-1])  # the last user may continue in the next batch
+        complete = int(others[-1]) + 1 if len(others) else 0
+        if complete:
+            yield table.slice(0, complete).to_pandas()
+        rest = table.slice(complete)  # sliced in Arrow: the schema stays the reader's
         pending = rest.to_batches()
         pending_rows = rest.num_rows
     if pending_rows:
