@@ -20,6 +20,11 @@ class ModelTrainingConfig(dg.Config):
     patience: int = 3
     seed: int = 0
     torch_threads: int = Field(default=1, description="torch threads of this step (the executor runs two at once).")
+    sample_budget: int = Field(
+        default=1_000_000,
+        description="Most training rows seen over all epochs (0: epochs alone). Bounds the step's cost "
+        "at scale; the default run (~5k training rows x 12 epochs) stays below it.",
+    )
 
     def train_config(self) -> TrainConfig:
         return TrainConfig(
@@ -30,6 +35,7 @@ class ModelTrainingConfig(dg.Config):
             patience=self.patience,
             seed=self.seed,
             num_threads=self.torch_threads,
+            sample_budget=self.sample_budget or None,
         )
 
 
