@@ -89,9 +89,9 @@ def evaluation_metrics(
     evaluated_at = datetime.now(UTC).replace(tzinfo=None)
     versions = {m: str(v["version"]) for m, v in models.items()}
     metrics = metrics.assign(
-        model_version=metrics["model"].map(versions), evaluated_at=evaluated_at, dagster_run_id=context.run_id
+        model_version=metrics["model"].map(versions), evaluated_at=evaluated_at, dagster_run_id=context.run.run_id
     )
-    uplifts = uplifts.assign(evaluated_at=evaluated_at, dagster_run_id=context.run_id)
+    uplifts = uplifts.assign(evaluated_at=evaluated_at, dagster_run_id=context.run.run_id)
     with warehouse.connect() as con:
         con.register("metrics_frame", metrics)
         con.register("uplifts_frame", uplifts)
@@ -109,7 +109,7 @@ def evaluation_metrics(
     notes = [
         f"{len(examples)} examples ({(examples['split'] == 'test').sum()} test) from `training_examples`, task set `{dataset}`",
         f"registered versions: {', '.join(f'{m} v{v}' for m, v in versions.items())}",
-        f"bootstrap: {config.bootstrap_samples} paired replicates; dagster run {context.run_id}",
+        f"bootstrap: {config.bootstrap_samples} paired replicates; dagster run {context.run.run_id}",
     ]
     report = render_report(metrics, uplifts, dataset, notes)
     stamp = evaluated_at.strftime("%Y%m%dT%H%M%S")
@@ -143,9 +143,17 @@ def evaluation_metrics_are_complete(warehouse: DuckDBWarehouse) -> dg.AssetCheck
     with warehouse.connect(read_only=True) as con:
         bad = con.sql("SELECT model, task, metric FROM evaluation_metrics WHERE value IS NULL OR isnan(value)").df()
         models = con.execute("SELECT count(DISTINCT model) FROM evaluation_metrics").fetchall()[0][0]
+    if models == 0:
+        reason = "evaluation_metrics has no model"
+    elif len(bad):
+        first = bad.iloc[0]
+        reason = f"{len(bad)} undefined metrics, e.g. {first['metric']} of {first['model']} on {first['task']}"
+    else:
+        reason = f"every metric of {models} models is finite"
     return dg.AssetCheckResult(
         passed=bad.empty and models > 0,
         metadata={
+            "reason": reason,
             "models": models,
             "undefined_metrics": len(bad),
             "undefined": dg.MetadataValue.md(bad.head(20).to_markdown(index=False) if len(bad) else "none"),

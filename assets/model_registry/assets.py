@@ -129,7 +129,7 @@ def build_model_promotion(gated_checks: Sequence[dg.AssetCheckKey]) -> dg.Assets
                 {
                     "metric": "mean test AUROC over seen tasks",
                     "test_examples": len(test),
-                    "dagster_run_id": context.run_id,
+                    "dagster_run_id": context.run.run_id,
                     "failing_checks": failing,
                 },
             )
@@ -164,7 +164,7 @@ def build_model_promotion(gated_checks: Sequence[dg.AssetCheckKey]) -> dg.Assets
                 {
                     "metric": f"test AUC of {last}",
                     "test_samples": len(samples),
-                    "dagster_run_id": context.run_id,
+                    "dagster_run_id": context.run.run_id,
                     "failing_checks": failing,
                 },
             )

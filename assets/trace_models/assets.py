@@ -165,9 +165,9 @@ def build_sequence_model_asset(kind: str) -> dg.AssetsDefinition:
             ]
         seen = tasks[tasks["kind"] == "seen"]
         label_columns = list(seen["label_column"])
-        out_dir = paths.home_dir / "models" / kind / context.run_id
+        out_dir = paths.home_dir / "models" / kind / context.run.run_id
         out_dir.mkdir(parents=True, exist_ok=True)
-        shard_root = paths.tmp_dir / "sequence_shards" / f"{kind}-{context.run_id}"
+        shard_root = paths.tmp_dir / "sequence_shards" / f"{kind}-{context.run.run_id}"
         if shard_root.exists():  # a retried step re-encodes from scratch
             shutil.rmtree(shard_root)
         data = write_sequence_shards(
@@ -184,13 +184,13 @@ def build_sequence_model_asset(kind: str) -> dg.AssetsDefinition:
             f"{len(train)} train / {len(valid)} valid / {len(data.splits['test'])} test examples on disk"
         )
         tags = {
-            "dagster.run_id": context.run_id,
+            "dagster.run_id": context.run.run_id,
             "model": kind,
             "model_family": "trace",
             "task_set": str(tasks["task_set"].iloc[0]),
         }
         try:
-            with mlflow_tracking.start_run(run_name=f"{kind}-{context.run_id[:8]}", tags=tags) as run:
+            with mlflow_tracking.start_run(run_name=f"{kind}-{context.run.run_id[:8]}", tags=tags) as run:
                 mlflow.log_params(
                     {
                         **config.model_dump(),
@@ -210,10 +210,10 @@ def build_sequence_model_asset(kind: str) -> dg.AssetsDefinition:
                     label_columns,
                     train_config=config.train_config(),
                     on_epoch=epoch_logger(context, kind, unit="seq/s"),
-                    checkpoint_path=paths.checkpoints_dir / f"{kind}-{context.run_id}.pt",  # a retried step resumes
+                    checkpoint_path=paths.checkpoints_dir / f"{kind}-{context.run.run_id}.pt",  # a retried step resumes
                     processes=config.ddp_processes,
                 )
-                artifact = model.save(out_dir / "model.pt", metadata={"dagster_run_id": context.run_id})
+                artifact = model.save(out_dir / "model.pt", metadata={"dagster_run_id": context.run.run_id})
                 # encoded once, streamed: the probabilities come from the heads on the embeddings
                 y_test, p_test = write_model_outputs(model, data, seen, out_dir)
 
@@ -245,7 +245,7 @@ def build_sequence_model_asset(kind: str) -> dg.AssetsDefinition:
                     input_example=input_example,
                     signature=signature,
                     version_tags={
-                        "dagster.run_id": context.run_id,
+                        "dagster.run_id": context.run.run_id,
                         "test_mean_auroc": f"{test_metrics['test_mean_auroc']:.6f}",
                     },
                 )

@@ -161,7 +161,8 @@ def training_examples_users_in_one_split(warehouse: DuckDBWarehouse) -> dg.Asset
             "SELECT count(*) FROM (SELECT user_id FROM training_examples GROUP BY user_id "
             "HAVING count(DISTINCT split) > 1)"
         ).fetchall()[0][0]
-    return dg.AssetCheckResult(passed=crossing == 0, metadata={"users_in_several_splits": crossing})
+    reason = f"{crossing} users appear in more than one split" if crossing else "every user in one split"
+    return dg.AssetCheckResult(passed=crossing == 0, metadata={"reason": reason, "users_in_several_splits": crossing})
 
 
 @dg.asset_check(
@@ -175,9 +176,19 @@ def training_examples_labels_are_learnable(warehouse: DuckDBWarehouse) -> dg.Ass
     labels = [c for c in train.columns if c.startswith("label_")]
     rates = {c.removeprefix("label_"): float(train[c].mean()) if len(train) else float("nan") for c in labels}
     degenerate = sorted(t for t, r in rates.items() if not 0 < r < 1)
+    if len(train) == 0:
+        reason = "no training examples in the train split"
+    elif degenerate:
+        reason = "single-class tasks in train: " + ", ".join(f"{t} (positive rate {rates[t]:.3g})" for t in degenerate)
+    else:
+        reason = f"every task has both classes among {len(train)} training examples"
     return dg.AssetCheckResult(
         passed=not degenerate and len(train) > 0,
-        metadata={"positive_rate": dg.MetadataValue.json(rates), "single_class_tasks": ", ".join(degenerate) or "none"},
+        metadata={
+            "reason": reason,
+            "positive_rate": dg.MetadataValue.json(rates),
+            "single_class_tasks": ", ".join(degenerate) or "none",
+        },
     )
 
 
@@ -235,7 +246,16 @@ def funnel_examples_have_conversions(warehouse: DuckDBWarehouse, event_source: E
         counts = dict(
             con.execute(f'SELECT split, sum(CAST("{last}" AS INTEGER)) FROM funnel_examples GROUP BY split').fetchall()
         )
+    missing = [s for s in ("train", "test") if not counts.get(s)]
+    reason = (
+        f"no positive {last} in the {' and '.join(missing)} split(s): the funnel never completes there"
+        if missing
+        else f"{last} has positives in train ({int(counts['train'])}) and test ({int(counts['test'])})"
+    )
     return dg.AssetCheckResult(
-        passed=all((counts.get(s) or 0) > 0 for s in ("train", "test")),
-        metadata={f"{last}_positives": dg.MetadataValue.json({k: int(v or 0) for k, v in counts.items()})},
+        passed=not missing,
+        metadata={
+            "reason": reason,
+            f"{last}_positives": dg.MetadataValue.json({k: int(v or 0) for k, v in counts.items()}),
+        },
     )
