@@ -9,7 +9,7 @@ import pytest
 
 from assets.training_data.funnel_sql import create_funnel_samples
 from model_lib.funnel_samples import FUNNELS, build_funnel_samples
-from tests.pipeline_helpers import TAOBAO_FILES
+from tests.helpers import TAOBAO_FILES
 
 
 def random_events(n=4000, seed=0):
