@@ -16,6 +16,7 @@ import duckdb
 import pandas as pd
 
 from assets.conversion_models.assets import CONVERSION_MODELS
+from assets.trace_models.aggregate_models import AGGREGATE_MODELS
 from assets.trace_models.assets import SEQUENCE_MODELS
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -45,7 +46,7 @@ CONTRACT_TABLES = {
     "evaluation_metrics": ["model", "task", "task_kind", "metric", "value", "split"],
     "drift_report": ["checked_at", "dataset_drift", "drift_share", "report_path"],
 }
-TRACE_FAMILY = list(SEQUENCE_MODELS)  # trace, myopic, vanilla_transformer, lstm
+TRACE_FAMILY = [*SEQUENCE_MODELS, *AGGREGATE_MODELS]  # trace ... myopic_last_page, st_agg, st_cohort
 MTLDS_FAMILY = list(CONVERSION_MODELS)  # mtlds_<agg> x4, single_task, shared_bottom, esmm, mmoe
 
 
@@ -59,6 +60,8 @@ def small_run_config(
     """Run config of the whole graph with few epochs: every `<model>_model` op, evaluation, t-SNE."""
     ops: dict[str, dict] = {}
     for kind in SEQUENCE_MODELS:
+        ops[f"{kind}_model"] = {"config": {"epochs": sequence_epochs, "torch_threads": torch_threads}}
+    for kind in AGGREGATE_MODELS:
         ops[f"{kind}_model"] = {"config": {"epochs": sequence_epochs, "torch_threads": torch_threads}}
     for name in CONVERSION_MODELS:
         ops[f"{name}_model"] = {"config": {"epochs": conversion_epochs, "torch_threads": torch_threads}}
