@@ -205,7 +205,7 @@ def test_log_model_artifact_needs_an_active_run(tmp_path):
 def test_resource_in_a_dagster_asset(tmp_path):
     @dg.asset
     def trained(context, mlflow_tracking: MLflowTracking) -> dg.MaterializeResult:
-        with mlflow_tracking.start_run(run_name=context.run_id, tags={"dagster.run_id": context.run_id}) as run:
+        with mlflow_tracking.start_run(run_name=context.run.run_id, tags={"dagster.run_id": context.run.run_id}) as run:
             mlflow.log_metric("auroc", 0.75)
         return dg.MaterializeResult(metadata={"mlflow_run_id": run.info.run_id})
 

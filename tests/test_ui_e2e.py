@@ -24,7 +24,7 @@ from pathlib import Path
 from urllib.parse import quote
 
 import pytest
-from ui_helpers import (
+from helpers import (
     REPO,
     GraphQL,
     default_signals,
@@ -110,6 +110,40 @@ ASSET_CATALOG = """
     ... on Error { message }
   }
 }"""
+
+ASSET_METADATA = """
+query Metadata($key: AssetKeyInput!) {
+  assetOrError(assetKey: $key) {
+    __typename
+    ... on Asset {
+      assetMaterializations(limit: 1) {
+        metadataEntries {
+          label
+          __typename
+          ... on TableSchemaMetadataEntry { schema { columns { name type description } } }
+          ... on TableMetadataEntry { table { records } }
+        }
+      }
+    }
+    ... on Error { message }
+  }
+}"""
+
+#: Every asset that is a warehouse table: the catalog must show its columns.
+TABLE_ASSETS = {
+    "raw_events",
+    "rejected_events",
+    "sessionized_events",
+    "user_splits",
+    "training_examples",
+    "funnel_examples",
+    "evaluation_metrics",
+    "user_embeddings",
+    "drift_report",
+}
+PREVIEW_ASSETS = {"raw_events", "sessionized_events", "training_examples", "evaluation_metrics"}
+SCHEMA_PAGE_ASSET = "sessionized_events"
+SCHEMA_PAGE_WINDOW = (1600, 2000)
 
 STOP_SENSOR = """
 mutation Stop($id: String!) {
@@ -233,7 +267,13 @@ def test_full_pipeline_through_the_ui(dagster_dev, chromium, home: Path, tmp_pat
     assert {"/".join(n["assetKey"]["path"]) for n in repo["assetNodes"]} == expected_keys
 
     # Launch full_pipeline, small, through GraphQL (what the Launchpad does).
-    run_config = small_run_config("full_pipeline", n_users=300, days=35, epochs=1, bootstrap_samples=30)
+    run_config = small_run_config(
+        "full_pipeline",
+        epochs=1,
+        bootstrap_samples=30,
+        simulator={"simulator_n_users": 300, "simulator_days": 35},
+        max_concurrent=2,
+    )
     launched = graphql(
         LAUNCH_RUN,
         {
@@ -285,3 +325,32 @@ def test_full_pipeline_through_the_ui(dagster_dev, chromium, home: Path, tmp_pat
         f"screenshot {screenshot} (copied to {reports / 'asset_graph.png'}): {size}, std {grey_std:.1f}; "
         f"{len(drawn)}/{len(expected_keys)} asset names in the DOM"
     )
+
+    # The catalog: every warehouse table reports its columns (types and descriptions), four a preview.
+    for key in sorted(TABLE_ASSETS):
+        asset = graphql(ASSET_METADATA, {"key": {"path": [key]}})["assetOrError"]
+        assert asset["__typename"] == "Asset", asset
+        entries = {e["label"]: e for e in asset["assetMaterializations"][0]["metadataEntries"]}
+        schema = entries.get("dagster/column_schema")
+        assert schema and schema["__typename"] == "TableSchemaMetadataEntry", f"{key}: no column schema"
+        columns = schema["schema"]["columns"]
+        assert len(columns) >= 2 and all(c["type"] for c in columns), f"{key}: {columns}"
+        undescribed = [c["name"] for c in columns if not c["description"]]
+        assert not undescribed, f"{key}: columns without a description: {undescribed}"
+        if key in PREVIEW_ASSETS:
+            assert entries["preview"]["__typename"] == "TableMetadataEntry", f"{key}: {entries['preview']}"
+            assert entries["preview"]["table"]["records"], f"{key}: empty preview"
+
+    # One table asset's page, as a person opens it from the catalog: its columns are drawn.
+    page = f"{base_url}/assets/{SCHEMA_PAGE_ASSET}"
+    asset_png = tmp_path / "asset_page.png"
+    shot = run_chromium(page, tmp_path / "chromium-asset", f"--screenshot={asset_png}", window=SCHEMA_PAGE_WINDOW)
+    assert shot.returncode == 0 and asset_png.exists(), shot.stderr[-3000:]
+    shutil.copy(asset_png, reports / "asset_page.png")
+    size, grey_std, grey_levels = image_stats(asset_png)
+    assert size == SCHEMA_PAGE_WINDOW and grey_std > 5 and grey_levels > 20, (size, grey_std, grey_levels)
+    dom = run_chromium(page, tmp_path / "chromium-asset-dom", "--dump-dom", window=SCHEMA_PAGE_WINDOW).stdout
+    for column in ("session_id", "event_index_in_session", "log_seconds_since_prev_event"):
+        assert column in dom, f"column {column} not on the page of {SCHEMA_PAGE_ASSET}"
+    assert "0-based position of the event in its session." in dom  # a description, from columns.py
+    print(f"asset page {asset_png} (copied to {reports / 'asset_page.png'}): {size}, std {grey_std:.1f}")

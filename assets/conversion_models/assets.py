@@ -97,11 +97,11 @@ def build_conversion_model_asset(model_name: str) -> dg.AssetsDefinition:
             embed_dim=config.embed_dim,
         )
         model = build_model(model_name, cfg, seed=config.seed)
-        out_dir = paths.home_dir / "models" / model_name / context.run_id
+        out_dir = paths.home_dir / "models" / model_name / context.run.run_id
         out_dir.mkdir(parents=True, exist_ok=True)
 
-        tags = {"dagster.run_id": context.run_id, "model": model_name, "model_family": "mtlds"}
-        with mlflow_tracking.start_run(run_name=f"{model_name}-{context.run_id[:8]}", tags=tags) as run:
+        tags = {"dagster.run_id": context.run.run_id, "model": model_name, "model_family": "mtlds"}
+        with mlflow_tracking.start_run(run_name=f"{model_name}-{context.run.run_id[:8]}", tags=tags) as run:
             mlflow.log_params(
                 {
                     **config.model_dump(),
@@ -117,7 +117,7 @@ def build_conversion_model_asset(model_name: str) -> dg.AssetsDefinition:
                 data["valid"],
                 config.train_config(),
                 on_epoch=epoch_logger(context, model_name, unit="samples/s"),
-                checkpoint_path=paths.checkpoints_dir / f"{model_name}-{context.run_id}.pt",
+                checkpoint_path=paths.checkpoints_dir / f"{model_name}-{context.run.run_id}.pt",
             )
             artifact = ConversionModel(model_name, model, spec).save(out_dir / "model.pt")
             probs, scores = predict(model, data["test"])
@@ -147,7 +147,7 @@ def build_conversion_model_asset(model_name: str) -> dg.AssetsDefinition:
                 input_example=input_example,
                 signature=signature,
                 version_tags={
-                    "dagster.run_id": context.run_id,
+                    "dagster.run_id": context.run.run_id,
                     "model": model_name,
                     f"test_auc_{spec.funnel[-1]}": f"{metrics['auc'][spec.funnel[-1]]:.6f}",
                 },

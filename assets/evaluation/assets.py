@@ -15,7 +15,9 @@ import dagster as dg
 import pandas as pd
 from pydantic import Field
 
+from assets.common.metadata import warehouse_table_metadata
 from assets.conversion_models.assets import CONVERSION_MODELS
+from assets.evaluation.columns import EVALUATION_METRICS_COLUMNS
 from assets.evaluation.tables import (
     UPLIFT_BASELINES,
     bootstrap_metrics,
@@ -115,14 +117,21 @@ def evaluation_metrics(
     evaluated_at = datetime.now(UTC).replace(tzinfo=None)
     versions = {m: str(v["version"]) for m, v in models.items()}
     metrics = metrics.assign(
-        model_version=metrics["model"].map(versions), evaluated_at=evaluated_at, dagster_run_id=context.run_id
+        model_version=metrics["model"].map(versions), evaluated_at=evaluated_at, dagster_run_id=context.run.run_id
     )
-    uplifts = uplifts.assign(evaluated_at=evaluated_at, dagster_run_id=context.run_id)
+    uplifts = uplifts.assign(evaluated_at=evaluated_at, dagster_run_id=context.run.run_id)
     with warehouse.connect() as con:
         con.register("metrics_frame", metrics)
         con.register("uplifts_frame", uplifts)
         rows = warehouse.replace_table(con, "evaluation_metrics", "SELECT * FROM metrics_frame")
         warehouse.replace_table(con, "evaluation_uplifts", "SELECT * FROM uplifts_frame")
+        catalog = warehouse_table_metadata(
+            con,
+            "evaluation_metrics",
+            EVALUATION_METRICS_COLUMNS,
+            preview_rows=20,
+            preview_sql="SELECT * FROM evaluation_metrics WHERE task_kind = 'seen' ORDER BY metric, task, model LIMIT 20",
+        )
 
     dataset = str(tasks["task_set"].iloc[0])
     notes = [
@@ -130,7 +139,7 @@ def evaluation_metrics(
         f"test users from `training_examples` (probes fitted on {(examples['split'] == 'valid').sum()} validation "
         f"examples), task set `{dataset}`",
         f"registered versions: {', '.join(f'{m} v{v}' for m, v in versions.items())}",
-        f"bootstrap: {config.bootstrap_samples} paired replicates resampling test users; dagster run {context.run_id}",
+        f"bootstrap: {config.bootstrap_samples} paired replicates resampling test users; dagster run {context.run.run_id}",
     ]
     report = render_report(metrics, uplifts, dataset, notes)
     stamp = evaluated_at.strftime("%Y%m%dT%H%M%S")
@@ -144,6 +153,7 @@ def evaluation_metrics(
         headline[(headline["model"] == "trace") & (headline["task_kind"] == "seen")] if not headline.empty else headline
     )
     metadata = {
+        **catalog,  # column schema, preview as a table
         "dagster/row_count": rows,
         "report_path": dg.MetadataValue.path(str(report_path)),
         "report": dg.MetadataValue.md(report),

@@ -230,10 +230,10 @@ def build_aggregate_model_asset(kind: str) -> dg.AssetsDefinition:
             raise dg.Failure(f"{kind}: the feature rows do not match training_examples")
         seen = tasks[tasks["kind"] == "seen"]
         label_columns = list(seen["label_column"])
-        out_dir = paths.home_dir / "models" / kind / context.run_id
+        out_dir = paths.home_dir / "models" / kind / context.run.run_id
         out_dir.mkdir(parents=True, exist_ok=True)
-        tags = {"dagster.run_id": context.run_id, "model": kind, "model_family": "trace"}
-        with mlflow_tracking.start_run(run_name=f"{kind}-{context.run_id[:8]}", tags=tags) as run:
+        tags = {"dagster.run_id": context.run.run_id, "model": kind, "model_family": "trace"}
+        with mlflow_tracking.start_run(run_name=f"{kind}-{context.run.run_id[:8]}", tags=tags) as run:
             mlflow.log_params({**config.model_dump(), "model": kind, "n_features": len(names)})
             model, fit_result, probabilities, embeddings = train_aggregate_baseline(
                 kind,
@@ -245,7 +245,7 @@ def build_aggregate_model_asset(kind: str) -> dg.AssetsDefinition:
                 on_epoch=epoch_logger(context, kind, unit="rows/s"),
             )
             artifact = out_dir / "model.pt"
-            torch.save(model.artifact({"dagster_run_id": context.run_id}), artifact)
+            torch.save(model.artifact({"dagster_run_id": context.run.run_id}), artifact)
             predictions = examples[["example_id", "split"]].copy()
             for i, task in enumerate(seen["task"]):
                 predictions[f"p_{task}"] = probabilities[:, i]

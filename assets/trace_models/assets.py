@@ -93,15 +93,15 @@ def build_sequence_model_asset(kind: str) -> dg.AssetsDefinition:
         seen = tasks[tasks["kind"] == "seen"]
         label_columns = list(seen["label_column"])
         train, valid = examples[examples["split"] == "train"], examples[examples["split"] == "valid"]
-        out_dir = paths.home_dir / "models" / kind / context.run_id
+        out_dir = paths.home_dir / "models" / kind / context.run.run_id
         out_dir.mkdir(parents=True, exist_ok=True)
         tags = {
-            "dagster.run_id": context.run_id,
+            "dagster.run_id": context.run.run_id,
             "model": kind,
             "model_family": "trace",
             "task_set": str(tasks["task_set"].iloc[0]),
         }
-        with mlflow_tracking.start_run(run_name=f"{kind}-{context.run_id[:8]}", tags=tags) as run:
+        with mlflow_tracking.start_run(run_name=f"{kind}-{context.run.run_id[:8]}", tags=tags) as run:
             mlflow.log_params(
                 {
                     **config.model_dump(),
@@ -121,9 +121,9 @@ def build_sequence_model_asset(kind: str) -> dg.AssetsDefinition:
                 encoder_config=EncoderConfig(max_len=config.max_len, attributes=attribute_rules_of(tasks)),
                 train_config=config.train_config(),
                 on_epoch=epoch_logger(context, kind, unit="seq/s"),
-                checkpoint_path=paths.checkpoints_dir / f"{kind}-{context.run_id}.pt",  # a retried step resumes
+                checkpoint_path=paths.checkpoints_dir / f"{kind}-{context.run.run_id}.pt",  # a retried step resumes
             )
-            artifact = model.save(out_dir / "model.pt", metadata={"dagster_run_id": context.run_id})
+            artifact = model.save(out_dir / "model.pt", metadata={"dagster_run_id": context.run.run_id})
             embeddings = model.embed(events, examples)  # encoded once: the probabilities come from the heads
             probabilities = model.proba_from_embeddings(embeddings)
             predictions = pd.DataFrame(
@@ -167,7 +167,7 @@ def build_sequence_model_asset(kind: str) -> dg.AssetsDefinition:
                 input_example=input_example,
                 signature=signature,
                 version_tags={
-                    "dagster.run_id": context.run_id,
+                    "dagster.run_id": context.run.run_id,
                     "test_mean_auroc": f"{test_metrics['test_mean_auroc']:.6f}",
                 },
             )

@@ -89,9 +89,9 @@ def build_trace_single_task_asset() -> dg.AssetsDefinition:
         examples, events, tasks = load_sequence_inputs(warehouse)
         seen = tasks[tasks["kind"] == "seen"]
         ev = prepare_events(events)
-        out_dir = paths.home_dir / "models" / NAME / context.run_id
+        out_dir = paths.home_dir / "models" / NAME / context.run.run_id
         out_dir.mkdir(parents=True, exist_ok=True)
-        with mlflow_tracking.start_run(run_name=f"{NAME}-{context.run_id[:8]}", tags={"model": NAME}) as run:
+        with mlflow_tracking.start_run(run_name=f"{NAME}-{context.run.run_id[:8]}", tags={"model": NAME}) as run:
             mlflow.log_params({**config.model_dump(), "model": NAME})
             models = train_single_task_trace(
                 ev,
@@ -106,7 +106,7 @@ def build_trace_single_task_asset() -> dg.AssetsDefinition:
             predictions = examples[["example_id", "split"]].copy()
             for task, column in zip(seen["task"], seen["label_column"]):
                 predictions[f"p_{task}"] = proba[column].to_numpy()
-                models[column].save(out_dir / f"{task}.pt", metadata={"dagster_run_id": context.run_id})
+                models[column].save(out_dir / f"{task}.pt", metadata={"dagster_run_id": context.run.run_id})
             predictions.to_parquet(out_dir / "predictions.parquet", index=False)
             pd.DataFrame(
                 {"example_id": examples["example_id"], "split": examples["split"], "embedding": list(embeddings)}
