@@ -141,6 +141,18 @@ def main(argv: list[str] | None = None) -> None:
     achieved = seq_per_s * 3 * flops / 1e9
     print(f"train_sequences_per_s={seq_per_s:.0f} (batch {batch_size}, full length {cfg.max_len}, {threads} threads)")
     print(f"train_gflops={achieved:.2f} fraction_of_matmul={achieved / gflops:.3f}")
+    # The same at larger batches, each bracketed by matmul measurements (the machine may be
+    # shared: the fraction uses the mean of the rates just before and just after).
+    for big in (batch_size * 4,):
+        reps = -(-big // batch_size)
+        batch = {k: v.repeat(reps, *([1] * (v.dim() - 1)))[:big] for k, v in full.items()}
+        before = matmul_gflops(threads, seconds=0.5)
+        rate = training_throughput(model, batch, max(2, steps // 2), threads)
+        after = matmul_gflops(threads, seconds=0.5)
+        print(
+            f"train_sequences_per_s_batch{big}={rate:.0f} fraction_of_matmul_batch{big}="
+            f"{rate * 3 * flops / 1e9 / ((before + after) / 2):.3f} (matmul {before:.1f} / {after:.1f} GFLOP/s around it)"
+        )
     real_len = encoded["mask"].sum(1).float()
     print(f"encode_examples_per_s={encode_per_s:.0f} (mean real length {real_len.mean():.1f} of {cfg.max_len})")
 

@@ -19,8 +19,10 @@ import torch
 from torch import Tensor
 
 from model_lib.artifact import load_artifact, save_artifact
+from model_lib.distributed import fit_distributed
 from model_lib.encoding import EncoderConfig, PreparedEvents, SequenceEncoder, prepare_events
 from model_lib.metrics import auprc, auroc
+from model_lib.sequence_shards import ShardedExamples
 from model_lib.trace import SequenceUserModel
 from model_lib.trace_baselines import build_model, encoder_config_for, make_config
 from model_lib.training import EpochReport, FitResult, TrainConfig, fit, iterate_batches, set_seed
@@ -79,6 +81,41 @@ class UserModel:
         model = build_model(kind, make_config(kind, encoder, label_columns, **(model_overrides or {})))
         model.set_class_weights(train["labels"])
         result = fit(model, train, valid, train_config, on_epoch=on_epoch, checkpoint_path=checkpoint_path)
+        return cls(kind, model, encoder), result
+
+    @classmethod
+    def train_on_shards(
+        cls,
+        kind: str,
+        encoder: SequenceEncoder,
+        train: ShardedExamples,
+        valid: ShardedExamples,
+        label_columns: Sequence[str],
+        *,
+        model_overrides: dict | None = None,
+        train_config: TrainConfig | None = None,
+        on_epoch: Callable[[EpochReport], None] | None = None,
+        checkpoint_path: str | Path | None = None,
+        processes: int = 1,
+    ) -> tuple[UserModel, FitResult]:
+        """``train`` on examples already encoded to shards (``encoder`` fitted on the training
+        examples): read batch by batch from disk, so memory is bounded by the batch size.
+
+        ``processes > 1``: DistributedDataParallel over that many worker processes
+        (``distributed.fit_distributed``); epochs are then reported when training ends, and a
+        retried step starts over (no checkpoint).
+        """
+        train_config = train_config or TrainConfig()
+        set_seed(train_config.seed)
+        config = make_config(kind, encoder, label_columns, **(model_overrides or {}))
+        model = build_model(kind, config)
+        model.set_class_weights(torch.from_numpy(train.column("labels")).reshape(-1, len(label_columns)))
+        if processes > 1:
+            result = fit_distributed(model, build_model, (kind, config), train, valid, train_config, processes)
+            for report in result.history if on_epoch is not None else ():
+                on_epoch(report)
+        else:
+            result = fit(model, train, valid, train_config, on_epoch=on_epoch, checkpoint_path=checkpoint_path)
         return cls(kind, model, encoder), result
 
     # ------------------------------------------------------------------ inference

@@ -337,46 +337,47 @@ class SequenceEncoder:
         self, events: pd.DataFrame | PreparedEvents, examples: pd.DataFrame, chunk_size: int = 16384
     ) -> SequenceEncoder:
         """Vocabularies and time statistics from the events the training examples see."""
-        ev = events if isinstance(events, PreparedEvents) else prepare_events(events)
-        frame = ev.frame
-        rules = {}
-        if self.config.attributes is not None:
-            rules = {r.column: r for r in self.config.attributes if r.column in frame.columns}
-            if "event_name" not in rules:
-                raise ValueError("the attribute allow-list must contain event_name (the page)")
-            cols = list(rules)
-        elif self.config.categorical_columns is None:
-            attrs = [c for c in frame.columns if c not in NON_ATTRIBUTE_COLUMNS and c not in ("event_name", "category")]
-            cols = ["event_name", *(["category"] if "category" in frame.columns else []), *attrs]
-        else:
-            cols = list(self.config.categorical_columns)
-            absent = [c for c in cols if c not in frame.columns]
-            if absent:
-                raise ValueError(f"categorical columns {absent} are not in the events frame")
-        self.columns = tuple(cols)
-        codes = {}
-        for c in self.columns:
-            code, uniques = _factorize(frame[c])
-            codes[c] = (code[ev.order], uniques)  # codes in sorted order
-        counts = {c: np.zeros(len(u), np.int64) for c, (_, u) in codes.items()}
+        return self.fit_parts([(events, examples)], chunk_size)
+
+    def fit_parts(self, parts, chunk_size: int = 16384) -> SequenceEncoder:
+        """``fit`` over (events, examples) parts that partition the users, e.g. user-hash buckets
+        read one at a time from the warehouse: only one part is in memory at once, and the result
+        equals ``fit`` on their union (counts and sums add up across parts)."""
+        token_counts: dict[str, dict[str, int]] = {}
         n_pos, total, total_sq = 0, np.zeros(len(TIME_FEATURES)), np.zeros(len(TIME_FEATURES))
-        for lo in range(0, len(examples), chunk_size):
-            w = self._windows(ev, examples.iloc[lo : lo + chunk_size])
-            seen_rows = w.rows[w.mask]  # one entry per (example, position): the training exposure
-            for c, (code, uniques) in codes.items():
-                counts[c] += np.bincount(code[seen_rows], minlength=len(uniques))
-            raw = self._raw_time_features(w)[w.mask]  # [positions, F]
-            n_pos += len(raw)
-            total += raw.sum(0)
-            total_sq += (raw**2).sum(0)
+        for events, examples in parts:
+            ev = events if isinstance(events, PreparedEvents) else prepare_events(events)
+            if not token_counts:
+                self.columns = tuple(self._categorical_columns(ev.frame))
+                token_counts = {c: {} for c in self.columns}
+            codes = {}
+            for c in self.columns:
+                code, uniques = _factorize(ev.frame[c])
+                codes[c] = (code[ev.order], uniques)  # codes in sorted order
+            counts = {c: np.zeros(len(u), np.int64) for c, (_, u) in codes.items()}
+            for lo in range(0, len(examples), chunk_size):
+                w = self._windows(ev, examples.iloc[lo : lo + chunk_size])
+                seen_rows = w.rows[w.mask]  # one entry per (example, position): the training exposure
+                for c, (code, uniques) in codes.items():
+                    counts[c] += np.bincount(code[seen_rows], minlength=len(uniques))
+                raw = self._raw_time_features(w)[w.mask]  # [positions, F]
+                n_pos += len(raw)
+                total += raw.sum(0)
+                total_sq += (raw**2).sum(0)
+            for c, (_, uniques) in codes.items():
+                merged = token_counts[c]
+                for token, n in zip(uniques, counts[c].tolist()):
+                    merged[str(token)] = merged.get(str(token), 0) + n
         self._lut_cache.clear()
         self.vocabularies = {}
-        for c, (_, u) in codes.items():
-            rule = rules.get(c, AttributeRule(c, min_count=self.config.min_count))
+        for c, tc in token_counts.items():
+            rule = self._rules().get(c, AttributeRule(c, min_count=self.config.min_count))
             self.vocabularies[c] = (
                 Vocabulary(hash_buckets=rule.hash_buckets)
                 if rule.hash_buckets
-                else Vocabulary.from_counts(np.asarray(u, dtype=object), counts[c], rule.min_count)
+                else Vocabulary.from_counts(
+                    np.asarray(list(tc), dtype=object), np.asarray(list(tc.values()), np.int64), rule.min_count
+                )
             )
         if n_pos:
             mean = total / n_pos
@@ -385,6 +386,24 @@ class SequenceEncoder:
             self.time_std = np.where(std > 1e-6, std, 1.0).astype(np.float32)
         self.fitted = True
         return self
+
+    def _rules(self) -> dict[str, AttributeRule]:
+        return {r.column: r for r in self.config.attributes or ()}
+
+    def _categorical_columns(self, frame: pd.DataFrame) -> list[str]:
+        if self.config.attributes is not None:  # the declared allow-list; absent columns are skipped
+            cols = [r.column for r in self.config.attributes if r.column in frame.columns]
+            if "event_name" not in cols:
+                raise ValueError("the attribute allow-list must contain event_name (the page)")
+            return cols
+        if self.config.categorical_columns is None:
+            attrs = [c for c in frame.columns if c not in NON_ATTRIBUTE_COLUMNS and c not in ("event_name", "category")]
+            return ["event_name", *(["category"] if "category" in frame.columns else []), *attrs]
+        cols = list(self.config.categorical_columns)
+        absent = [c for c in cols if c not in frame.columns]
+        if absent:
+            raise ValueError(f"categorical columns {absent} are not in the events frame")
+        return cols
 
     def _raw_time_features(self, w: _Windows) -> np.ndarray:
         """Unstandardised time features [N, L, F] (padded positions hold garbage, masked later)."""

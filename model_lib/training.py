@@ -1,7 +1,8 @@
 """One training loop for every model in model_lib (TRACE, its baselines, MTLDS and its baselines).
 
 A model only has to implement ``loss(batch: dict[str, Tensor]) -> Tensor`` (a scalar). Data are
-``dict[str, Tensor]`` whose tensors share the first dimension, so the loop never needs to know
+``dict[str, Tensor]`` whose tensors share the first dimension, or the same on disk as shards
+(``sequence_shards.ShardedExamples``, read batch by batch), so the loop never needs to know
 what a model's inputs mean. Why one loop: every comparison between models (uplift over a
 baseline) is only fair if they are trained by the same optimiser, batching, early stopping and
 seeding code.
@@ -27,6 +28,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from model_lib.sequence_shards import ShardedExamples
+
 
 @dataclass
 class TrainConfig:
@@ -39,6 +42,10 @@ class TrainConfig:
     seed: int = 0
     grad_clip: float | None = 1.0  # max global grad norm; None disables clipping
     num_threads: int | None = None  # torch.set_num_threads for reproducible CPU runs
+    # Upper bound on training rows seen over the whole fit (all epochs); None = epochs alone.
+    # It makes a step's cost independent of the data size: at scale the budget, not the
+    # epoch count, ends training (the last epoch may then be partial).
+    sample_budget: int | None = None
 
 
 @dataclass
@@ -49,6 +56,7 @@ class EpochReport:
     seconds: float  # wall time of the training pass of this epoch
     samples_per_second: float  # training throughput of this epoch
     is_best: bool  # lowest validation loss so far (by more than min_delta)
+    samples: int = 0  # training rows of this epoch (counts against TrainConfig.sample_budget)
 
 
 @dataclass
@@ -66,7 +74,9 @@ def set_seed(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _num_rows(data: dict[str, Tensor]) -> int:
+def _num_rows(data: dict[str, Tensor] | ShardedExamples) -> int:
+    if isinstance(data, ShardedExamples):
+        return len(data)
     if not data:
         raise ValueError("data is an empty dict: expected at least one tensor")
     sizes = {name: int(t.shape[0]) for name, t in data.items()}
@@ -76,7 +86,7 @@ def _num_rows(data: dict[str, Tensor]) -> int:
 
 
 def iterate_batches(
-    data: dict[str, Tensor],
+    data: dict[str, Tensor] | ShardedExamples,
     batch_size: int,
     shuffle: bool = False,
     generator: torch.Generator | None = None,
@@ -84,8 +94,12 @@ def iterate_batches(
     """Yield dicts of row slices of ``data``; the last batch may be smaller.
 
     Shuffling draws one permutation per call from ``generator`` (so the batch order is a
-    function of the generator's state only, not of the global RNG).
+    function of the generator's state only, not of the global RNG). Sharded data on disk
+    (``ShardedExamples``) is read batch by batch, never whole.
     """
+    if isinstance(data, ShardedExamples):
+        yield from data.batches(batch_size, shuffle=shuffle, generator=generator)
+        return
     if batch_size <= 0:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
     n = _num_rows(data)
@@ -99,7 +113,7 @@ def iterate_batches(
 
 
 @torch.no_grad()
-def evaluate_loss(model: nn.Module, data: dict[str, Tensor], batch_size: int) -> float:
+def evaluate_loss(model: nn.Module, data: dict[str, Tensor] | ShardedExamples, batch_size: int) -> float:
     """Mean loss over all rows of ``data`` in eval mode (batch losses weighted by batch size)."""
     was_training = model.training
     model.eval()
@@ -126,8 +140,8 @@ def _save_checkpoint(path: Path, state: dict) -> None:
 
 def fit(
     model: nn.Module,
-    train: dict[str, Tensor],
-    valid: dict[str, Tensor],
+    train: dict[str, Tensor] | ShardedExamples,
+    valid: dict[str, Tensor] | ShardedExamples,
     config: TrainConfig,
     on_epoch: Callable[[EpochReport], None] | None = None,
     checkpoint_path: str | Path | None = None,
@@ -170,13 +184,19 @@ def fit(
         start_epoch = int(state["epoch"]) + 1
 
     params = [p for p in model.parameters() if p.requires_grad]
+    if config.sample_budget is not None and config.sample_budget <= 0:
+        raise ValueError(f"sample_budget must be positive or None, got {config.sample_budget}")
+    seen_before = sum(h.samples for h in result.history)
     for epoch in range(start_epoch, config.epochs + 1):
-        if result.stopped_early:
+        budget_left = None if config.sample_budget is None else config.sample_budget - seen_before
+        if result.stopped_early or (budget_left is not None and budget_left <= 0):
             break
         model.train()
         started = time.perf_counter()
         total, count = 0.0, 0
         for step, batch in enumerate(iterate_batches(train, config.batch_size, shuffle=True, generator=generator)):
+            if budget_left is not None and count >= budget_left:
+                break
             loss = model.loss(batch)
             if not torch.isfinite(loss):
                 raise FloatingPointError(
@@ -191,6 +211,7 @@ def fit(
             total += float(loss.detach()) * rows
             count += rows
         seconds = time.perf_counter() - started
+        seen_before += count
         valid_loss = evaluate_loss(model, valid, config.batch_size)
 
         is_best = valid_loss < result.best_valid_loss - config.min_delta
@@ -207,6 +228,7 @@ def fit(
             seconds=seconds,
             samples_per_second=count / max(seconds, 1e-9),
             is_best=is_best,
+            samples=count,
         )
         result.history.append(report)
         result.stopped_early = epochs_without_improvement >= config.patience and epoch < config.epochs

@@ -52,6 +52,11 @@ TAG_REASON = TAG_PREFIX + "reason"
 TAG_DELTA = TAG_PREFIX + "delta"
 TAG_DECIDED_AT = TAG_PREFIX + "decided_at"
 
+# Loading a registered model downloads its artifacts with a tqdm bar per file on stderr: a dozen
+# bars per run in the middle of the step logs. The pipeline has no use for them; a user who
+# wants them back sets the variable to true.
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+
 
 def default_tracking_uri() -> str:
     """`MLFLOW_TRACKING_URI` if set, else a SQLite file in TRACE_DAGSTER_HOME (read from the env)."""

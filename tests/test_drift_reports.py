@@ -1,4 +1,6 @@
-"""Drift computation on real Taobao slices, on a deliberately shifted copy, and on embeddings."""
+"""Drift computation on real Taobao slices, on a deliberately shifted copy, and on embeddings.
+
+`session_features` here is the asset's DuckDB SQL run on an in-memory frame (one implementation)."""
 
 from __future__ import annotations
 
@@ -8,13 +10,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from assets.monitoring.features import session_features_of_frame as session_features
 from assets.monitoring.reports import (
     DEFAULT_DRIFT_SHARE_THRESHOLD,
     embedding_drift,
     input_drift,
     prediction_drift,
-    session_features,
-    top_event_names,
 )
 
 TAOBAO = Path(__file__).resolve().parents[2] / "shared" / "data" / "taobao_userbehavior"
@@ -82,8 +83,8 @@ def head_features(head_events) -> pd.DataFrame:
 
 
 @pytest.fixture(scope="module")
-def event_names(head_events) -> list[str]:
-    return top_event_names(head_events)
+def event_names(head_features) -> list[str]:
+    return [c.removeprefix("share_") for c in head_features.columns if c.startswith("share_") and c != "share_other"]
 
 
 def test_session_features_by_hand():
@@ -195,3 +196,46 @@ def test_drift_asset_default_threshold_matches_the_drift_functions():
     from assets.monitoring.reports import DEFAULT_DRIFT_SHARE_THRESHOLD as function_default
 
     assert asset_default == function_default
+
+
+def test_column_verdicts_are_the_reports_verdicts(head_events, head_features, event_names):
+    from assets.monitoring.reports import column_verdicts
+
+    shifted = session_features(sessionize(shifted_copy(head_events)), event_names=event_names)
+    for current, sample in ((head_features.sample(frac=0.5, random_state=1), 800), (shifted, 3000)):
+        reference = head_features.sample(n=sample, random_state=0)  # both sides of Evidently's 1000-row switch
+        report = input_drift(reference, current).per_column.set_index("column")
+        fast = column_verdicts(reference, current).set_index("column")
+        assert fast["drifted"].equals(report["drifted"])
+        assert fast["score"].to_numpy() == pytest.approx(report["score"].to_numpy())
+
+
+def test_session_features_sample_is_bounded_and_repeatable(head_events):
+    import duckdb
+
+    from assets.monitoring.features import session_features as sql_session_features
+
+    con = duckdb.connect()
+    con.register("events", sessionize(head_events))
+    first = sql_session_features(con, "events", event_names=["pv", "cart"], max_sessions=500, seed=3)
+    again = sql_session_features(con, "events", event_names=["pv", "cart"], max_sessions=500, seed=3)
+    assert len(first) == 500
+    assert list(first.index) == list(again.index)  # a re-run on unchanged data compares the same sessions
+    other = sql_session_features(con, "events", "s.session_index = 0", event_names=["pv", "cart"], max_sessions=500)
+    assert other.index.str.endswith(":0").all()
+
+
+def test_drift_windows_have_equal_lengths_on_the_cutoff_grid():
+    from datetime import datetime, timedelta
+
+    from assets.monitoring.features import drift_windows
+
+    cutoff = datetime(2017, 12, 1)
+    windows = drift_windows(cutoff, datetime(2017, 12, 3, 15, 59), timedelta(days=1), timedelta(days=4))
+    assert windows.current_end == datetime(2017, 12, 3)  # the partial day is left out: same phase
+    assert windows.reference_start == datetime(2017, 11, 29)
+    assert windows.compares_hour_of_day and not windows.compares_day_of_week  # two days: different weekdays
+    weeks = drift_windows(cutoff, datetime(2017, 12, 16), timedelta(days=7), timedelta(days=14))
+    assert weeks.length == timedelta(days=14) and weeks.compares_day_of_week
+    with pytest.raises(ValueError, match="less than one cutoff step"):
+        drift_windows(cutoff, datetime(2017, 12, 1, 20), timedelta(days=1), timedelta(days=4))

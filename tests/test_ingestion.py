@@ -12,6 +12,7 @@ from assets.ingestion.raw_events import (
     check_reconciliation,
     check_rejected_provenance,
     check_rejected_share,
+    ensure_ingested_files,
     ingest,
 )
 from resources.event_sources import InputFile, get_format
@@ -163,7 +164,7 @@ def test_reingestion_is_idempotent_and_new_files_are_added_once(home, tmp_path):
     assert query(home, "SELECT source_row, reason FROM rejected_events").values.tolist() == [[3, "duplicate"]]
     assert len(query(home, "SELECT * FROM ingested_files")) == 2
 
-    # A grown file (new content at the same path) is read again: old rows are duplicates.
+    # A grown file is read from where the last read stopped: only its new line.
     write_lines(
         folder / "a.csv",
         [header, "u1,2026-01-05 10:00:00,home", "u1,2026-01-05 10:05:00,search", "u1,2026-01-05 10:07:00,buy"],
@@ -171,7 +172,150 @@ def test_reingestion_is_idempotent_and_new_files_are_added_once(home, tmp_path):
     result = materialize_pipeline(resources, sessionize=False)
     assert all(check_results(result).values())
     assert len(query(home, "SELECT * FROM raw_events")) == 4
-    assert query(home, "SELECT count(*) AS n FROM rejected_events WHERE reason = 'duplicate'").n[0] == 3
+    assert query(home, "SELECT source_row, reason FROM rejected_events").values.tolist() == [[3, "duplicate"]]
+
+
+def taobao_rows(start: int, n: int) -> list[str]:
+    """Distinct Taobao UserBehavior rows (no header): user, item, category, behaviour, seconds."""
+    behaviours = ("pv", "pv", "pv", "cart", "fav", "buy")
+    return [
+        f"{1 + i % 97},{1000 + i},{i % 13},{behaviours[i % 6]},{1511544070 + 37 * i}" for i in range(start, start + n)
+    ]
+
+
+def ingestion_log(home):
+    return query(
+        home,
+        "SELECT read_kind, file_version, start_row, rows_read, rows_accepted, rows_rejected, rows_overlap "
+        "FROM ingested_files ORDER BY ingested_at",
+    )
+
+
+def test_an_appended_file_is_read_from_where_the_last_read_stopped(home, tmp_path):
+    """Issue 15: ingest 5,000 rows, append 5,000, ingest, ingest again: each row once, all green."""
+    path = write_lines(tmp_path / "drop" / "UserBehavior.csv", taobao_rows(0, 5000))
+    resources = pipeline_resources(home, path.parent, "taobao")
+    strict = {"max_rejected_share": 0.0}  # not one row may be counted as bad input
+    first = materialize_pipeline(resources, **strict)
+    with path.open("ab") as handle:  # the collector appends
+        handle.write(("\n".join(taobao_rows(5000, 5000)) + "\n").encode())
+    second = materialize_pipeline(resources, **strict)
+    third = materialize_pipeline(resources, **strict)
+
+    for result in (first, second, third):
+        assert result.success and all(check_results(result).values()), check_results(result)
+    raw = query(home, "SELECT source_row, item_id FROM raw_events ORDER BY source_row")
+    assert raw.source_row.tolist() == list(range(1, 10001))  # every row once, numbering continued
+    assert raw.item_id.tolist() == [str(1000 + i) for i in range(10000)]
+    assert query(home, "SELECT count(*) AS n FROM rejected_events").n[0] == 0
+    assert ingestion_log(home).values.tolist() == [
+        ["new", 1, 1, 5000, 5000, 0, 0],
+        ["appended", 1, 5001, 5000, 5000, 0, 0],
+    ]
+    second_meta = second.get_asset_materialization_events()[0].materialization.metadata
+    assert second_meta["files_appended"].value == 1 and second_meta["rows_read_this_run"].value == 5000
+    idle = {e.check_name: e for e in third.get_asset_check_evaluations()}["rejected_share_below_threshold"]
+    assert idle.passed and "no new input" in idle.metadata["reason"].value
+    sessionized = query(home, "SELECT count(*) AS n FROM sessionized_events").n[0]
+    assert sessionized == 10000
+
+
+def test_a_line_read_before_its_newline_is_overlap_when_completed(home, tmp_path):
+    path = write_lines(tmp_path / "drop" / "UserBehavior.csv", taobao_rows(0, 3), trailing_newline=False)
+    resources = pipeline_resources(home, path, "taobao")
+    materialize_pipeline(resources, sessionize=False)  # the last line, complete but unterminated, is accepted
+    with path.open("ab") as handle:
+        handle.write(("\n" + "\n".join(taobao_rows(3, 2)) + "\n").encode())
+    result = materialize_pipeline(resources, sessionize=False, max_rejected_share=0.0)
+    assert result.success and all(check_results(result).values())
+    assert query(home, "SELECT source_row FROM raw_events ORDER BY 1").source_row.tolist() == [1, 2, 3, 4, 5]
+    assert query(home, "SELECT source_row, reason FROM rejected_events").values.tolist() == [[3, "overlap"]]
+    assert ingestion_log(home).values.tolist() == [
+        ["new", 1, 1, 3, 3, 0, 0],
+        ["appended", 1, 3, 3, 2, 1, 1],  # line 3 read again: rows read = accepted + rejected
+    ]
+
+
+def test_a_rotated_file_and_an_overlapping_file_lose_nothing_and_say_why(home, tmp_path):
+    folder = tmp_path / "drop"
+    path = write_lines(folder / "today.csv", taobao_rows(0, 100))
+    resources = pipeline_resources(home, folder, "taobao")
+    assert materialize_pipeline(resources, sessionize=False).success
+
+    # Rotation: truncated and rewritten with the last 40 old rows and 60 new ones.
+    write_lines(path, taobao_rows(60, 100))
+    rotated = materialize_pipeline(resources, sessionize=False, max_rejected_share=0.0)
+    assert rotated.success and all(check_results(rotated).values())
+    metadata = rotated.get_asset_materialization_events()[0].materialization.metadata
+    assert metadata["files_rewritten"].value == 1
+    assert "was rewritten" in metadata["rewrites"].value and "version 2" in metadata["rewrites"].value
+    assert ingestion_log(home).values.tolist()[-1] == ["rewritten", 2, 1, 100, 60, 40, 40]
+
+    # A second file repeating 30 rows of the first: exact repeats from another file are `duplicate`.
+    write_lines(folder / "backfill.csv", taobao_rows(130, 50))
+    overlapping = materialize_pipeline(resources, sessionize=False, max_rejected_share=0.05, raise_on_error=False)
+    share = {e.check_name: e for e in overlapping.get_asset_check_evaluations()}["rejected_share_below_threshold"]
+    assert not share.passed and share.metadata["rejected_share"].value == pytest.approx(30 / 50)
+    assert "30 of 50 rows read this run were rejected" in share.metadata["reason"].value
+    after = materialize_pipeline(resources, sessionize=False, max_rejected_share=0.0)  # nothing new: not wedged
+    assert after.success and all(check_results(after).values())
+
+    items = query(home, "SELECT item_id FROM raw_events").item_id.astype(int)
+    assert sorted(items) == list(range(1000, 1180))  # every distinct row once, nothing lost
+    reasons = query(home, "SELECT reason, count(*) AS n FROM rejected_events GROUP BY 1 ORDER BY 1")
+    assert reasons.values.tolist() == [["duplicate", 30], ["overlap", 40]]
+    for _, run in query(home, "SELECT * FROM ingested_files").iterrows():  # reconciliation, per run
+        assert run.rows_read == run.rows_accepted + run.rows_rejected
+
+
+def test_a_gzip_file_grown_by_a_new_member_is_read_from_where_it_stopped(home, tmp_path):
+    import gzip
+
+    path = tmp_path / "UserBehavior.csv.gz"
+    path.write_bytes(gzip.compress(("\n".join(taobao_rows(0, 100)) + "\n").encode()))
+    warehouse = DuckDBWarehouse(paths=TraceDagsterPaths(home=str(home)))
+    inputs = [InputFile(path.resolve(), "csv", get_format("taobao"))]
+    with warehouse.connect() as con:
+        ingest(warehouse, con, inputs)
+    with path.open("ab") as handle:  # gzip allows appending members; the old bytes stay a prefix
+        handle.write(gzip.compress(("\n".join(taobao_rows(100, 50)) + "\n").encode()))
+    with warehouse.connect() as con:
+        grown = ingest(warehouse, con, inputs)
+        again = ingest(warehouse, con, inputs)
+    assert [(f.read_kind, f.start_row, f.rows_read, f.rows_accepted) for f in grown.files] == [
+        ("appended", 101, 50, 50)
+    ]
+    assert again.files == [] and again.skipped_files == [str(path.resolve())]
+    assert sorted(query(home, "SELECT source_row FROM raw_events").source_row) == list(range(1, 151))
+
+
+def test_one_file_can_be_ingested_alone(home, tmp_path):
+    folder = tmp_path / "drop"
+    header = "user_id,event_time,event_name"
+    write_lines(folder / "day1.csv", [header, "u1,2026-01-05 10:00:00,home"])
+    write_lines(folder / "day2.csv", [header, "u2,2026-01-06 10:00:00,home"])
+    resources = pipeline_resources(home, folder, "canonical")
+    only = {"ops": {"ingested_events": {"config": {"only_files": ["day2.csv"]}}}}
+    assert materialize_pipeline(resources, only, sessionize=False).success
+    assert query(home, "SELECT user_id FROM raw_events").user_id.tolist() == ["u2"]
+    assert materialize_pipeline(resources, sessionize=False).success  # then the rest
+    assert sorted(query(home, "SELECT user_id FROM raw_events").user_id) == ["u1", "u2"]
+
+
+def test_small_parquet_parts_are_compacted(home, tmp_path):
+    folder = tmp_path / "drop"
+    header = "user_id,event_time,event_name"
+    resources = pipeline_resources(home, folder, "canonical")
+    run_config = {"ops": {"ingested_events": {"config": {"compact_above_parts": 3}}}}
+    parts = []
+    for day in range(1, 6):  # five deliveries, one part per table each
+        write_lines(folder / f"day{day}.csv", [header, f"u{day},2026-01-0{day} 10:00:00,home", ""])
+        result = materialize_pipeline(resources, run_config, sessionize=False)
+        assert result.success and all(check_results(result).values())
+        parts.append(len(list((home / "parquet" / "raw_events").glob("*.parquet"))))
+    assert parts == [1, 2, 3, 1, 2]  # the 4th run found 4 parts > 3 and merged them
+    assert sorted(query(home, "SELECT user_id FROM raw_events").user_id) == [f"u{d}" for d in range(1, 6)]
+    assert len(query(home, "SELECT * FROM rejected_events WHERE reason = 'blank_line'")) == 5
 
 
 def test_a_run_that_fails_midway_leaves_the_previous_tables(home, tmp_path, monkeypatch):
@@ -238,13 +382,14 @@ def check_con():
             ('a.csv', 4, 'x,y', 'wrong_column_count', TIMESTAMP '2026-01-01 00:00:00'))
             t(source_file, source_row, raw, reason, ingested_at);
     """)
+    ensure_ingested_files(con)  # the columns added since, as in a migrated warehouse
     yield con
     con.close()
 
 
 def test_checks_pass_on_consistent_tables(check_con):
     assert check_reconciliation(check_con).passed
-    assert check_rejected_share(check_con, 0.5).passed
+    assert check_rejected_share(check_con, 0.5, "r1").passed
     assert check_raw_keys_not_null(check_con).passed
     assert check_rejected_provenance(check_con).passed
 
@@ -253,11 +398,20 @@ def test_reconciliation_fails_when_a_row_is_lost(check_con):
     check_con.execute("DELETE FROM rejected_events")
     result = check_reconciliation(check_con)
     assert not result.passed and "a.csv" in result.metadata["mismatches"].value
+    assert "1 file read(s) do not reconcile" in result.metadata["reason"].value
 
 
 def test_rejected_share_fails_above_threshold(check_con):
-    result = check_rejected_share(check_con, 0.2)  # 1 of 3 rejected
+    result = check_rejected_share(check_con, 0.2, "r1")  # 1 of 3 rejected
     assert not result.passed and result.metadata["rejected_share"].value == pytest.approx(1 / 3)
+    assert "1 of 3 rows" in result.metadata["reason"].value
+
+
+def test_rejected_share_judges_this_run_only_and_leaves_overlap_out(check_con):
+    idle = check_rejected_share(check_con, 0.2, "r2")  # r2 read nothing: r1's share is not judged again
+    assert idle.passed and "no new input" in idle.metadata["reason"].value
+    check_con.execute("UPDATE ingested_files SET rows_overlap = 1")  # the one rejection was read before
+    assert check_rejected_share(check_con, 0.0, "r1").passed
 
 
 def test_null_keys_and_missing_provenance_fail(check_con):

@@ -111,11 +111,11 @@ def test_every_asset_check_passed_but_the_warning_on_model_output_drift(pipeline
     assert failed <= {WARN_CHECK}, failed
     assert checks[WARN_CHECK][1] == "WARN"
 
-    # model_outputs_stable compares the champion's embeddings (and head probabilities) of the users
-    # at the last training cutoff with today's `user_embeddings` of every user, 14 days of events
-    # later. On this small simulation (2 epochs, different users and horizons on the two sides)
-    # Evidently does find drift, so the check warns; it must say exactly what the drift row says,
-    # and a WARN must not fail the run.
+    # model_outputs_stable (WARN) compares the champion's embeddings and head probabilities of the
+    # users active before the last training cutoff with those of the users active before the end of
+    # an equal window on the same cutoff grid (assets/monitoring). It may warn on a 2-epoch model
+    # (then its reason names the change); it must say exactly what the drift row says, and a WARN
+    # must not fail the run.
     row = pipeline.query("SELECT embedding_drift, prediction_drift FROM drift_report").iloc[0]
     assert checks[WARN_CHECK][0] == (not (row["embedding_drift"] or row["prediction_drift"]))
     assert pipeline.result.success

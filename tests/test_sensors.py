@@ -121,7 +121,7 @@ def test_changed_file_counts_as_new(file_sensor_instance, drop_folder, home, mon
     write_events(day1, 9)  # new content: size and mtime change
     rewritten = tick(new_event_files, file_sensor_instance, first.cursor, resources)
     request = only_request(rewritten, "ingest_and_monitor")
-    assert request.tags["trace_dagster/new_files"] == "1"
+    assert request.tags["trace_dagster/new_files"] == "0" and request.tags["trace_dagster/changed_files"] == "1"
     keys.add(request.run_key)
 
     stat = day1.stat()
@@ -292,3 +292,48 @@ def test_cursor_waits_for_a_check_still_running(instance):
 
     after = tick(retrain_on_drift, instance, during.cursor)
     assert only_request(after, "retrain_models").tags["trace_dagster/drift_check_run"] == seen_during_run["b"].run_id
+
+
+def test_a_growing_file_starts_one_ingestion_per_change(file_sensor_instance, drop_folder, home):
+    resources = event_source_resources(home, events=str(drop_folder))
+    log = write_events(drop_folder / "today.csv", 5)
+    first = only_request(tick(new_event_files, file_sensor_instance, None, resources), "ingest_and_monitor")
+    cursor = tick(new_event_files, file_sensor_instance, None, resources).cursor
+
+    keys = [first.run_key]
+    for extra in (3, 4):  # the collector appends twice
+        with log.open("a") as handle:
+            handle.write("".join(f"u9,2026-01-06 11:{i:02d}:00,pv,item{i},cat0,mobile\n" for i in range(extra)))
+        grown = tick(new_event_files, file_sensor_instance, cursor, resources)
+        request = only_request(grown, "ingest_and_monitor")
+        assert request.tags["trace_dagster/changed_files"] == "1" and request.tags["trace_dagster/new_files"] == "0"
+        # The same state seen from the same cursor again (a restarted daemon) asks for the same key.
+        assert only_request(
+            tick(new_event_files, file_sensor_instance, cursor, resources), "ingest_and_monitor"
+        ).run_key == (request.run_key)
+        assert "no new files" in assert_skipped(tick(new_event_files, file_sensor_instance, grown.cursor, resources))
+        keys.append(request.run_key)
+        cursor = grown.cursor
+    assert len(set(keys)) == 3  # one run per change, none repeated
+
+
+def test_drift_right_after_training_on_the_same_data_does_not_retrain_again(instance):
+    """A failure in a run that has just trained (e.g. `retrain_models`) would retrain in a loop:
+    the shift lies where examples only have labels, so the sensor waits for new data instead."""
+    job = dg.define_asset_job("retrain_models", selection=[stand_in_drift_report])
+    definitions = dg.Definitions(
+        assets=[stand_in_drift_report],
+        asset_checks=[stand_in_drift_below_threshold],
+        jobs=[job],
+        resources={"during_run": lambda instance: None},
+    )
+    run = definitions.resolve_job_def("retrain_models").execute_in_process(
+        instance=instance, run_config={"ops": {"drift_report": {"config": {"drifted": True}}}}, raise_on_error=False
+    )
+    [record] = instance.event_log_storage.get_asset_check_execution_history(DRIFT_CHECK, limit=10)
+    assert record.status.value == "FAILED" and record.run_id == run.run_id
+    assert "waiting for new events" in assert_skipped(tick(retrain_on_drift, instance, None))
+
+    failed = check_drift(instance, drifted=True)  # e.g. ingest_and_monitor after new files
+    data = tick(retrain_on_drift, instance, None)
+    assert only_request(data, "retrain_models").tags["trace_dagster/drift_check_run"] == failed.run_id

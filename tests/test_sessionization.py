@@ -91,6 +91,72 @@ def test_sql_matches_the_pandas_reference_on_simulated_events(home):
     assert sql.groupby("user_id").session_index.max().ge(1).mean() > 0.5  # multi-session users
 
 
+def test_late_events_land_in_the_right_sessions(home, tmp_path):
+    """A later file with events older than ones already sessionized: positions are recomputed."""
+    folder = tmp_path / "drop"
+    header = "user_id,event_time,event_name"
+    write_lines(folder / "day1.csv", [header, "a,2026-01-05 10:00:00,home", "a,2026-01-05 14:00:00,buy"])
+    resources = pipeline_resources(home, folder, "canonical")
+    assert materialize_pipeline(resources).success
+    assert sessionized(home).session_id.tolist() == ["a:0", "a:1"]  # a 4-hour gap: two sessions
+
+    # The collector delivers a late event from between the two: now one session of three events.
+    write_lines(folder / "late.csv", [header, "a,2026-01-05 12:00:00,search", "b,2026-01-05 09:00:00,home"])
+    result = materialize_pipeline(resources)
+    assert result.success and all(check_results(result).values())
+    a = sessionized(home).query("user_id == 'a'")
+    assert a.event_name.tolist() == ["home", "search", "buy"]
+    assert a.session_id.tolist() == ["a:0", "a:0", "a:0"]
+    assert a.event_index.tolist() == [0, 1, 2] and a.event_index_in_session.tolist() == [0, 1, 2]
+    assert a.seconds_since_prev_event.tolist() == [0, 7200, 7200]
+
+
+def test_incremental_sessionization_touches_only_buckets_of_users_with_new_events(home, tmp_path):
+    folder = tmp_path / "drop"
+    header = "user_id,event_time,event_name"
+    day1 = [f"u{u},2026-01-05 {8 + e}:{u % 60:02d}:00,home" for u in range(100) for e in range(3)]
+    write_lines(folder / "day1.csv", [header, *day1])
+    resources = pipeline_resources(home, folder, "canonical")
+    first = materialize_pipeline(resources)
+    meta = {e.asset_key.to_user_string(): e.materialization.metadata for e in first.get_asset_materialization_events()}
+    assert meta["sessionized_events"]["buckets_rebuilt"].value == 32  # first build: every bucket
+
+    # Two users come back, one of them with a late event: only their buckets are rebuilt.
+    write_lines(folder / "day2.csv", [header, "u7,2026-01-05 07:30:00,search", "u42,2026-01-06 09:00:00,buy"])
+    second = materialize_pipeline(resources)
+    assert second.success and all(check_results(second).values())
+    meta = {e.asset_key.to_user_string(): e.materialization.metadata for e in second.get_asset_materialization_events()}
+    assert 1 <= meta["sessionized_events"]["buckets_rebuilt"].value <= 2
+    assert meta["sessionized_events"]["rows_rewritten"].value < 100  # of 302 events
+    incremental = query(home, "SELECT * FROM sessionized_events ORDER BY source_file, source_row")
+    assert incremental.query("user_id == 'u7'").sort_values("event_index").event_name.tolist()[:2] == [
+        "search",
+        "home",
+    ]
+
+    idle = materialize_pipeline(resources)  # nothing new: nothing rebuilt
+    meta = {e.asset_key.to_user_string(): e.materialization.metadata for e in idle.get_asset_materialization_events()}
+    assert meta["sessionized_events"]["buckets_rebuilt"].value == 0
+
+    full = {"ops": {"sessionized_events": {"config": {"full_rebuild": True}}}}
+    materialize_pipeline(resources, full)
+    rebuilt = query(home, "SELECT * FROM sessionized_events ORDER BY source_file, source_row")
+    pd.testing.assert_frame_equal(incremental, rebuilt)
+
+
+def test_no_accepted_event_yet_gives_an_empty_table_then_a_full_one(home, tmp_path):
+    folder = tmp_path / "drop"
+    header = "user_id,event_time,event_name"
+    write_lines(folder / "bad.csv", [header, ",2026-01-05 10:00:00,home"])
+    resources = pipeline_resources(home, folder, "canonical")
+    assert materialize_pipeline(resources).success
+    assert len(sessionized(home)) == 0
+    write_lines(folder / "good.csv", [header, "a,2026-01-05 10:00:00,home"])
+    result = materialize_pipeline(resources)
+    assert result.success and all(check_results(result).values())
+    assert sessionized(home).session_id.tolist() == ["a:0"]
+
+
 @pytest.fixture
 def check_con():
     con = duckdb.connect()

@@ -1,6 +1,6 @@
 """`trace-dagster`: run the pipeline from a shell, in a Dagster instance kept under the home.
 
-    trace-dagster run            # full_pipeline, multiprocess executor, embedded default data
+    trace-dagster run            # full_pipeline: live view, summary, full log in HOME/logs/<run_id>.log
     trace-dagster dev [-p PORT]  # `dagster dev -w workspace.yaml` on the same instance
     trace-dagster instance       # prepare the instance and print its DAGSTER_HOME
 
@@ -15,9 +15,14 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
+import traceback
+import uuid
+from contextlib import contextmanager
 from pathlib import Path
 
-from resources.paths import DAGSTER_DIR, HOME_ENV_VAR, REPORTS_DIR, WAREHOUSE_FILE, resolve_home
+from resources.event_sources import EVENTS_ENV_VAR, FORMAT_ENV_VAR, FORMATS
+from resources.paths import DAGSTER_DIR, DEFAULT_HOME, HOME_ENV_VAR, resolve_home
 from resources.warehouse import WAREHOUSE_POOL
 
 DAGSTER_YAML = """\
@@ -54,63 +59,133 @@ def full_pipeline_job():
     return defs.resolve_job_def("full_pipeline")
 
 
-def run(args: argparse.Namespace) -> int:
-    import dagster as dg
+def deep_merge(base: dict, extra: dict) -> dict:
+    """`extra` over `base`, nested dicts merged key by key (a `--config` file over the defaults)."""
+    out = dict(base)
+    for key, value in extra.items():
+        out[key] = deep_merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
 
+
+def run_config_for(args: argparse.Namespace) -> dict:
+    """The job's run config: executor defaults, Dagster's console logger silenced, `--config` on top.
+
+    The console logger is silenced because the CLI prints the run from its event log itself
+    (`run_view`): one ordered stream instead of two processes' DEBUG lines interleaved.
+    """
     from trace_dagster.jobs import execution_config
 
-    dagster_home = prepare_instance()
-    print(f"TRACE_DAGSTER_HOME={os.environ[HOME_ENV_VAR]}\nDAGSTER_HOME={dagster_home}")
-    # MLflow's SQLite store is created once, here, before steps log to it in parallel.
-    from resources.mlflow_tracking import MLflowTracking
-
-    MLflowTracking().ensure_store()
-    with dg.DagsterInstance.get() as instance:
-        storage = instance.event_log_storage
-        if storage.supports_global_concurrency_limits:
-            storage.set_concurrency_slots(WAREHOUSE_POOL, 1)
-        run_config = execution_config(args.max_concurrent)
-        with dg.execute_job(
-            dg.reconstructable(full_pipeline_job),
-            instance=instance,
-            run_config=run_config,
-            tags={"launched_by": "trace-dagster run"},
-        ) as result:
-            print(f"run {result.run_id}: {'success' if result.success else 'FAILURE'}")
-            for event in result.get_asset_materialization_events():
-                metadata = event.materialization.metadata
-                rows = metadata.get("dagster/row_count")
-                print(
-                    f"  materialized {event.asset_key.to_user_string()}"
-                    + (f" ({rows.value:,} rows)" if rows is not None else "")
-                )
-            for evaluation in result.get_asset_check_evaluations():
-                if evaluation.passed:
-                    status = "passed"
-                else:
-                    status = "WARNING" if evaluation.severity == dg.AssetCheckSeverity.WARN else "FAILED"
-                print(f"  check {evaluation.asset_key.to_user_string()}:{evaluation.check_name} {status}")
-            print(where_to_look(dagster_home))
-            return 0 if result.success else 1
-
-
-def where_to_look(dagster_home: Path) -> str:
-    """The closing lines of a run: the report, the UI and MLflow, each with its command."""
-    from resources.mlflow_tracking import default_tracking_uri
-
-    home = resolve_home()
-    tracking = default_tracking_uri()
-    return "\n".join(
-        [
-            "",
-            "Where to look:",
-            f"  evaluation report   {home / REPORTS_DIR / 'evaluation_latest.md'}",
-            f"  embedding map, drift reports (HTML)   {home / REPORTS_DIR}/",
-            f"  warehouse           {home / WAREHOUSE_FILE}  (tables: see README)",
-            "  Dagster UI          .venv/bin/trace-dagster dev    -> http://127.0.0.1:3000",
-            f"  MLflow UI           .venv/bin/mlflow ui --backend-store-uri {tracking} -p 5000",
-        ]
+    config = deep_merge(
+        execution_config(args.max_concurrent), {"loggers": {"console": {"config": {"log_level": "CRITICAL"}}}}
     )
+    if args.config:
+        import yaml
+
+        extra = yaml.safe_load(Path(args.config).read_text()) or {}
+        if not isinstance(extra, dict):
+            raise SystemExit(f"--config {args.config}: expected a YAML mapping (ops:, resources:, ...)")
+        config = deep_merge(config, extra)
+    return config
+
+
+@contextmanager
+def console_and_log(log_path: Path, verbose: bool):
+    """(console stream, log file): by default fds 1 and 2 go to the log file, the console keeps a dup.
+
+    Step processes inherit fds 1 and 2, so whatever they print outside Dagster's event log
+    (library warnings, tracebacks of crashed processes) lands in the log file, not on the console.
+    `--verbose` leaves the fds alone: everything reaches the console too.
+    """
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    log_file = open(log_path, "a", buffering=1)  # noqa: SIM115 - closed below, after the fds are restored
+    if verbose:
+        try:
+            yield sys.stdout, log_file
+        finally:
+            log_file.close()
+        return
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = os.dup(1), os.dup(2)
+    console = os.fdopen(os.dup(1), "w", buffering=1)
+    os.dup2(log_file.fileno(), 1)
+    os.dup2(log_file.fileno(), 2)
+    try:
+        yield console, log_file
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.dup2(saved[0], 1)
+        os.dup2(saved[1], 2)
+        for fd in saved:
+            os.close(fd)
+        console.close()
+        log_file.close()
+
+
+def run(args: argparse.Namespace) -> int:
+    import dagster as dg
+    from rich.console import Console
+
+    from resources.mlflow_tracking import MLflowTracking
+    from trace_dagster.run_summary import RunOutcome, render_summary
+    from trace_dagster.run_view import WATCH_TAG, RunWatcher, check_descriptions, one_line
+
+    prepare_instance()
+    home = Path(os.environ[HOME_ENV_VAR])
+    run_config = run_config_for(args)
+    token = uuid.uuid4().hex
+    log_dir = home / "logs"
+    starting_log = log_dir / f"starting-{token}.log"
+    events = os.environ.get(EVENTS_ENV_VAR) or "the built-in simulator"
+    print(
+        f"trace-dagster run: full_pipeline on {events}"
+        + (f" (format {os.environ[FORMAT_ENV_VAR]})" if os.environ.get(FORMAT_ENV_VAR) else "")
+        + f", home {home}",
+        flush=True,
+    )
+    with console_and_log(starting_log, args.verbose) as (stream, log_file):
+        console = Console(file=stream, highlight=False, soft_wrap=True)
+        from trace_dagster.definitions import ASSET_CHECKS, ASSETS
+
+        # MLflow's SQLite store is created once, here, before steps log to it in parallel.
+        MLflowTracking().ensure_store()
+        with dg.DagsterInstance.get() as instance:
+            storage = instance.event_log_storage
+            if storage.supports_global_concurrency_limits:
+                storage.set_concurrency_slots(WAREHOUSE_POOL, 1)
+            watcher = RunWatcher(
+                instance,
+                token,
+                console,
+                log_file,
+                verbose=args.verbose,
+                check_descriptions=check_descriptions([*ASSETS, *ASSET_CHECKS]),
+            )
+            watcher.start()
+            started = time.monotonic()
+            try:
+                with dg.execute_job(
+                    dg.reconstructable(full_pipeline_job),
+                    instance=instance,
+                    run_config=run_config,
+                    tags={"launched_by": "trace-dagster run", WATCH_TAG: token},
+                ) as result:
+                    success, run_id = result.success, result.run_id
+            except Exception as error:  # invalid run config and the like: no run was created
+                watcher.stop()
+                traceback.print_exc(file=log_file)
+                detail = "\n  ".join(one_line(line, 300) for line in str(error).splitlines()[:6] if line.strip())
+                console.print(f"trace-dagster run: could not start full_pipeline: {detail}", markup=False)
+                console.print(f"  details in {starting_log}", markup=False)
+                return 2
+            finally:
+                watcher.stop()
+        log_path = log_dir / f"{run_id}.log"
+        starting_log.rename(log_path)
+        outcome = RunOutcome(run_id, success, time.monotonic() - started, home, log_path, watcher.progress)
+        console.print(render_summary(outcome), markup=False, highlight=False)
+    return 0 if success else 1
 
 
 def dev(args: argparse.Namespace) -> int:
@@ -126,17 +201,65 @@ def dev(args: argparse.Namespace) -> int:
     return 1  # not reached
 
 
-def main(argv: list[str] | None = None) -> None:
+def apply_flags(args: argparse.Namespace) -> None:
+    """`--events/--format/--home` are the environment variables by another name: set them."""
+    for flag, variable in (("events", EVENTS_ENV_VAR), ("format", FORMAT_ENV_VAR), ("home", HOME_ENV_VAR)):
+        value = getattr(args, flag, None)
+        if value:
+            os.environ[variable] = str(Path(value).expanduser().resolve()) if flag == "home" else value
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="trace-dagster", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
-    run_parser = commands.add_parser("run", help="execute full_pipeline")
+    run_parser = commands.add_parser(
+        "run",
+        help="execute full_pipeline with a live view and a closing summary",
+        description="Execute full_pipeline: a live view while it runs, the full event log in "
+        "HOME/logs/<run_id>.log, a closing summary; exit status 1 if a step failed.",
+    )
     run_parser.add_argument(
-        "--max-concurrent", type=int, default=2, help="steps running at once (this machine has few cores)"
+        "--events",
+        metavar="PATH",
+        help=f"input events: a file, folder or glob (CSV, CSV.gz, parquet); same as ${EVENTS_ENV_VAR} "
+        f"(default: {os.environ.get(EVENTS_ENV_VAR) or 'unset: the built-in simulator'})",
+    )
+    run_parser.add_argument(
+        "--format",
+        choices=sorted(FORMATS),
+        help=f"format of the input events; same as ${FORMAT_ENV_VAR} "
+        f"(default: {os.environ.get(FORMAT_ENV_VAR) or 'canonical'})",
+    )
+    run_parser.add_argument(
+        "--home",
+        metavar="DIR",
+        help=f"folder for all state (warehouse, MLflow store, reports, logs); same as ${HOME_ENV_VAR} "
+        f"(default: {os.environ.get(HOME_ENV_VAR) or DEFAULT_HOME + '/ under the current directory'})",
+    )
+    run_parser.add_argument(
+        "--config",
+        metavar="YAML",
+        help="Dagster run config merged over the defaults, e.g. ops: {trace_model: {config: {epochs: 2}}}, "
+        "resources: {event_source: {config: {simulator_n_users: 300}}} (default: none)",
+    )
+    run_parser.add_argument(
+        "--verbose", action="store_true", help="print the full event stream on the console too (default: off)"
+    )
+    run_parser.add_argument(
+        "--max-concurrent",
+        type=int,
+        default=2,
+        help="steps running at once; this machine has few cores (default: %(default)s)",
     )
     dev_parser = commands.add_parser("dev", help="open the Dagster UI on the same instance")
     dev_parser.add_argument("-p", "--port", type=int, default=3000)
     commands.add_parser("instance", help="prepare the Dagster instance, print DAGSTER_HOME")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    apply_flags(args)
     if args.command == "instance":
         print(prepare_instance())
         sys.exit(0)

@@ -13,10 +13,14 @@ from resources.event_sources import EventSource, EventSourceError
 from trace_dagster.jobs import ingest_and_monitor, retrain_models
 
 DRIFT_CHECK = dg.AssetCheckKey(dg.AssetKey("drift_report"), "drift_below_threshold")
+#: Jobs that train before they check drift: a failure there means the drift persists after
+#: training on these very data (the shift lies after the last cutoff, where examples only have
+#: labels), so retraining again would loop without learning anything; new data re-checks it.
+TRAINING_JOBS = frozenset({"full_pipeline", "retrain_models"})
 
 
 def file_fingerprints(event_source: EventSource) -> dict[str, str]:
-    """path -> "size:mtime_ns" of every readable input file; a changed file is a new file."""
+    """path -> "size:mtime_ns" of every readable input file: growth or a rewrite changes it."""
     inputs, _ignored = event_source.list_inputs()
     out = {}
     for item in inputs:
@@ -39,14 +43,27 @@ def new_event_files(context: dg.SensorEvaluationContext, event_source: EventSour
         current = file_fingerprints(event_source)
     except EventSourceError as error:  # e.g. a drop folder with no event file yet: wait, say why
         return dg.SkipReason(str(error))
-    new = {path: fp for path, fp in current.items() if seen.get(path) != fp}
-    if not new:
+    changed = {path: fp for path, fp in current.items() if seen.get(path) != fp}
+    if not changed:
         return dg.SkipReason(f"no new files among {len(current)}")
-    run_key = "new-files-" + hashlib.sha256(json.dumps(sorted(new.items())).encode()).hexdigest()[:16]
+    # The key names the exact (path, size, mtime) states: the same change never launches twice,
+    # and every later growth of a file is a new state, hence a new run.
+    run_key = "new-files-" + hashlib.sha256(json.dumps(sorted(changed.items())).encode()).hexdigest()[:16]
     context.update_cursor(json.dumps({**seen, **current}, sort_keys=True))
+    new = [path for path in changed if path not in seen]
     return dg.RunRequest(
-        run_key=run_key, tags={"trace_dagster/trigger": "new_files", "trace_dagster/new_files": str(len(new))}
+        run_key=run_key,
+        tags={
+            "trace_dagster/trigger": "new_files",
+            "trace_dagster/new_files": str(len(new)),
+            "trace_dagster/changed_files": str(len(changed) - len(new)),
+        },
     )
+
+
+def _job_name(instance: dg.DagsterInstance, run_id: str) -> str | None:
+    run = instance.get_run_by_id(run_id)
+    return run.job_name if run is not None else None
 
 
 def _run_in_progress(instance: dg.DagsterInstance, run_id: str) -> bool:
@@ -58,7 +75,8 @@ def _run_in_progress(instance: dg.DagsterInstance, run_id: str) -> bool:
     job=retrain_models,
     minimum_interval_seconds=60,
     default_status=dg.DefaultSensorStatus.RUNNING,
-    description="Launches retraining when the drift check on drift_report fails (once per failed check).",
+    description="Launches retraining when the gated input-drift check on drift_report fails (once per failed "
+    "check; not for a check of a run that has just trained on the same data).",
 )
 def retrain_on_drift(context: dg.SensorEvaluationContext):
     last_seen = int(context.cursor) if context.cursor else 0
@@ -75,6 +93,9 @@ def retrain_on_drift(context: dg.SensorEvaluationContext):
     failed = [r for r in newer if r.status.value == "FAILED"]
     if not failed:
         return dg.SkipReason(f"{len(newer)} new drift check result(s), none failed")
+    failed = [r for r in failed if _job_name(context.instance, r.run_id) not in TRAINING_JOBS]
+    if not failed:
+        return dg.SkipReason("drift persists right after training on the same data: waiting for new events")
     latest = failed[-1]
     return dg.RunRequest(
         run_key=f"drift-check-{latest.id}",

@@ -1,5 +1,8 @@
 """What every model-training asset shares: its run-config fields and how it reports an epoch."""
 
+import re
+from dataclasses import dataclass
+
 import dagster as dg
 import mlflow
 from pydantic import Field
@@ -17,6 +20,11 @@ class ModelTrainingConfig(dg.Config):
     patience: int = 3
     seed: int = 0
     torch_threads: int = Field(default=1, description="torch threads of this step (the executor runs two at once).")
+    sample_budget: int = Field(
+        default=1_000_000,
+        description="Most training rows seen over all epochs (0: epochs alone). Bounds the step's cost "
+        "at scale; the default run (~5k training rows x 12 epochs) stays below it.",
+    )
 
     def train_config(self) -> TrainConfig:
         return TrainConfig(
@@ -27,11 +35,51 @@ class ModelTrainingConfig(dg.Config):
             patience=self.patience,
             seed=self.seed,
             num_threads=self.torch_threads,
+            sample_budget=self.sample_budget or None,
         )
+
+
+#: How a training step reports an epoch in the Dagster run log; `trace-dagster run` parses it back
+#: (`parse_epoch_message`) for its live view, so the two live here together.
+EPOCH_MESSAGE = re.compile(
+    r"^(?P<model>\S+) epoch (?P<epoch>\d+)/(?P<epochs>\d+): train (?P<train_loss>\S+) "
+    r"valid (?P<valid_loss>\S+) \((?P<rate>\d+) (?P<unit>[^)]+)\)"
+)
+
+
+@dataclass(frozen=True)
+class EpochProgress:
+    """One epoch of one training step, as read back from its log line."""
+
+    model: str
+    epoch: int
+    epochs: int  # the configured upper bound (early stopping may end sooner)
+    train_loss: float
+    valid_loss: float
+    rate: int
+    unit: str  # "seq/s" or "samples/s"
+
+
+def parse_epoch_message(message: str) -> EpochProgress | None:
+    """The epoch a log message reports, or None if it is another message."""
+    match = EPOCH_MESSAGE.match(message)
+    if match is None:
+        return None
+    g = match.groupdict()
+    return EpochProgress(
+        g["model"],
+        int(g["epoch"]),
+        int(g["epochs"]),
+        float(g["train_loss"]),
+        float(g["valid_loss"]),
+        int(g["rate"]),
+        g["unit"],
+    )
 
 
 def epoch_logger(context: dg.AssetExecutionContext, model: str, unit: str):
     """Per-epoch losses to the MLflow run and the Dagster run log (progress visible while it trains)."""
+    epochs = (context.op_execution_context.op_config or {}).get("epochs", 0)  # the upper bound, shown as "epoch k/n"
 
     def on_epoch(report: EpochReport) -> None:
         mlflow.log_metrics(
@@ -43,7 +91,7 @@ def epoch_logger(context: dg.AssetExecutionContext, model: str, unit: str):
             step=report.epoch,
         )
         context.log.info(
-            f"{model} epoch {report.epoch}: train {report.train_loss:.4f} valid {report.valid_loss:.4f} "
+            f"{model} epoch {report.epoch}/{epochs}: train {report.train_loss:.4f} valid {report.valid_loss:.4f} "
             f"({report.samples_per_second:.0f} {unit}){' best' if report.is_best else ''}"
         )
 

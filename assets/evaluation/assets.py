@@ -178,9 +178,17 @@ def evaluation_metrics_are_complete(warehouse: DuckDBWarehouse) -> dg.AssetCheck
     with warehouse.connect(read_only=True) as con:
         bad = con.sql("SELECT model, task, metric FROM evaluation_metrics WHERE value IS NULL OR isnan(value)").df()
         models = con.execute("SELECT count(DISTINCT model) FROM evaluation_metrics").fetchall()[0][0]
+    if models == 0:
+        reason = "evaluation_metrics has no model"
+    elif len(bad):
+        first = bad.iloc[0]
+        reason = f"{len(bad)} undefined metrics, e.g. {first['metric']} of {first['model']} on {first['task']}"
+    else:
+        reason = f"every metric of {models} models is finite"
     return dg.AssetCheckResult(
         passed=bad.empty and models > 0,
         metadata={
+            "reason": reason,
             "models": models,
             "undefined_metrics": len(bad),
             "undefined": dg.MetadataValue.md(bad.head(20).to_markdown(index=False) if len(bad) else "none"),

@@ -1,10 +1,21 @@
 """`sessionized_events`: each user's journey cut into sessions, with positions and time features.
 
-Pure DuckDB window SQL over `raw_events`, rebuilt in full and swapped in atomically (parquet
-first, then the view) so readers never see a half-built table. Columns and their meaning are
-fixed in docs/ARCHITECTURE.md; the order of a user's events is `event_time`, then `source_file`,
-then `source_row`, so ties (same second) are broken the same way on every run.
+Pure DuckDB window SQL over `raw_events`. Incremental by user bucket: the table is one parquet file
+per bucket of users (`md5(user_id)` modulo `n_buckets`, stable across DuckDB versions), and a run
+re-sessionizes only the buckets of users with events ingested since the last build (late events
+included: a user's whole journey is recomputed, so old events move to their right sessions). The
+new bucket files are swapped in atomically with the build watermark, so readers never see a
+half-built table. A changed session gap or bucket count means a full rebuild.
+
+Columns and their meaning are fixed in docs/ARCHITECTURE.md; the order of a user's events is
+`event_time`, then `source_file`, then `source_row`, so ties (same second) are broken the same
+way on every run.
 """
+
+import shutil
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
 
 import dagster as dg
 import duckdb
@@ -12,10 +23,31 @@ import duckdb
 from assets.common.metadata import warehouse_table_metadata
 from assets.ingestion.columns import SESSIONIZED_EVENTS_COLUMNS
 from assets.ingestion.raw_events import RAW_EVENTS
-from resources.warehouse import WAREHOUSE_POOL, DuckDBWarehouse, quote_ident
+from resources.warehouse import (
+    PARQUET_CATALOG,
+    WAREHOUSE_POOL,
+    DuckDBWarehouse,
+    quote_ident,
+    sql_literal,
+    table_exists,
+    utc_now,
+)
 
 SESSIONIZED_EVENTS = "sessionized_events"
+SESSIONIZATION_LOG = "sessionization_log"
 DEFAULT_SESSION_GAP_SECONDS = 7200
+DEFAULT_USER_BUCKETS = 32
+
+SESSIONIZATION_LOG_DDL = f"""
+CREATE TABLE IF NOT EXISTS {SESSIONIZATION_LOG} (
+    built_at            TIMESTAMP NOT NULL,
+    session_gap_seconds DOUBLE    NOT NULL,
+    n_buckets           INTEGER   NOT NULL,
+    raw_ingested_through TIMESTAMP,         -- max(raw_events.ingested_at) sessionized
+    buckets_rebuilt     INTEGER   NOT NULL,
+    rows_written        BIGINT    NOT NULL
+)
+"""
 
 # (name, SQL type), in the order ARCHITECTURE.md lists them, appended to the raw_events columns.
 SESSION_COLUMNS = (
@@ -77,20 +109,133 @@ FROM running
 """
 
 
+def user_bucket_sql(n_buckets: int) -> str:
+    """A user's bucket: md5 is stable across DuckDB versions (hash() is not)."""
+    return f"CAST(md5_number_lower(user_id) % {int(n_buckets)} AS INTEGER)"
+
+
+def _bucket_of_part(path: str) -> int | None:
+    name = Path(path).name  # sessionized_events-b0007-<stamp>.parquet
+    if name.startswith(f"{SESSIONIZED_EVENTS}-b"):
+        return int(name[len(SESSIONIZED_EVENTS) + 2 :].split("-", 1)[0])
+    return None
+
+
+@dataclass
+class SessionizationRun:
+    rows_written: int  # rows of the rebuilt buckets
+    buckets_rebuilt: int
+    n_buckets: int
+    full_rebuild: bool
+    reason: str  # why this much was rebuilt
+
+
 def build_sessionized_events(
     warehouse: DuckDBWarehouse,
     con: duckdb.DuckDBPyConnection,
     session_gap_seconds: float = DEFAULT_SESSION_GAP_SECONDS,
-) -> int:
-    """Rebuild `sessionized_events` from `raw_events`; returns its row count."""
-    raw_columns = [r[0] for r in con.execute(f"DESCRIBE SELECT * FROM {RAW_EVENTS}").fetchall()]
-    return warehouse.replace_table(
-        con, SESSIONIZED_EVENTS, sessionize_sql(RAW_EVENTS, raw_columns, session_gap_seconds)
+    n_buckets: int = DEFAULT_USER_BUCKETS,
+    full_rebuild: bool = False,
+) -> SessionizationRun:
+    """Re-sessionize the user buckets with events ingested since the last build (all of them on
+    the first build, on `full_rebuild`, or when the gap or bucket count changed)."""
+    con.execute(SESSIONIZATION_LOG_DDL)
+    (through,) = con.execute(f"SELECT max(ingested_at) FROM {RAW_EVENTS}").fetchall()[0]
+    last = con.execute(
+        f"SELECT session_gap_seconds, n_buckets, raw_ingested_through FROM {SESSIONIZATION_LOG} "
+        "ORDER BY built_at DESC LIMIT 1"
+    ).fetchall()
+    bucket = user_bucket_sql(n_buckets)
+    if full_rebuild:
+        reason = "full rebuild requested"
+    elif not last or not table_exists(con, SESSIONIZED_EVENTS):
+        reason, full_rebuild = "first build", True
+    elif (float(last[0][0]), int(last[0][1])) != (float(session_gap_seconds), n_buckets):
+        reason, full_rebuild = "session gap or bucket count changed: full rebuild", True
+    else:
+        reason = ""
+    if full_rebuild:
+        buckets = list(range(n_buckets))
+    else:
+        watermark = last[0][2]
+        newer = "true" if watermark is None else f"ingested_at > TIMESTAMP {sql_literal(str(watermark))}"
+        buckets = [
+            row[0]
+            for row in con.execute(f"SELECT DISTINCT {bucket} FROM {RAW_EVENTS} WHERE {newer} ORDER BY 1").fetchall()
+        ]
+        reason = (
+            f"{len(buckets)} of {n_buckets} user buckets have events ingested since {watermark}"
+            if buckets
+            else f"no events ingested since {watermark}: nothing to re-sessionize"
+        )
+    parts: list[tuple[Path, int]] = []
+    if buckets:
+        raw_columns = [r[0] for r in con.execute(f"DESCRIBE SELECT * FROM {RAW_EVENTS}").fetchall()]
+        bucket_list = ", ".join(str(b) for b in buckets)
+        source = f"(SELECT * FROM {RAW_EVENTS} WHERE {bucket} IN ({bucket_list}))"
+        query = sessionize_sql(source, raw_columns, session_gap_seconds)
+        parts = _write_bucket_parts(warehouse, con, query, bucket)
+        if full_rebuild and not parts:  # no accepted event yet: an empty table, not a missing one
+            parts = [warehouse.write_parquet(con, SESSIONIZED_EVENTS, query)]
+    rows = sum(n for _, n in parts)
+    con.execute("BEGIN TRANSACTION")
+    try:
+        old = con.execute(f"SELECT path FROM {PARQUET_CATALOG} WHERE table_name = ?", [SESSIONIZED_EVENTS]).fetchall()
+        stale = [p for (p,) in old if full_rebuild or _bucket_of_part(p) in set(buckets) or _bucket_of_part(p) is None]
+        if stale:
+            con.execute(
+                f"DELETE FROM {PARQUET_CATALOG} WHERE table_name = ? AND list_contains(?, path)",
+                [SESSIONIZED_EVENTS, stale],
+            )
+        if parts or stale or not table_exists(con, SESSIONIZED_EVENTS):
+            warehouse.register_parquet(con, SESSIONIZED_EVENTS, parts, replace=False)
+        con.execute(
+            f"INSERT INTO {SESSIONIZATION_LOG} VALUES (?, ?, ?, ?, ?, ?)",
+            [utc_now(), float(session_gap_seconds), n_buckets, through, len(buckets), rows],
+        )
+        con.execute("COMMIT")
+    except BaseException:
+        con.execute("ROLLBACK")
+        raise
+    warehouse.sweep_unreferenced(con, SESSIONIZED_EVENTS)
+    return SessionizationRun(rows, len(buckets), n_buckets, full_rebuild, reason)
+
+
+def _write_bucket_parts(
+    warehouse: DuckDBWarehouse, con: duckdb.DuckDBPyConnection, query: str, bucket: str
+) -> list[tuple[Path, int]]:
+    """Write `query`'s rows as one parquet file per user bucket (one COPY, DuckDB partitions it);
+    files are renamed to their final names only when complete."""
+    directory = warehouse.table_dir(SESSIONIZED_EVENTS)
+    stamp = utc_now().strftime("%Y%m%dT%H%M%S%f") + "-" + uuid.uuid4().hex[:8]
+    staging = directory / f".tmp-{stamp}"
+    con.execute(
+        f"COPY (SELECT *, {bucket} AS _bucket FROM ({query})) TO {sql_literal(str(staging))} "
+        "(FORMAT parquet, COMPRESSION snappy, PARTITION_BY (_bucket), WRITE_PARTITION_COLUMNS false)"
     )
+    parts = []
+    for folder in sorted(staging.glob("_bucket=*")):
+        number = int(folder.name.split("=", 1)[1])
+        files = sorted(folder.glob("*.parquet"))
+        final = directory / f"{SESSIONIZED_EVENTS}-b{number:04d}-{stamp}.parquet"
+        if len(files) == 1:
+            files[0].rename(final)
+        else:  # DuckDB may split a large partition: merge into the bucket's one file
+            listed = "[" + ", ".join(sql_literal(str(f)) for f in files) + "]"
+            con.execute(
+                f"COPY (SELECT * FROM read_parquet({listed})) TO {sql_literal(str(final))} "
+                "(FORMAT parquet, COMPRESSION snappy)"
+            )
+        rows = con.execute(f"SELECT count(*) FROM read_parquet({sql_literal(str(final))})").fetchall()[0][0]
+        parts.append((final, int(rows)))
+    shutil.rmtree(staging, ignore_errors=True)
+    return parts
 
 
 class SessionizationConfig(dg.Config):
     session_gap_seconds: int = DEFAULT_SESSION_GAP_SECONDS
+    n_buckets: int = DEFAULT_USER_BUCKETS  # user buckets: the unit of incremental rebuilds
+    full_rebuild: bool = False
 
 
 @dg.asset(
@@ -107,7 +252,10 @@ def sessionized_events(
 ) -> dg.MaterializeResult:
     """Accepted events with session_id, session/event positions and time features."""
     with warehouse.connect() as con:
-        rows = build_sessionized_events(warehouse, con, config.session_gap_seconds)
+        run = build_sessionized_events(
+            warehouse, con, config.session_gap_seconds, config.n_buckets, config.full_rebuild
+        )
+        (rows,) = con.execute(f"SELECT count(*) FROM {SESSIONIZED_EVENTS}").fetchall()[0]
         users, sessions, multi = con.execute(
             f"""
 SELECT count(*), sum(n_sessions), count(*) FILTER (n_sessions >= 2)
@@ -130,11 +278,15 @@ FROM (SELECT user_id, max(session_index) + 1 AS n_sessions
             if users
             else None
         )
-    context.log.info(f"{rows} events, {users} users, {sessions} sessions")
+    context.log.info(f"{run.reason}; {rows} events, {users} users, {sessions} sessions")
     return dg.MaterializeResult(
         metadata={
             **catalog,  # column schema, preview as a table
             "dagster/row_count": int(rows),
+            "rebuild": run.reason,
+            "buckets_rebuilt": run.buckets_rebuilt,
+            "n_buckets": run.n_buckets,
+            "rows_rewritten": run.rows_written,
             "users": int(users or 0),
             "sessions": int(sessions or 0),
             "users_with_2plus_sessions": int(multi or 0),
@@ -157,11 +309,13 @@ def check_session_keys_not_null(con: duckdb.DuckDBPyConnection) -> dg.AssetCheck
     counts = con.execute(
         "SELECT " + ", ".join(f"count(*) FILTER ({c} IS NULL)" for c in columns) + f" FROM {SESSIONIZED_EVENTS}"
     ).fetchall()[0]
+    metadata: dict = {f"null_{c}": int(n) for c, n in zip(columns, counts)}
+    if sum(counts):
+        metadata["reason"] = "sessionized events with a null key: " + ", ".join(
+            f"{n} null {c}" for c, n in zip(columns, counts) if n
+        )
     return dg.AssetCheckResult(
-        check_name="keys_not_null",
-        asset_key=SESSIONIZED_EVENTS,
-        passed=sum(counts) == 0,
-        metadata={f"null_{c}": int(n) for c, n in zip(columns, counts)},
+        check_name="keys_not_null", asset_key=SESSIONIZED_EVENTS, passed=sum(counts) == 0, metadata=metadata
     )
 
 
@@ -191,11 +345,15 @@ SELECT
       WHERE lo <> 0 OR hi <> n - 1 OR distinct_positions <> n OR ids <> 1)
 """
     ).fetchall()[0]
+    passed = bad_users == 0 and bad_sessions == 0
+    metadata: dict = {"users_with_gaps": int(bad_users), "sessions_with_gaps": int(bad_sessions)}
+    if not passed:
+        metadata["reason"] = (
+            f"positions are not 0..n-1: {bad_users} user(s) with gaps or repeats in event_index or "
+            f"session_index, {bad_sessions} session(s) in event_index_in_session or session_id"
+        )
     return dg.AssetCheckResult(
-        check_name="positions_contiguous",
-        asset_key=SESSIONIZED_EVENTS,
-        passed=bad_users == 0 and bad_sessions == 0,
-        metadata={"users_with_gaps": int(bad_users), "sessions_with_gaps": int(bad_sessions)},
+        check_name="positions_contiguous", asset_key=SESSIONIZED_EVENTS, passed=passed, metadata=metadata
     )
 
 
@@ -204,11 +362,11 @@ def check_rows_match_raw_events(con: duckdb.DuckDBPyConnection) -> dg.AssetCheck
     sessionized, raw = con.execute(
         f"SELECT (SELECT count(*) FROM {SESSIONIZED_EVENTS}), (SELECT count(*) FROM {RAW_EVENTS})"
     ).fetchall()[0]
+    metadata: dict = {"sessionized_rows": int(sessionized), "raw_rows": int(raw)}
+    if sessionized != raw:
+        metadata["reason"] = f"{sessionized} sessionized rows for {raw} accepted raw events"
     return dg.AssetCheckResult(
-        check_name="rows_match_raw_events",
-        asset_key=SESSIONIZED_EVENTS,
-        passed=sessionized == raw,
-        metadata={"sessionized_rows": int(sessionized), "raw_rows": int(raw)},
+        check_name="rows_match_raw_events", asset_key=SESSIONIZED_EVENTS, passed=sessionized == raw, metadata=metadata
     )
 
 

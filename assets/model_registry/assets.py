@@ -110,7 +110,7 @@ def build_model_promotion(gated_checks: Sequence[dg.AssetCheckKey]) -> dg.Assets
 
         decisions = []
         # TRACE: mean test AUROC over the seen tasks.
-        examples, events, tasks = load_sequence_inputs(warehouse)
+        examples, events, tasks = load_sequence_inputs(warehouse, split="test")
         test = examples[examples["split"] == "test"]
         label_columns = list(tasks.loc[tasks["kind"] == "seen", "label_column"])
         challenger = mlflow_tracking.load_model(trace_model["model_uri"])

@@ -18,7 +18,6 @@ wraps them. Notes on Evidently 0.7.23 that shaped this module:
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,123 +31,12 @@ from evidently.metrics.embeddings import ModelDriftMethod
 from evidently.presets import DataDriftPreset
 from threadpoolctl import threadpool_limits
 
-#: Columns of `sessionized_events` (and `raw_events`) that are not event attributes.
-NON_ATTRIBUTE_COLUMNS = frozenset(
-    {
-        "user_id",
-        "event_time",
-        "event_name",
-        "item_id",
-        "category",
-        "source_file",
-        "source_row",
-        "ingested_at",
-        "session_id",
-        "session_index",
-        "event_index",
-        "event_index_in_session",
-        "seconds_since_prev_event",
-        "seconds_since_session_start",
-        "log_seconds_since_prev_event",
-        "log_seconds_since_session_start",
-        "hour_of_day",
-        "day_of_week",
-    }
-)
-DEFAULT_TOP_EVENTS = 8
-EVENT_SHARE_PREFIX = "share_"
-OTHER_EVENTS = "other"
-MAIN_ATTRIBUTE_PREFIX = "main_"
-
 #: Share of drifted features at which the inputs count as drifted. Not Evidently's 0.5: our ~10
 #: session features form three correlated groups (event mix, session shape, timing), and a real
 #: change usually moves one or two of them: e.g. an 8-hour shift of activity plus 30% of page
 #: views turned into carts moves 3 of the 10 Taobao features (share_pv, share_cart, hour_of_day).
 #: 0.25 flags that and stays at 0 for two samples of users from the same period.
 DEFAULT_DRIFT_SHARE_THRESHOLD = 0.25
-
-
-def _column_token(value: Any) -> str:
-    return re.sub(r"[^0-9A-Za-z]+", "_", str(value)).strip("_").lower() or "blank"
-
-
-def top_event_names(sessionized: pd.DataFrame, n: int = DEFAULT_TOP_EVENTS) -> list[str]:
-    """The n most frequent event names (ties by name): compute on the reference, reuse on current."""
-    counts = sessionized["event_name"].astype(str).value_counts()
-    ranked = sorted(counts.items(), key=lambda item: (-item[1], item[0]))
-    return [name for name, _ in ranked[:n]]
-
-
-def default_attribute_columns(sessionized: pd.DataFrame) -> list[str]:
-    """Every column that is neither canonical nor derived: the event attributes (contract)."""
-    return [c for c in sessionized.columns if c not in NON_ATTRIBUTE_COLUMNS]
-
-
-def session_features(
-    sessionized: pd.DataFrame,
-    event_names: Sequence[str] | None = None,
-    top_n_events: int = DEFAULT_TOP_EVENTS,
-    attribute_columns: Sequence[str] | None = None,
-) -> pd.DataFrame:
-    """One row per session (index `session_id`): the inputs whose drift we watch.
-
-    Why per session: sessions are what TRACE encodes, and events of one session are not
-    independent samples, which per-event statistical tests would assume.
-
-    Columns: `share_<event>` (share of the session's events for each name in `event_names`, plus
-    `share_other`), `n_events`, `duration_seconds`, `mean_log_gap` (mean ln(1 + seconds between
-    consecutive events) inside the session; NaN for a one-event session), `hour_of_day` and
-    `day_of_week` of the session start (categoricals: drift in the daily/weekly profile need not
-    move a mean), and `main_<attribute>` (the session's most frequent value of each attribute,
-    ties broken by value). Pass the reference's `event_names` (see `top_event_names`) when
-    building the current features, so both frames have the same columns.
-    """
-    required = {
-        "session_id",
-        "event_name",
-        "event_index_in_session",
-        "seconds_since_session_start",
-        "log_seconds_since_prev_event",
-        "hour_of_day",
-        "day_of_week",
-    }
-    missing = required - set(sessionized.columns)
-    if missing:
-        raise ValueError(f"sessionized frame lacks columns {sorted(missing)}")
-    names = list(event_names) if event_names is not None else top_event_names(sessionized, top_n_events)
-    attributes = list(attribute_columns) if attribute_columns is not None else default_attribute_columns(sessionized)
-
-    events = sessionized.sort_values(["session_id", "event_index_in_session"], kind="stable")
-    sessions = events.groupby("session_id", sort=True)
-    first = sessions.first()
-    features = pd.DataFrame(index=first.index)
-
-    event_name = events["event_name"].astype(str)
-    grouped_name = event_name.where(event_name.isin(names), OTHER_EVENTS)
-    shares = pd.crosstab(events["session_id"], grouped_name, normalize="index")
-    for name in [*names, OTHER_EVENTS]:
-        column = EVENT_SHARE_PREFIX + _column_token(name)
-        if column in features:
-            raise ValueError(f"event names {names} collide on feature column {column!r}")
-        features[column] = shares[name].reindex(features.index).fillna(0.0) if name in shares else 0.0
-
-    features["n_events"] = sessions.size().astype("int64")
-    features["duration_seconds"] = sessions["seconds_since_session_start"].max().astype(float)
-    inner = events[events["event_index_in_session"] > 0]
-    features["mean_log_gap"] = (
-        inner.groupby("session_id")["log_seconds_since_prev_event"].mean().reindex(features.index)
-    )
-    features["hour_of_day"] = pd.Categorical(first["hour_of_day"].astype(int), categories=range(24))
-    features["day_of_week"] = pd.Categorical(first["day_of_week"].astype(int), categories=range(7))
-
-    for attribute in attributes:
-        values = events[["session_id", attribute]].dropna()
-        values = values.assign(**{attribute: values[attribute].astype(str)})
-        counts = values.groupby(["session_id", attribute]).size().rename("n").reset_index()
-        counts = counts.sort_values(["session_id", "n", attribute], ascending=[True, False, True])
-        main = counts.drop_duplicates("session_id").set_index("session_id")[attribute]
-        features[MAIN_ATTRIBUTE_PREFIX + _column_token(attribute)] = main.reindex(features.index).astype(object)
-    return features
 
 
 @dataclass(frozen=True)
@@ -299,6 +187,44 @@ def input_drift(
     )
 
 
+def column_verdicts(
+    reference: pd.DataFrame,
+    current: pd.DataFrame,
+    *,
+    categorical_columns: Sequence[str] | None = None,
+) -> pd.DataFrame:
+    """Per-column (column, stattest, score, drifted) from the functions Evidently's report calls.
+
+    The same default test per column as `input_drift` (chosen by Evidently's `get_stattest` from
+    the reference size and the number of values), on the same cleaned columns, without building
+    the report: ~100x cheaper, which is what lets `bench/drift_calibration.py` run thousands of
+    checks. The bench verifies that the verdicts agree with `input_drift`'s on its own data.
+    """
+    from evidently.legacy.calculations.stattests import get_stattest
+    from evidently.legacy.core import ColumnType
+
+    columns = [c for c in reference.columns if reference[c].notna().any() and current[c].notna().any()]
+    _, categorical = _column_kinds(reference[columns], categorical_columns)
+    ref = _prepare_categorical(reference[columns], categorical)
+    cur = _prepare_categorical(current[columns], categorical)
+    rows = []
+    for column in columns:
+        kind = ColumnType.Categorical if column in categorical else ColumnType.Numerical
+        r = ref[column].replace([-np.inf, np.inf], np.nan).dropna()
+        c = cur[column].replace([-np.inf, np.inf], np.nan).dropna()
+        test = get_stattest(r, c, kind, None)
+        result = test(r, c, kind, None)
+        rows.append(
+            {
+                "column": column,
+                "stattest": test.name,
+                "score": float(result.drift_score),
+                "drifted": bool(result.drifted),
+            }
+        )
+    return pd.DataFrame(rows, columns=["column", "stattest", "score", "drifted"])
+
+
 def _scores_frame(scores: pd.DataFrame | Mapping[str, Any] | np.ndarray) -> pd.DataFrame:
     if isinstance(scores, pd.DataFrame):
         frame = scores
@@ -330,6 +256,26 @@ def prediction_drift(
     reference, current = _scores_frame(reference_scores), _scores_frame(current_scores)
     effective = threshold if threshold is not None else 1.0 / max(len(reference.columns), 1)
     return input_drift(reference, current, effective, html_path, categorical_columns=[], method=method)
+
+
+def default_embedding_method(n_reference: int) -> ModelDriftMethod:
+    """Evidently's default made explicit: a domain classifier's ROC AUC; with fewer than 1000
+    reference rows its threshold is the 95th percentile of random AUCs (bootstrap), else 0.55."""
+    return ModelDriftMethod(bootstrap=n_reference < 1000)
+
+
+def embedding_drift_verdict(
+    reference_emb: np.ndarray, current_emb: np.ndarray, drift_method: Any = None
+) -> tuple[float, bool]:
+    """(score, drifted) of the method `embedding_drift` uses, without the report and its t-SNE:
+    the same verdict at a fraction of the cost (bench/drift_calibration.py calls it many times)."""
+    reference_emb, current_emb = np.asarray(reference_emb, float), np.asarray(current_emb, float)
+    method = drift_method if drift_method is not None else default_embedding_method(len(reference_emb))
+    columns = [f"emb_{i}" for i in range(reference_emb.shape[1])]
+    score, detected, _ = method(
+        pd.DataFrame(current_emb, columns=columns), pd.DataFrame(reference_emb, columns=columns)
+    )
+    return float(score), bool(detected)
 
 
 @dataclass(frozen=True)
@@ -376,7 +322,7 @@ def embedding_drift(
         raise ValueError(f"need two 2-D arrays of the same width, got {reference_emb.shape} and {current_emb.shape}")
     if min(len(reference_emb), len(current_emb)) < 4:
         raise ValueError("need at least 4 embeddings on each side")
-    method = drift_method if drift_method is not None else ModelDriftMethod(bootstrap=len(reference_emb) < 1000)
+    method = drift_method if drift_method is not None else default_embedding_method(len(reference_emb))
     columns = [f"emb_{i}" for i in range(reference_emb.shape[1])]
     reference = pd.DataFrame(reference_emb, columns=columns)
     current = pd.DataFrame(current_emb, columns=columns)

@@ -152,7 +152,13 @@ def user_embeddings_are_complete(warehouse: DuckDBWarehouse, mlflow_tracking: ML
             f"FROM user_embeddings WHERE model_name = '{MODEL_NAME}' AND model_version = ?",
             [str(version)],
         ).fetchall()[0]
+    passed = rows == distinct == users and bad == 0
+    reason = (
+        f"{users} users, one finite embedding each"
+        if passed
+        else f"{rows} rows for {distinct} distinct of {users} users, {bad} non-finite (champion v{version})"
+    )
     return dg.AssetCheckResult(
-        passed=rows == distinct == users and bad == 0,
-        metadata={"users": users, "rows": rows, "non_finite": bad, "model_version": str(version)},
+        passed=passed,
+        metadata={"reason": reason, "users": users, "rows": rows, "non_finite": bad, "model_version": str(version)},
     )

@@ -16,22 +16,26 @@ and returns their paths with the registered MLflow version for the evaluation do
 """
 
 import json
+import shutil
 
 import dagster as dg
 import mlflow
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
 from pydantic import Field
 
 from assets.common.training import ModelTrainingConfig, epoch_logger
+from assets.trace_models.sequence_data import SPLITS, SequenceShards, write_sequence_shards
 from assets.training_data.assets import read_tasks, training_examples
-from model_lib.embedding_service import UserModel, labels_tensor
+from model_lib.embedding_service import UserModel
 from model_lib.encoding import EncoderConfig, attribute_rules_for
 from model_lib.metrics import auprc, auroc
 from resources.mlflow_tracking import MLflowTracking
 from resources.paths import TraceDagsterPaths
-from resources.warehouse import DuckDBWarehouse
+from resources.warehouse import DuckDBWarehouse, sql_literal
 
 SEQUENCE_MODELS = ("trace", "myopic", "vanilla_transformer", "lstm", "mini_gpt", "myopic_last_page")
 GROUP = "trace_models"
@@ -50,16 +54,33 @@ DESCRIPTIONS = {
 
 class SequenceTrainingConfig(ModelTrainingConfig):
     max_len: int = Field(default=128, description="Most recent events per example.")
+    events_per_bucket: int = Field(
+        default=2_000_000,
+        description="Events read and encoded at once (one user-hash bucket): bounds the step's memory.",
+    )
+    ddp_processes: int = Field(
+        default=1,
+        description="Worker processes of PyTorch DistributedDataParallel (gloo on CPU, NCCL on GPU), "
+        "started the torchrun way; 1 trains in the step's own process.",
+    )
 
 
-def load_sequence_inputs(warehouse: DuckDBWarehouse) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
-    """(examples, events of the example users before the last cutoff, tasks)."""
+def load_sequence_inputs(
+    warehouse: DuckDBWarehouse, split: str | None = None
+) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """(examples, events of the example users before the last cutoff, tasks) in pandas, of one
+    split's users if given (promotion needs only the test users).
+
+    For callers that compare models on every example at once; training reads the same data
+    bucket by bucket (`sequence_data.py`).
+    """
+    where = "" if split is None else f"WHERE split = {sql_literal(split)}"
     with warehouse.connect(read_only=True) as con:
-        examples = con.sql("SELECT * FROM training_examples ORDER BY example_id").df()
+        examples = con.sql(f"SELECT * FROM training_examples {where} ORDER BY example_id").df()
         tasks = read_tasks(con)
-        events = con.sql("""
+        events = con.sql(f"""
             SELECT * EXCLUDE (source_file, source_row, ingested_at) FROM sessionized_events
-            WHERE user_id IN (SELECT DISTINCT user_id FROM training_examples)
+            WHERE user_id IN (SELECT DISTINCT user_id FROM training_examples {where})
               AND event_time < (SELECT max(cutoff) FROM training_examples)
             ORDER BY user_id, event_index""").df()
     return examples, events, tasks
@@ -69,6 +90,62 @@ def attribute_rules_of(tasks: pd.DataFrame):
     """The attribute allow-list of the event format the examples were built from."""
     event_format = str(tasks["event_format"].iloc[0]) if "event_format" in tasks.columns else "canonical"
     return attribute_rules_for(event_format)
+
+
+def read_example_events(warehouse: DuckDBWarehouse, user_ids: list[str]) -> pd.DataFrame:
+    """The sessionized events of a few users (the MLflow input example), before the last cutoff."""
+    with warehouse.connect(read_only=True) as con:
+        con.register("wanted_users", pd.DataFrame({"user_id": user_ids}))
+        return con.sql("""
+            SELECT * EXCLUDE (source_file, source_row, ingested_at) FROM sessionized_events
+            WHERE user_id IN (SELECT user_id FROM wanted_users)
+              AND event_time < (SELECT max(cutoff) FROM training_examples)
+            ORDER BY user_id, event_index""").df()
+
+
+@torch.inference_mode()
+def write_model_outputs(model: UserModel, data: SequenceShards, seen: pd.DataFrame, out_dir, batch_size: int = 2048):
+    """Stream predictions and embeddings of every example to parquet, shard by shard; returns
+    (test labels [N, T], test probabilities [N, T]) for the test metrics."""
+    model.model.eval()
+    tasks = list(seen["task"])
+    writers: dict[str, pq.ParquetWriter] = {}
+    test_labels, test_probs = [], []
+    try:
+        for split in SPLITS:
+            for batch in data.ids(split).batches(batch_size):
+                ids = batch.pop("example_id")  # numpy strings
+                embeddings = model.model.embed(batch)  # [B, E]
+                probs = torch.sigmoid(model.model.heads(embeddings)).numpy()  # [B, T]
+                split_column = pa.array([split] * len(ids))
+                tables = {
+                    "predictions": pa.table(
+                        {"example_id": pa.array(ids.astype(str)), "split": split_column}
+                        | {f"p_{t}": pa.array(probs[:, i]) for i, t in enumerate(tasks)}
+                    ),
+                    "embeddings": pa.table(
+                        {
+                            "example_id": pa.array(ids.astype(str)),
+                            "split": split_column,
+                            "embedding": pa.array(list(embeddings.numpy()), type=pa.list_(pa.float32())),
+                        }
+                    ),
+                }
+                for name, table in tables.items():
+                    if name not in writers:
+                        writers[name] = pq.ParquetWriter(out_dir / f"{name}.parquet", table.schema)
+                    writers[name].write_table(table)
+                if split == "test":
+                    test_labels.append(batch["labels"].numpy())
+                    test_probs.append(probs)
+    finally:
+        for writer in writers.values():
+            writer.close()
+    width = len(tasks)
+    return (
+        np.concatenate(test_labels) if test_labels else np.zeros((0, width)),
+        np.concatenate(test_probs) if test_probs else np.zeros((0, width)),
+    )
 
 
 def build_sequence_model_asset(kind: str) -> dg.AssetsDefinition:
@@ -89,88 +166,102 @@ def build_sequence_model_asset(kind: str) -> dg.AssetsDefinition:
         mlflow_tracking: MLflowTracking,
     ) -> dg.Output[dict]:
         torch.set_num_threads(config.torch_threads)
-        examples, events, tasks = load_sequence_inputs(warehouse)
+        with warehouse.connect(read_only=True) as con:
+            tasks = read_tasks(con)
+            test_users = [
+                r[0]
+                for r in con.execute(
+                    "SELECT DISTINCT user_id FROM training_examples WHERE split = 'test' ORDER BY user_id LIMIT 2"
+                ).fetchall()
+            ]
         seen = tasks[tasks["kind"] == "seen"]
         label_columns = list(seen["label_column"])
-        train, valid = examples[examples["split"] == "train"], examples[examples["split"] == "valid"]
         out_dir = paths.home_dir / "models" / kind / context.run.run_id
         out_dir.mkdir(parents=True, exist_ok=True)
+        shard_root = paths.tmp_dir / "sequence_shards" / f"{kind}-{context.run.run_id}"
+        if shard_root.exists():  # a retried step re-encodes from scratch
+            shutil.rmtree(shard_root)
+        data = write_sequence_shards(
+            lambda: warehouse.connect(read_only=True),
+            kind,
+            label_columns,
+            shard_root,
+            EncoderConfig(max_len=config.max_len, attributes=attribute_rules_of(tasks)),
+            config.events_per_bucket,
+        )
+        train, valid = data.splits["train"], data.splits["valid"]
+        context.log.info(
+            f"{kind}: {data.n_events} events of example users encoded in {data.buckets} user-hash bucket(s): "
+            f"{len(train)} train / {len(valid)} valid / {len(data.splits['test'])} test examples on disk"
+        )
         tags = {
             "dagster.run_id": context.run.run_id,
             "model": kind,
             "model_family": "trace",
             "task_set": str(tasks["task_set"].iloc[0]),
         }
-        with mlflow_tracking.start_run(run_name=f"{kind}-{context.run.run_id[:8]}", tags=tags) as run:
-            mlflow.log_params(
-                {
-                    **config.model_dump(),
-                    "model": kind,
-                    "seen_tasks": ",".join(seen["task"]),
-                    "n_train": len(train),
-                    "n_valid": len(valid),
-                    "n_events": len(events),
-                }
-            )
-            model, fit_result = UserModel.train(
-                kind,
-                events,
-                train,
-                valid,
-                label_columns,
-                encoder_config=EncoderConfig(max_len=config.max_len, attributes=attribute_rules_of(tasks)),
-                train_config=config.train_config(),
-                on_epoch=epoch_logger(context, kind, unit="seq/s"),
-                checkpoint_path=paths.checkpoints_dir / f"{kind}-{context.run.run_id}.pt",  # a retried step resumes
-            )
-            artifact = model.save(out_dir / "model.pt", metadata={"dagster_run_id": context.run.run_id})
-            embeddings = model.embed(events, examples)  # encoded once: the probabilities come from the heads
-            probabilities = model.proba_from_embeddings(embeddings)
-            predictions = pd.DataFrame(
-                {"example_id": examples["example_id"].to_numpy(), "split": examples["split"].to_numpy()}
-            )
-            for task, column in zip(seen["task"], label_columns):
-                predictions[f"p_{task}"] = probabilities[column].to_numpy()
-            predictions.to_parquet(out_dir / "predictions.parquet", index=False)
-            pd.DataFrame(
-                {
-                    "example_id": examples["example_id"].to_numpy(),
-                    "split": examples["split"].to_numpy(),
-                    "embedding": list(embeddings),
-                }
-            ).to_parquet(out_dir / "embeddings.parquet", index=False)
+        try:
+            with mlflow_tracking.start_run(run_name=f"{kind}-{context.run.run_id[:8]}", tags=tags) as run:
+                mlflow.log_params(
+                    {
+                        **config.model_dump(),
+                        "model": kind,
+                        "seen_tasks": ",".join(seen["task"]),
+                        "n_train": len(train),
+                        "n_valid": len(valid),
+                        "n_events": data.n_events,
+                        "buckets": data.buckets,
+                    }
+                )
+                model, fit_result = UserModel.train_on_shards(
+                    kind,
+                    data.encoder,
+                    train,
+                    valid,
+                    label_columns,
+                    train_config=config.train_config(),
+                    on_epoch=epoch_logger(context, kind, unit="seq/s"),
+                    checkpoint_path=paths.checkpoints_dir / f"{kind}-{context.run.run_id}.pt",  # a retried step resumes
+                    processes=config.ddp_processes,
+                )
+                artifact = model.save(out_dir / "model.pt", metadata={"dagster_run_id": context.run.run_id})
+                # encoded once, streamed: the probabilities come from the heads on the embeddings
+                y_test, p_test = write_model_outputs(model, data, seen, out_dir)
 
-            test = examples["split"].to_numpy() == "test"
-            test_metrics = {}
-            for task, column in zip(seen["task"], label_columns):
-                y = labels_tensor(examples.loc[test], [column]).numpy()[:, 0]  # NaN: excluded label
-                p = predictions.loc[test, f"p_{task}"].to_numpy()
-                test_metrics[f"test_auroc_{task}"] = auroc(y, p)
-                test_metrics[f"test_auprc_{task}"] = auprc(y, p)
-            test_metrics["test_mean_auroc"] = float(np.nanmean([v for k, v in test_metrics.items() if "auroc" in k]))
-            mlflow.log_metrics(
-                {**test_metrics, "best_epoch": fit_result.best_epoch, "best_valid_loss": fit_result.best_valid_loss}
-            )
-            mlflow.log_dict(model.encoder.state_dict(), "encoder.json")  # vocabularies + time-feature statistics
-            mlflow.log_dict(json.loads(seen.to_json(orient="records")), "seen_tasks.json")
+                test_metrics = {}
+                for i, task in enumerate(seen["task"]):
+                    test_metrics[f"test_auroc_{task}"] = auroc(y_test[:, i], p_test[:, i])
+                    test_metrics[f"test_auprc_{task}"] = auprc(y_test[:, i], p_test[:, i])
+                test_metrics["test_mean_auroc"] = float(
+                    np.nanmean([v for k, v in test_metrics.items() if "auroc" in k])
+                )
+                mlflow.log_metrics(
+                    {
+                        **test_metrics,
+                        "best_epoch": fit_result.best_epoch,
+                        "best_valid_loss": fit_result.best_valid_loss,
+                    }
+                )
+                mlflow.log_dict(model.encoder.state_dict(), "encoder.json")  # vocabularies + time-feature statistics
+                mlflow.log_dict(json.loads(seen.to_json(orient="records")), "seen_tasks.json")
 
-            example_users = examples.loc[test, "user_id"].drop_duplicates().head(2)
-            input_example = (
-                events[events["user_id"].isin(example_users)].groupby("user_id").tail(5).reset_index(drop=True)
-            )
-            signature = mlflow.models.infer_signature(input_example, model.embed_latest(input_example))
-            registered = mlflow_tracking.log_model_artifact(
-                artifact,
-                registered_model_name=kind,
-                loader=LOADER,
-                predict_method="embed_latest",
-                input_example=input_example,
-                signature=signature,
-                version_tags={
-                    "dagster.run_id": context.run.run_id,
-                    "test_mean_auroc": f"{test_metrics['test_mean_auroc']:.6f}",
-                },
-            )
+                example_events = read_example_events(warehouse, test_users)
+                input_example = example_events.groupby("user_id").tail(5).reset_index(drop=True)
+                signature = mlflow.models.infer_signature(input_example, model.embed_latest(input_example))
+                registered = mlflow_tracking.log_model_artifact(
+                    artifact,
+                    registered_model_name=kind,
+                    loader=LOADER,
+                    predict_method="embed_latest",
+                    input_example=input_example,
+                    signature=signature,
+                    version_tags={
+                        "dagster.run_id": context.run.run_id,
+                        "test_mean_auroc": f"{test_metrics['test_mean_auroc']:.6f}",
+                    },
+                )
+        finally:
+            shutil.rmtree(shard_root, ignore_errors=True)
         history = pd.DataFrame([r.__dict__ for r in fit_result.history])
         value = {
             "model": kind,
@@ -197,6 +288,8 @@ def build_sequence_model_asset(kind: str) -> dg.AssetsDefinition:
                     pd.Series(test_metrics).round(4).rename("value").to_frame().to_markdown()
                 ),
                 "train_examples": len(train),
+                "samples_seen": sum(r.samples for r in fit_result.history),
+                "user_hash_buckets": data.buckets,
             },
         )
 

@@ -18,8 +18,9 @@ from assets.training_data.examples_sql import (
     training_examples_sql,
     user_splits_sql,
 )
+from assets.training_data.funnel_sql import create_funnel_samples
 from assets.training_data.tasks import TaskSet, default_task_set, load_task_set
-from model_lib.funnel_samples import FUNNELS, FunnelSpec, build_funnel_samples
+from model_lib.funnel_samples import FUNNELS, FunnelSpec
 from resources.event_sources import EventSource
 from resources.warehouse import WAREHOUSE_POOL, DuckDBWarehouse
 
@@ -168,7 +169,8 @@ def training_examples_users_in_one_split(warehouse: DuckDBWarehouse) -> dg.Asset
             "SELECT count(*) FROM (SELECT user_id FROM training_examples GROUP BY user_id "
             "HAVING count(DISTINCT split) > 1)"
         ).fetchall()[0][0]
-    return dg.AssetCheckResult(passed=crossing == 0, metadata={"users_in_several_splits": crossing})
+    reason = f"{crossing} users appear in more than one split" if crossing else "every user in one split"
+    return dg.AssetCheckResult(passed=crossing == 0, metadata={"reason": reason, "users_in_several_splits": crossing})
 
 
 @dg.asset_check(
@@ -186,37 +188,53 @@ def training_examples_labels_are_learnable(warehouse: DuckDBWarehouse) -> dg.Ass
         for c in labels
     }
     degenerate = sorted(t for t, r in rates.items() if not 0 < r < 1)
+    if len(train) == 0:
+        reason = "no training examples in the train split"
+    elif degenerate:
+        reason = "single-class tasks in train: " + ", ".join(f"{t} (positive rate {rates[t]:.3g})" for t in degenerate)
+    else:
+        reason = f"every task has both classes among {len(train)} training examples"
     return dg.AssetCheckResult(
         passed=not degenerate and len(train) > 0,
-        metadata={"positive_rate": dg.MetadataValue.json(rates), "single_class_tasks": ", ".join(degenerate) or "none"},
+        metadata={
+            "reason": reason,
+            "positive_rate": dg.MetadataValue.json(rates),
+            "single_class_tasks": ", ".join(degenerate) or "none",
+        },
     )
 
 
 @dg.asset(
     group_name=GROUP,
     owners=OWNERS,
-    kinds={"duckdb", "pandas"},
+    kinds={"duckdb"},
     deps=["sessionized_events", user_splits],
     pool=WAREHOUSE_POOL,
-    description="MTLDS samples: one row per viewed (user, item), a label per later funnel behaviour.",
+    description="MTLDS samples: one row per viewed (user, item), a label per later funnel behaviour. "
+    "Built in DuckDB SQL (window functions, out of core); model_lib/funnel_samples.py is the pandas reference.",
 )
 def funnel_examples(
     context: dg.AssetExecutionContext, warehouse: DuckDBWarehouse, event_source: EventSource
 ) -> dg.MaterializeResult:
     spec = funnel_spec_for(event_source)
     with warehouse.connect() as con:
-        events = con.sql(
-            "SELECT user_id, event_time, event_name, item_id, category FROM sessionized_events "
-            "ORDER BY user_id, event_index"
-        ).df()
-        splits = con.sql("SELECT user_id, split FROM user_splits").df()
-        samples = build_funnel_samples(events, spec).merge(splits, on="user_id", how="left", validate="many_to_one")
-        if samples["split"].isna().any():
-            raise dg.Failure("funnel samples of users without a split: user_splits is stale, rematerialize it")
-        con.register("funnel_samples_frame", samples)
-        rows = warehouse.replace_table(con, "funnel_examples", "SELECT * FROM funnel_samples_frame")
+        samples = create_funnel_samples(con, spec)
+        unsplit = con.execute(
+            f"SELECT count(*) FROM {samples} s ANTI JOIN user_splits u ON u.user_id = s.user_id"
+        ).fetchall()[0][0]
+        if unsplit:
+            raise dg.Failure(
+                f"{unsplit} funnel samples of users without a split: user_splits is stale, rematerialize it"
+            )
+        rows = warehouse.replace_table(
+            con,
+            "funnel_examples",
+            f"SELECT s.*, u.split FROM {samples} s JOIN user_splits u ON u.user_id = s.user_id "
+            "ORDER BY s.user_id, s.anchor_time, s.item_id",
+        )
+        means = ", ".join(f"round(avg({c}), 4) AS {c}" for c in spec.label_columns)
+        rates = con.sql(f"SELECT split, {means} FROM funnel_examples GROUP BY split ORDER BY split").df()
         catalog = warehouse_table_metadata(con, "funnel_examples", FUNNEL_EXAMPLES_COLUMNS)
-    rates = samples.groupby("split")[spec.label_columns].mean().round(4)
     context.log.info(f"{rows} funnel samples for funnel {' < '.join(spec.funnel)}")
     return dg.MaterializeResult(
         metadata={
@@ -224,7 +242,7 @@ def funnel_examples(
             "dagster/row_count": rows,
             "funnel": " < ".join(spec.funnel),
             "extra_labels": ", ".join(spec.extra_labels) or "none",
-            "label_rate_per_split": dg.MetadataValue.md(rates.reset_index().to_markdown(index=False)),
+            "label_rate_per_split": dg.MetadataValue.md(rates.to_markdown(index=False)),
         }
     )
 
@@ -240,7 +258,16 @@ def funnel_examples_have_conversions(warehouse: DuckDBWarehouse, event_source: E
         counts = dict(
             con.execute(f'SELECT split, sum(CAST("{last}" AS INTEGER)) FROM funnel_examples GROUP BY split').fetchall()
         )
+    missing = [s for s in ("train", "test") if not counts.get(s)]
+    reason = (
+        f"no positive {last} in the {' and '.join(missing)} split(s): the funnel never completes there"
+        if missing
+        else f"{last} has positives in train ({int(counts['train'])}) and test ({int(counts['test'])})"
+    )
     return dg.AssetCheckResult(
-        passed=all((counts.get(s) or 0) > 0 for s in ("train", "test")),
-        metadata={f"{last}_positives": dg.MetadataValue.json({k: int(v or 0) for k, v in counts.items()})},
+        passed=not missing,
+        metadata={
+            "reason": reason,
+            f"{last}_positives": dg.MetadataValue.json({k: int(v or 0) for k, v in counts.items()}),
+        },
     )

@@ -12,6 +12,10 @@ rows, and with mixed `\\n` / `\\r\\n` endings it can emit phantom empty rows, so
 Lines are therefore cut with pyarrow (vectorised, streamed in chunks, gzip-aware) and split into
 fields in DuckDB SQL (`string_split`, or a quote-aware regex for the rare lines with quotes).
 Parquet goes straight through `read_parquet(file_row_number = true)`.
+
+Files that grow: a CSV read can start at a `LineCursor` (the byte offset, in the decompressed
+stream, just past the last newline read before, and the line number there) and stops at the
+size the file had when it was hashed, so rows appended while it is read wait for the next run.
 """
 
 from __future__ import annotations
@@ -179,9 +183,22 @@ class InputFile:
         return str(self.path)
 
 
+@dataclass(frozen=True)
+class LineCursor:
+    """Where a CSV read stopped: `offset` bytes of the decompressed stream up to and including
+    the last newline, and `row`, the 1-based line number of the line that starts there."""
+
+    offset: int = 0
+    row: int = 1
+
+
 @dataclass
 class StagedInput:
-    """One input file as a SQL relation with the staged columns (see `staged_columns`)."""
+    """One input file as a SQL relation with the staged columns (see `staged_columns`).
+
+    `end` is where the next read of a grown CSV file resumes (None for parquet, which is never
+    appended to in place).
+    """
 
     source_file: str
     query: str
@@ -189,6 +206,7 @@ class StagedInput:
     rows_read: int
     preset: FormatPreset
     temp_tables: list[str] = field(default_factory=list)
+    end: LineCursor | None = None
 
 
 def staged_columns(attributes: list[str]) -> list[str]:
@@ -250,6 +268,30 @@ def content_hash(path: Path) -> str:
         return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
+def prefix_hashes(path: Path, size: int, prefix: int | None) -> tuple[str, str | None]:
+    """SHA-256 of the file's first `size` bytes and, in the same pass, of its first `prefix`
+    bytes (None when no prefix is asked or the file is shorter): is an earlier read still the
+    beginning of this file?"""
+    whole = hashlib.sha256()
+    prefix_digest = None
+    done = 0
+    with open(path, "rb") as handle:
+        while done < size:
+            want = min(1 << 20, size - done)
+            if prefix is not None and done < prefix:
+                want = min(want, prefix - done)
+            chunk = handle.read(want)
+            if not chunk:
+                break
+            whole.update(chunk)
+            done += len(chunk)
+            if prefix is not None and done == prefix:
+                prefix_digest = whole.copy().hexdigest()
+    if prefix == 0:
+        prefix_digest = hashlib.sha256().hexdigest()
+    return whole.hexdigest(), prefix_digest
+
+
 # ----------------------------------------------------------------------------------------------
 # CSV: lines cut by pyarrow, fields split in SQL
 
@@ -259,15 +301,52 @@ def _is_gzip(path: Path) -> bool:
         return handle.read(2) == b"\x1f\x8b"
 
 
-def iter_line_batches(path: Path, chunk_bytes: int = LINE_CHUNK_BYTES) -> Iterator[pa.RecordBatch]:
+class _BoundedReader(io.RawIOBase):
+    """The first `limit` bytes of a file: a read never sees rows appended after hashing."""
+
+    def __init__(self, path: Path, limit: int | None):
+        self._handle = open(path, "rb")  # noqa: SIM115 (closed by close())
+        self._left = limit
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        want = len(buffer) if self._left is None else min(len(buffer), self._left)
+        data = self._handle.read(want)
+        buffer[: len(data)] = data
+        if self._left is not None:
+            self._left -= len(data)
+        return len(data)
+
+    def close(self) -> None:
+        self._handle.close()
+        super().close()
+
+
+def _open_text_stream(path: Path, limit: int | None) -> pa.NativeFile:
+    raw = pa.PythonFile(io.BufferedReader(_BoundedReader(path, limit)), mode="r")
+    return pa.CompressedInputStream(raw, "gzip") if _is_gzip(path) else raw
+
+
+def iter_line_batches(
+    path: Path,
+    chunk_bytes: int = LINE_CHUNK_BYTES,
+    start: LineCursor = LineCursor(),
+    limit_bytes: int | None = None,
+    progress: dict | None = None,
+) -> Iterator[pa.RecordBatch]:
     """Physical lines of a (gzipped) text file as batches of (source_row, line, unterminated).
 
     `source_row` is the 1-based line number; `\\r` of CRLF endings stays on the line (stripped in
     SQL) so that a lone `\\r` cannot shift the numbering. A final line without a newline is
     flagged `unterminated`: with too few fields it is a truncated row, not just a short one.
+    Reading starts at `start` (decompressed offset and its line number) and stops after
+    `limit_bytes` bytes of the file on disk; `progress["end"]` is then the cursor just past the
+    last newline, where the next read of a grown file resumes.
     """
-    compression = "gzip" if _is_gzip(path) else None
-    next_row = 1
+    next_row = start.row
+    offset = start.offset
     carry = b""
 
     def batch(lines: pa.Array, unterminated: bool) -> pa.RecordBatch:
@@ -280,7 +359,13 @@ def iter_line_batches(path: Path, chunk_bytes: int = LINE_CHUNK_BYTES) -> Iterat
             }
         )
 
-    with pa.input_stream(str(path), compression=compression) as stream:
+    with _open_text_stream(path, limit_bytes) as stream:
+        skip = start.offset
+        while skip > 0:  # gzip cannot seek: decompress and drop what was read before
+            dropped = len(stream.read(min(skip, chunk_bytes)))
+            if not dropped:
+                break
+            skip -= dropped
         while True:
             chunk = stream.read(chunk_bytes)
             if not chunk:
@@ -291,11 +376,22 @@ def iter_line_batches(path: Path, chunk_bytes: int = LINE_CHUNK_BYTES) -> Iterat
                 carry = buffer
                 continue
             carry = buffer[cut + 1 :]
+            offset += cut + 1
             lines = pc.split_pattern(pa.array([buffer[:cut]], pa.large_binary()), b"\n").flatten()
             yield batch(lines, False)
             next_row += len(lines)
+    if progress is not None:
+        progress["end"] = LineCursor(offset, next_row)
     if carry:
         yield batch(pa.array([carry], pa.large_binary()), True)
+
+
+def first_line(path: Path) -> bytes | None:
+    """The file's first line (its header), None for an empty file."""
+    for batch in iter_line_batches(path, chunk_bytes=1 << 16):
+        lines = batch.column("line")
+        return lines[0].as_py() if len(lines) else None
+    return None
 
 
 LINE_SCHEMA = pa.schema([("source_row", pa.int64()), ("line", pa.large_binary()), ("unterminated", pa.bool_())])
@@ -377,31 +473,43 @@ def _canonical_projection(
     return ",\n       ".join(items)
 
 
-def stage_csv(con: duckdb.DuckDBPyConnection, item: InputFile, ordinal: int) -> StagedInput:
-    """Load the file's lines into a temp table and return the staged relation over it."""
+def stage_csv(
+    con: duckdb.DuckDBPyConnection,
+    item: InputFile,
+    ordinal: int,
+    start: LineCursor = LineCursor(),
+    limit_bytes: int | None = None,
+) -> StagedInput:
+    """Load the file's lines from `start` (up to `limit_bytes` of the file) into a temp table and
+    return the staged relation over it."""
     preset = item.preset
     lines_table = f"_lines_{ordinal}"
-    reader = pa.RecordBatchReader.from_batches(LINE_SCHEMA, iter_line_batches(item.path))
+    progress: dict = {}
+    reader = pa.RecordBatchReader.from_batches(
+        LINE_SCHEMA, iter_line_batches(item.path, start=start, limit_bytes=limit_bytes, progress=progress)
+    )
     con.register("_line_stream", reader)
     try:
         con.execute(f"CREATE OR REPLACE TEMP TABLE {lines_table} AS SELECT * FROM _line_stream")
     finally:
         con.unregister("_line_stream")
-    n_lines = con.execute(f"SELECT count(*) FROM {lines_table}").fetchall()[0][0]
 
     first_data_row = 1
     if preset.has_header:
-        header = con.execute(f"SELECT line FROM {lines_table} WHERE source_row = 1").fetchall()
-        if not header:  # an empty file: nothing to read, nothing to map
+        header = first_line(item.path) if start.row > 1 else None
+        if start.row <= 1:
+            found = con.execute(f"SELECT line FROM {lines_table} WHERE source_row = 1").fetchall()
+            header = found[0][0] if found else None
+        if header is None:  # an empty file: nothing to read, nothing to map
             names = list(preset.columns.values())
         else:
-            names = _parse_header(header[0][0])
+            names = _parse_header(header)
         first_data_row = 2
     else:
         names = list(preset.header_columns)
     _check_names(names, item.source_file)
     mapping, attributes = _mapping(preset, names, item.source_file)
-    rows_read = max(0, n_lines - (first_data_row - 1))
+    rows_read = con.execute(f"SELECT count(*) FROM {lines_table} WHERE source_row >= {first_data_row}").fetchall()[0][0]
 
     position = {name: i + 1 for i, name in enumerate(names)}
 
@@ -454,9 +562,10 @@ FROM checked
         source_file=item.source_file,
         query=query,
         attributes=attributes,
-        rows_read=rows_read,
+        rows_read=int(rows_read),
         preset=preset,
         temp_tables=[lines_table],
+        end=progress.get("end", start),
     )
 
 
@@ -523,10 +632,17 @@ FROM {source}
     )
 
 
-def stage_file(con: duckdb.DuckDBPyConnection, item: InputFile, ordinal: int) -> StagedInput:
+def stage_file(
+    con: duckdb.DuckDBPyConnection,
+    item: InputFile,
+    ordinal: int,
+    start: LineCursor = LineCursor(),
+    limit_bytes: int | None = None,
+) -> StagedInput:
+    """Stage one file; a CSV read resumes at `start` and stops at `limit_bytes` of the file."""
     if item.kind == "parquet":
         return stage_parquet(con, item, ordinal)
-    return stage_csv(con, item, ordinal)
+    return stage_csv(con, item, ordinal, start, limit_bytes)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,0 +1,141 @@
+"""Sequence examples from the warehouse to shards on disk, one user-hash bucket at a time.
+
+Why: holding every event of the example users and every encoded example in one process grows
+with the data (0.8 GB of tensors per 100k examples, plus the events). Here the example users are
+split into buckets by a stable hash (md5) of their id; each bucket's events and examples are
+read from DuckDB as Arrow record batches, encoded, and appended as a shard per split
+(`model_lib/sequence_shards.py`). Two passes: the first fits the encoder's vocabularies and time
+statistics on the training examples (their counts add up across buckets), the second encodes.
+Memory is bounded by the bucket size (`events_per_bucket`), which is config, not by the table.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from pathlib import Path
+
+import duckdb
+import pandas as pd
+import pyarrow as pa
+
+from model_lib.embedding_service import labels_tensor
+from model_lib.encoding import EncoderConfig, SequenceEncoder
+from model_lib.sequence_shards import ShardedExamples, ShardWriter
+from model_lib.trace_baselines import encoder_config_for
+
+SPLITS = ("train", "valid", "test")
+ARROW_BATCH_ROWS = 262_144
+MODEL_KEYS = ("cat_ids", "time_features", "event_pos", "session_pos", "mask", "labels")
+
+
+def user_bucket_sql(column: str, buckets: int) -> str:
+    """A stable bucket in [0, buckets) of a user id (md5: DuckDB's hash() is not stable across versions)."""
+    return f"((('0x' || md5(CAST({column} AS VARCHAR))[1:8])::UBIGINT) % {int(buckets)})"
+
+
+def bucket_count(con: duckdb.DuckDBPyConnection, events_per_bucket: int) -> int:
+    """Buckets so that each holds about ``events_per_bucket`` events of example users."""
+    (n_events,) = con.execute(
+        "SELECT count(*) FROM sessionized_events "
+        "WHERE user_id IN (SELECT DISTINCT user_id FROM training_examples) "
+        "AND event_time < (SELECT max(cutoff) FROM training_examples)"
+    ).fetchall()[0]
+    return max(1, math.ceil(n_events / max(1, events_per_bucket)))
+
+
+def read_bucket(
+    con: duckdb.DuckDBPyConnection, bucket: int, buckets: int, splits: tuple[str, ...] = SPLITS
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(events, examples) of the example users in one bucket, read as Arrow record batches."""
+    in_bucket = f"{user_bucket_sql('user_id', buckets)} = {int(bucket)}"
+    split_list = ", ".join(f"'{s}'" for s in splits)
+    examples = _arrow_frame(
+        con, f"SELECT * FROM training_examples WHERE {in_bucket} AND split IN ({split_list}) ORDER BY example_id"
+    )
+    events = _arrow_frame(
+        con,
+        f"""
+        SELECT * EXCLUDE (source_file, source_row, ingested_at) FROM sessionized_events
+        WHERE {in_bucket}
+          AND user_id IN (SELECT DISTINCT user_id FROM training_examples WHERE {in_bucket})
+          AND event_time < (SELECT max(cutoff) FROM training_examples)
+        ORDER BY user_id, event_index""",
+    )
+    return events, examples
+
+
+def _arrow_frame(con: duckdb.DuckDBPyConnection, query: str) -> pd.DataFrame:
+    """A query's result streamed as Arrow record batches, then one pandas frame (of one bucket)."""
+    reader = con.sql(query).to_arrow_reader(ARROW_BATCH_ROWS)
+    return pa.Table.from_batches(list(reader), schema=reader.schema).to_pandas()
+
+
+@dataclass
+class SequenceShards:
+    """The encoded examples of one model, per split, and what was needed to make them."""
+
+    encoder: SequenceEncoder
+    splits: dict[str, ShardedExamples]  # model inputs + labels, what `fit` reads
+    root: Path
+    buckets: int
+    n_events: int
+
+    def ids(self, split: str) -> ShardedExamples:
+        """The same shards with their example ids (for predictions and embeddings tables)."""
+        return ShardedExamples(self.root / split)
+
+
+def write_sequence_shards(
+    connect: Callable[[], AbstractContextManager[duckdb.DuckDBPyConnection]],
+    kind: str,
+    label_columns: list[str],
+    root: Path,
+    encoder_config: EncoderConfig,
+    events_per_bucket: int = 2_000_000,
+) -> SequenceShards:
+    """Fit the encoder on the training examples, bucket by bucket, then write one shard per
+    bucket and split under ``root/<split>/``: ``cat_ids``, ``time_features``, ``event_pos``,
+    ``session_pos``, ``mask``, ``labels`` (float32, NaN = missing) and ``example_id``.
+
+    ``connect`` opens a read-only warehouse connection; one is opened per bucket read, so that no
+    lock is held while encoding (a writer elsewhere in the graph waits only for a read)."""
+    with connect() as con:
+        buckets = bucket_count(con, events_per_bucket)
+    encoder = SequenceEncoder(encoder_config_for(kind, encoder_config))
+
+    def train_parts() -> Iterator[tuple[pd.DataFrame, pd.DataFrame]]:
+        for b in range(buckets):
+            with connect() as con:
+                events, examples = read_bucket(con, b, buckets, ("train",))
+            if len(examples):
+                yield events, examples
+
+    encoder.fit_parts(train_parts())
+    writers = {s: ShardWriter(root / s) for s in SPLITS}
+    n_events = 0
+    for b in range(buckets):
+        with connect() as con:
+            events, examples = read_bucket(con, b, buckets)
+        n_events += len(events)
+        for split in SPLITS:
+            part = examples[examples["split"] == split].reset_index(drop=True)
+            if part.empty:
+                continue
+            encoded = encoder.transform(events, part)
+            writers[split].write(
+                {
+                    **encoded,
+                    "labels": labels_tensor(part, label_columns),
+                    "example_id": part["example_id"].astype(str).to_numpy().astype(str),  # fixed-width unicode
+                }
+            )
+        del events, examples
+    return SequenceShards(
+        encoder, {s: ShardedExamples(root / s, keys=MODEL_KEYS) for s in SPLITS}, root, buckets, n_events
+    )
+
+
+__all__ = ["SequenceShards", "read_bucket", "user_bucket_sql", "write_sequence_shards"]
