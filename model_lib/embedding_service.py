@@ -23,6 +23,7 @@ from model_lib.distributed import fit_distributed
 from model_lib.encoding import EncoderConfig, PreparedEvents, SequenceEncoder, prepare_events
 from model_lib.metrics import auprc, auroc
 from model_lib.sequence_shards import ShardedExamples
+from model_lib.sessionize import DEFAULT_SESSION_GAP_SECONDS, InvalidEventsError, parse_event_times, sessionize
 from model_lib.trace import SequenceUserModel
 from model_lib.trace_baselines import build_model, encoder_config_for, make_config
 from model_lib.training import EpochReport, FitResult, TrainConfig, fit, iterate_batches, set_seed
@@ -37,11 +38,22 @@ def labels_tensor(examples: pd.DataFrame, label_columns: Sequence[str]) -> Tenso
     return torch.from_numpy(values)
 
 
+#: Prefix of the probability columns of `score_events` (`p_<task>`, as in predictions.parquet).
+PROBABILITY_PREFIX = "p_"
+
+
+def task_of(label_column: str) -> str:
+    """`label_checkout` -> `checkout`: the task set's name of a label column."""
+    return label_column.removeprefix("label_")
+
+
 @dataclass
 class UserModel:
     kind: str  # "trace", "myopic", "vanilla_transformer" or "lstm"
     model: SequenceUserModel
     encoder: SequenceEncoder
+    # The inactivity gap of the sessions the model was trained on: raw events are cut the same way.
+    session_gap_seconds: float = DEFAULT_SESSION_GAP_SECONDS
 
     @property
     def task_names(self) -> tuple[str, ...]:
@@ -170,14 +182,12 @@ class UserModel:
     def embed_latest(self, events: pd.DataFrame, batch_size: int = 2048, as_of=None) -> pd.DataFrame:
         """Every user's embedding as of one moment: the serving entry point.
 
-        This is what the registered MLflow model's ``predict`` calls: a frame of sessionized
-        events of any number of users in, one row per user out (``user_id``, ``embedding_0..``).
+        A frame of sessionized events of any number of users in, one row per user out
+        (``user_id``, ``embedding_0..``). The registered model serves ``score_events``.
         All users share one cutoff, ``as_of`` (default: 1 s after the latest event of the frame),
         as all users of a training example set share a cutoff: recency is then the time from each
-        user's events to that moment, the quantity training saw. (A per-user cutoff 1 s after each
-        user's own last event, as before, gave every user a recency of 1 s, a value training never
-        had: training cutoffs are fixed moments that users reach at any distance from their last
-        event.)
+        user's events to that moment, the quantity training saw (a cutoff 1 s after each user's
+        own last event gave every user a recency of 1 s, a value training never had).
         """
         columns = ["user_id"] + [f"embedding_{i}" for i in range(self.embedding_dim)]
         if events.empty:
@@ -190,6 +200,77 @@ class UserModel:
         return pd.DataFrame(np.column_stack([examples["user_id"].to_numpy(object), vectors]), columns=columns).astype(
             {c: "float32" for c in columns[1:]}
         )
+
+    # ------------------------------------------------------------------ serving raw events
+    @property
+    def probability_columns(self) -> list[str]:
+        return [PROBABILITY_PREFIX + task_of(t) for t in self.task_names]
+
+    @property
+    def known_event_names(self) -> frozenset[str] | None:
+        """Event names seen in training (None when the encoder has no event_name vocabulary)."""
+        vocab = self.encoder.vocabularies.get("event_name")
+        return None if vocab is None else frozenset(vocab.tokens)
+
+    def as_sessionized(self, events: pd.DataFrame, unknown_event_names: str = "reject") -> pd.DataFrame:
+        """Raw canonical events (or already sessionized ones, kept as they are) -> sessionized frame.
+
+        `unknown_event_names`: "reject" raises `InvalidEventsError` on names the model never saw
+        in training (a live request with a typo), "keep" lets them map to the OOV token.
+        """
+        if unknown_event_names not in ("reject", "keep"):
+            raise ValueError(f"unknown_event_names must be 'reject' or 'keep', got {unknown_event_names!r}")
+        if "event_name" in events.columns and unknown_event_names == "reject" and self.known_event_names:
+            names = events["event_name"].dropna().astype(str)
+            unknown = sorted(set(names.unique()) - self.known_event_names)
+            if unknown:
+                raise InvalidEventsError(
+                    f"event_name: {unknown[:5]} never seen in training (known: {sorted(self.known_event_names)[:20]})"
+                )
+        if all(c in events.columns for c in SESSIONIZED_INPUT_COLUMNS):
+            frame = events.copy()
+            frame["event_time"] = parse_event_times(frame["event_time"])
+            frame["user_id"] = frame["user_id"].astype(str)
+        else:
+            frame = sessionize(events, self.session_gap_seconds)
+        absent = [c for c in self.encoder.columns if c not in frame.columns]
+        if absent:  # optional attributes a request leaves out: missing values, as in training
+            frame = frame.assign(**dict.fromkeys(absent, None))
+        return frame
+
+    def score_events(self, events: pd.DataFrame, as_of=None, unknown_event_names: str = "reject") -> pd.DataFrame:
+        """Raw canonical events of one or more users -> one row per user: `user_id`, `as_of`,
+        `embedding_0..E-1` and `p_<task>` for every seen task. What the registered model serves.
+
+        `as_of` (optional): score every user as of that moment (events at or after it are ignored);
+        default: each user just after their own last event (1 second later).
+        """
+        frame = self.as_sessionized(events, unknown_event_names)
+        user_ids = frame["user_id"].to_numpy(dtype=object)
+        times = frame["event_time"].to_numpy().astype("datetime64[us]")
+        one_user = len(user_ids) > 0 and bool((user_ids == user_ids[0]).all())
+        users = user_ids[:1] if one_user else np.unique(user_ids)  # sorted
+        if as_of is not None and not (isinstance(as_of, str) and not as_of.strip()):
+            at = parse_event_times(pd.Series([as_of])).to_numpy()[0]
+            cutoff = np.full(len(users), at, dtype="datetime64[us]")
+        elif one_user:
+            cutoff = np.array([times.max() + np.timedelta64(1, "s")])
+        else:
+            last = pd.Series(times).groupby(user_ids, sort=True).max()
+            cutoff = (last + pd.Timedelta(seconds=1)).to_numpy().astype("datetime64[us]")
+        if len(users) == 0:
+            vectors = np.zeros((0, self.embedding_dim), dtype=np.float32)
+        elif len(users) == 1:  # a live request: the encoder's one-user path, no user index to build
+            with torch.inference_mode():
+                self.model.eval()
+                vectors = self.model.embed(self.encoder.transform_user(frame, pd.Timestamp(cutoff[0]))).numpy()
+        else:
+            vectors = self.embed(frame, pd.DataFrame({"user_id": users, "cutoff": cutoff}))
+        proba = self.proba_from_embeddings(vectors).to_numpy(np.float32)
+        columns = {"user_id": users.astype(str).astype(object), "as_of": cutoff}
+        columns.update({f"embedding_{i}": vectors[:, i].astype(np.float32) for i in range(self.embedding_dim)})
+        columns.update({name: proba[:, j] for j, name in enumerate(self.probability_columns)})
+        return pd.DataFrame(columns)
 
     def evaluate(
         self, events: pd.DataFrame | PreparedEvents, examples: pd.DataFrame, label_columns: Sequence[str] | None = None
@@ -208,12 +289,27 @@ class UserModel:
 
     # ------------------------------------------------------------------ persistence
     def save(self, path: str | Path, metadata: dict | None = None) -> Path:
+        metadata = {"session_gap_seconds": float(self.session_gap_seconds), **(metadata or {})}
         return save_artifact(path, self.kind, self.model, self.encoder, metadata)
 
     @classmethod
     def load(cls, path: str | Path) -> UserModel:
         art = load_artifact(path)
-        return cls(art.kind, art.model, art.encoder)
+        gap = art.metadata.get("session_gap_seconds", DEFAULT_SESSION_GAP_SECONDS)
+        return cls(art.kind, art.model, art.encoder, float(gap))
 
 
-__all__ = ["UserModel", "labels_tensor"]
+#: Columns that mark a frame as already sessionized (`sessionized_events` rows): used as they are.
+SESSIONIZED_INPUT_COLUMNS = (
+    "user_id",
+    "event_time",
+    "event_name",
+    "session_index",
+    "event_index",
+    "log_seconds_since_prev_event",
+    "log_seconds_since_session_start",
+    "hour_of_day",
+    "day_of_week",
+)
+
+__all__ = ["PROBABILITY_PREFIX", "SESSIONIZED_INPUT_COLUMNS", "UserModel", "labels_tensor", "task_of"]

@@ -22,9 +22,12 @@ Aliases (contract: registered models `trace` and `mtlds`, aliases `champion` and
 
 from __future__ import annotations
 
+import ast
 import fcntl
 import importlib.util
+import math
 import os
+import sys
 import sysconfig
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -123,15 +126,54 @@ def code_paths_for(import_paths: Sequence[str]) -> list[str]:
     return found
 
 
-def _default_pip_requirements() -> list[str]:
-    """Pins of the libraries the wrapper needs; skips MLflow's slow requirement inference."""
+def imported_modules(paths: Sequence[str | os.PathLike]) -> set[str]:
+    """Top-level modules imported anywhere (also lazily, inside functions) by the python files
+    at `paths` (files or package directories), read with `ast`, never executed."""
+    files: list[Path] = []
+    for path in map(Path, paths):
+        files += sorted(path.rglob("*.py")) if path.is_dir() else [path]
+    found: set[str] = set()
+    for file in files:
+        for node in ast.walk(ast.parse(file.read_text(), filename=str(file))):
+            if isinstance(node, ast.Import):
+                found.update(alias.name.split(".")[0] for alias in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                found.add(node.module.split(".")[0])
+    return found
+
+
+def model_pip_requirements(code_paths: Sequence[str | os.PathLike]) -> list[str]:
+    """Exact pins of every installed distribution that the model's code imports (the wrapper
+    file and the shipped `code_paths`), plus mlflow itself (the serving process).
+
+    Complete by construction, unlike a hand-kept list (which once missed scipy, imported by
+    `model_lib.metrics`), and fast, unlike MLflow's inference (it loads the model in a
+    subprocess). The standard library and the shipped packages themselves need no pin.
+    """
+    shipped = {Path(p).stem if Path(p).is_file() else Path(p).name for p in code_paths}
+    modules = imported_modules([mlflow_models.__file__, *code_paths]) - shipped - set(sys.stdlib_module_names)
+    distributions = metadata.packages_distributions()
+    names = {"mlflow"}
+    for module in modules:
+        for distribution in distributions.get(module, []):
+            names.add(distribution)
     pins = []
-    for package in ("mlflow", "numpy", "pandas", "torch"):
+    for name in sorted(names, key=str.lower):
         try:
-            pins.append(f"{package}=={metadata.version(package)}")
+            pins.append(f"{name}=={metadata.version(name)}")
         except metadata.PackageNotFoundError:
             continue
     return pins
+
+
+# (table, column) of MLflow's SQL store that hold absolute artifact URIs (rewritten by relocate_store).
+_PATH_COLUMNS = (
+    ("experiments", "artifact_location"),
+    ("runs", "artifact_uri"),
+    ("logged_models", "artifact_location"),
+    ("model_versions", "source"),
+    ("model_versions", "storage_location"),
+)
 
 
 @dataclass(frozen=True)
@@ -213,15 +255,51 @@ class MLflowTracking(dg.ConfigurableResource):
             client = self.client()
             experiment = client.get_experiment_by_name(self.experiment_name)  # creates the schema
             client.search_registered_models(max_results=1)  # and the registry's tables
-            if experiment is not None:
-                return experiment.experiment_id
-            try:
-                return client.create_experiment(self.experiment_name, artifact_location=self.artifact_location())
-            except MlflowException:  # created meanwhile by a process outside our lock (server)
-                experiment = client.get_experiment_by_name(self.experiment_name)
-                if experiment is None:
-                    raise
-                return experiment.experiment_id
+            if experiment is None:
+                try:
+                    return client.create_experiment(self.experiment_name, artifact_location=self.artifact_location())
+                except MlflowException:  # created meanwhile by a process outside our lock (server)
+                    experiment = client.get_experiment_by_name(self.experiment_name)
+                    if experiment is None:
+                        raise
+                    return experiment.experiment_id
+        if self.artifact_location() not in (None, experiment.artifact_location):
+            self.relocate_store()  # the home directory moved since the store was created
+        return experiment.experiment_id
+
+    def relocate_store(self) -> int:
+        """After the home directory moved: point the store's artifact paths at the new place.
+
+        MLflow records artifact locations as absolute `file://` URIs (experiment, runs, logged
+        models, model versions), so a SQLite store copied or moved with its `mlartifacts/` still
+        points at the old directory. When the experiment's recorded root differs from the
+        `mlartifacts/` beside the database, every path under the old root is rewritten to the
+        new one (plain SQL on MLflow's tables: MLflow has no API for it). Returns the number of
+        rows rewritten; 0 when nothing moved, or for a tracking server (which owns its paths).
+        """
+        db_path, new_root = sqlite_path(self.resolved_tracking_uri()), self.artifact_location()
+        if db_path is None or new_root is None or not db_path.is_file():
+            return 0
+        import sqlite3
+
+        with self.store_lock(), sqlite3.connect(db_path) as con:
+            found = con.execute(
+                "SELECT artifact_location FROM experiments WHERE name = ?", [self.experiment_name]
+            ).fetchall()
+            old_root = found[0][0] if found else None
+            if not old_root or old_root == new_root or not old_root.endswith("/mlartifacts"):
+                return 0
+            rewritten = 0
+            for table, column in _PATH_COLUMNS:
+                columns = {row[1] for row in con.execute(f"PRAGMA table_info({table})").fetchall()}
+                if column not in columns:
+                    continue
+                cursor = con.execute(
+                    f"UPDATE {table} SET {column} = ? || substr({column}, ?) WHERE {column} LIKE ? || '%'",
+                    [new_root, len(old_root) + 1, old_root],
+                )
+                rewritten += cursor.rowcount
+        return rewritten
 
     # ---------------------------------------------------------------- runs
 
@@ -265,6 +343,7 @@ class MLflowTracking(dg.ConfigurableResource):
         extra_code_paths: Sequence[str | os.PathLike] = (),
         pip_requirements: Sequence[str] | None = None,
         version_tags: Mapping[str, Any] | None = None,
+        metrics: Mapping[str, float] | None = None,
     ) -> RegisteredVersion:
         """Log our model artifact file as a pyfunc wrapper in the active run and register it.
 
@@ -274,6 +353,11 @@ class MLflowTracking(dg.ConfigurableResource):
         `.unwrap_python_model()` exposes the object (`.model`, and `.embed(...)` by delegation),
         and `.predict(frame)` returns the output of `predict_method` as a DataFrame.
         `input_format` / `input_adapter`: see `assets.model_registry.pyfunc_model.ArtifactModel`.
+        `metrics` (e.g. test AUROC) are logged on the logged model itself (and the run), so
+        `search_logged_models` and the registry page show them with the version.
+        Portable by construction: MLflow copies the artifact and the code into the model
+        (MLmodel refers to them by relative path) and the pip requirements pin every library
+        the shipped code imports (`model_pip_requirements`).
         """
         artifact = Path(artifact_path_on_disk)
         if not artifact.is_file():
@@ -302,9 +386,12 @@ class MLflowTracking(dg.ConfigurableResource):
             code_paths=code_paths or None,
             input_example=input_example,
             signature=signature,
-            pip_requirements=list(pip_requirements or _default_pip_requirements()),
+            pip_requirements=list(pip_requirements or model_pip_requirements(code_paths)),
             registered_model_name=registered_model_name,
         )
+        finite = {k: float(v) for k, v in (metrics or {}).items() if v is not None and math.isfinite(float(v))}
+        if finite:
+            mlflow.log_metrics(finite, model_id=info.model_id)
         version = str(info.registered_model_version)
         if version_tags:
             client = self.client()
@@ -326,6 +413,8 @@ class MLflowTracking(dg.ConfigurableResource):
         consumer of the registry would get it. `mlflow.pyfunc.load_model` gives the pyfunc view.
         """
         self._use_store()
+        if self.artifact_location() is not None:
+            self.ensure_store()  # relocates the store's paths if the home directory moved
         wrapper = mlflow.pyfunc.load_model(model_uri).unwrap_python_model()
         model = vars(wrapper).get("model")
         if model is None:

@@ -6,11 +6,14 @@
 - `retrain_models`: examples, every model, evaluation, gated promotion, embeddings, drift.
   What the weekly schedule and the drift sensor launch.
 - `rollback_champion`: restore the `previous` version of a registered model as `champion`.
+- `score_users` (contract.md): the champion's embeddings and probabilities for a file of raw
+  events or a date range of the warehouse, streamed to parquet (`assets/serving/scoring.py`).
 """
 
 import dagster as dg
 from pydantic import Field
 
+from assets.serving.scoring import score_users_op
 from resources.mlflow_tracking import MLflowTracking
 
 INGESTION_ASSETS = ("raw_events", "rejected_events", "sessionized_events")
@@ -92,4 +95,9 @@ def rollback_champion():
     rollback_registered_model()
 
 
-JOBS = [full_pipeline, ingest_and_monitor, retrain_models, rollback_champion]
+@dg.job(description="Score users with the champion: a file of raw events or a warehouse date range -> parquet.")
+def score_users():
+    score_users_op()
+
+
+JOBS = [full_pipeline, ingest_and_monitor, retrain_models, rollback_champion, score_users]

@@ -263,7 +263,7 @@ class RunWatcher:
                     step_key=key or "",
                 )
             )
-        elif kind in ("RUN_SUCCESS", "RUN_FAILURE", "RUN_CANCELED"):
+        elif kind in ("PIPELINE_SUCCESS", "PIPELINE_FAILURE", "PIPELINE_CANCELED"):  # the stored names of RUN_*
             self.progress.run_status = kind
 
     def _log_line(self, entry) -> str:

@@ -15,8 +15,9 @@ import torch
 from pydantic import Field
 
 from assets.common.training import ModelTrainingConfig, epoch_logger
+from assets.model_registry.signatures import candidate_example, conversion_signature
 from assets.training_data.assets import funnel_examples, funnel_spec_for
-from model_lib.conversion_service import ConversionModel
+from model_lib.conversion_service import ConversionModel, item_statistics
 from model_lib.funnel_samples import samples_to_tensors
 from model_lib.mtlds import AGGREGATIONS, MTLDSConfig, evaluate, predict
 from model_lib.mtlds_baselines import BASELINES, build_model
@@ -86,6 +87,13 @@ def build_conversion_model_asset(model_name: str) -> dg.AssetsDefinition:
         spec = funnel_spec_for(event_source)
         with warehouse.connect(read_only=True) as con:
             samples = con.sql("SELECT * FROM funnel_examples").df()
+            item_stats = item_statistics(
+                con.sql("SELECT item_id, event_name FROM sessionized_events WHERE item_id IS NOT NULL").df(), spec
+            )
+            example_events = con.sql(
+                "SELECT * EXCLUDE (source_file, source_row, ingested_at) FROM sessionized_events "
+                "WHERE user_id = (SELECT min(user_id) FROM funnel_examples WHERE split = 'test') ORDER BY event_index"
+            ).df()
         splits = {s: samples[samples["split"] == s].reset_index(drop=True) for s in ("train", "valid", "test")}
         data = {s: samples_to_tensors(frame, spec) for s, frame in splits.items()}
         cfg = MTLDSConfig.from_spec(
@@ -119,7 +127,8 @@ def build_conversion_model_asset(model_name: str) -> dg.AssetsDefinition:
                 on_epoch=epoch_logger(context, model_name, unit="samples/s"),
                 checkpoint_path=paths.checkpoints_dir / f"{model_name}-{context.run.run_id}.pt",
             )
-            artifact = ConversionModel(model_name, model, spec).save(out_dir / "model.pt")
+            served = ConversionModel(model_name, model, spec, item_stats)  # with the item counts a request cannot know
+            artifact = served.save(out_dir / "model.pt")
             probs, scores = predict(model, data["test"])
             test = splits["test"]
             predictions = pd.DataFrame({"user_id": test["user_id"].astype(str).to_numpy(), "score": scores})
@@ -132,25 +141,19 @@ def build_conversion_model_asset(model_name: str) -> dg.AssetsDefinition:
             mlflow.log_metrics(
                 {k: v for k, v in flat.items() if np.isfinite(v)} | {"best_epoch": fit_result.best_epoch}
             )
-            # MLflow's schema inference rejects tz-aware datetimes: the example carries them as naive UTC.
-            input_example = test.head(5).copy()
-            for column in input_example.select_dtypes(include=["datetimetz"]).columns:
-                input_example[column] = input_example[column].dt.tz_convert("UTC").dt.tz_localize(None)
-            signature = mlflow.models.infer_signature(
-                input_example, ConversionModel(model_name, model, spec).predict_frame(input_example)
-            )
             registered = mlflow_tracking.log_model_artifact(
                 artifact,
                 registered_model_name=registered_name(model_name),
                 loader=LOADER,
-                predict_method="predict_frame",
-                input_example=input_example,
-                signature=signature,
+                predict_method="score_candidates",  # raw events + candidate items in, p_<task> + score out
+                input_example=candidate_example(example_events, example_events["user_id"].iloc[-1]),
+                signature=conversion_signature(served),
                 version_tags={
                     "dagster.run_id": context.run.run_id,
                     "model": model_name,
                     f"test_auc_{spec.funnel[-1]}": f"{metrics['auc'][spec.funnel[-1]]:.6f}",
                 },
+                metrics=flat,
             )
         history = pd.DataFrame([r.__dict__ for r in fit_result.history])
         value = {

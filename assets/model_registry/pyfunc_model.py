@@ -24,6 +24,7 @@ from typing import Any
 import mlflow
 import numpy as np
 import pandas as pd
+from mlflow.exceptions import MlflowException
 
 #: Name of the model artifact in the logged model (`context.artifacts[MODEL_ARTIFACT_KEY]`).
 MODEL_ARTIFACT_KEY = "model_file"
@@ -129,10 +130,21 @@ class ArtifactModel(mlflow.pyfunc.PythonModel):
         raise ValueError(f"input_format must be one of {INPUT_FORMATS}, got {input_format!r}")
 
     def predict(self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None):
-        """Call the configured method on the input; return its outputs as a DataFrame."""
+        """Call the configured method on the input; return its outputs as a DataFrame.
+
+        `params` (declared in the signature, e.g. TRACE's `as_of`) go to the method as keyword
+        arguments; empty ones are left out so the method's defaults apply. A `ValueError` from the
+        model (bad input: a timestamp that does not parse, an unknown event name) becomes an
+        `INVALID_PARAMETER_VALUE` MlflowException, which `mlflow models serve` answers with a 400
+        and the model's own message, not a generic error.
+        """
         method_name = self.config["predict_method"]
         method = getattr(self.model, method_name)
-        argument = self._method_input(model_input)
+        kwargs = {k: v for k, v in (params or {}).items() if v is not None and v != ""}
+        try:
+            argument = self._method_input(model_input)
+        except ValueError as error:
+            raise MlflowException.invalid_parameter_value(str(error)) from error
         try:
             import torch
 
@@ -142,7 +154,10 @@ class ArtifactModel(mlflow.pyfunc.PythonModel):
 
             no_grad = nullcontext()
         with no_grad:
-            outputs = method(argument)
+            try:
+                outputs = method(argument, **kwargs)
+            except (ValueError, KeyError) as error:
+                raise MlflowException.invalid_parameter_value(f"{type(error).__name__}: {error}") from error
         prefix = self.config.get("output_prefix") or method_name
         index = model_input.index if isinstance(model_input, pd.DataFrame) else None
         return outputs_to_frame(outputs, prefix, index)

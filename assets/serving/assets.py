@@ -1,5 +1,9 @@
 """`user_embeddings`: the latest embedding of every user from the `champion` TRACE version.
 
+Streamed: events come out of DuckDB sorted by user, in batches of whole users
+(`scoring.user_batches`), are embedded by the champion and appended to a parquet file, so memory
+is bounded by `batch_events`, not by the number of users; the t-SNE map keeps only its sample.
+
 The model is loaded back from the MLflow registry (`models:/trace/<champion>`), the same path a
 serving process takes, so a registry that cannot serve breaks this asset, not production. Rows
 of other model versions stay in the table (one row per user and version, contract.md), so a
@@ -18,9 +22,10 @@ from pydantic import Field
 from assets.common.metadata import warehouse_table_metadata
 from assets.model_registry.assets import PROMOTION_KEY
 from assets.serving.columns import USER_EMBEDDINGS_COLUMNS
+from assets.serving.scoring import DEFAULT_BATCH_EVENTS, ParquetStream, user_batches
 from resources.mlflow_tracking import MLflowTracking
 from resources.paths import TraceDagsterPaths
-from resources.warehouse import WAREHOUSE_POOL, DuckDBWarehouse, table_exists
+from resources.warehouse import WAREHOUSE_POOL, DuckDBWarehouse, sql_literal, table_exists
 
 GROUP = "serving"
 OWNERS = ["team:ml-platform"]
@@ -30,6 +35,9 @@ MODEL_NAME = "trace"
 class EmbeddingMapConfig(dg.Config):
     map_users: int = Field(default=2000, description="Users drawn (seeded) for the t-SNE map.")
     seed: int = 0
+    batch_events: int = Field(
+        default=DEFAULT_BATCH_EVENTS, description="Events embedded per user batch (memory bound)."
+    )
 
 
 def dominant_behaviour(events: pd.DataFrame, top: int = 7) -> pd.Series:
@@ -86,25 +94,41 @@ def user_embeddings(
     if version is None:
         raise dg.Failure(f"registered model `{MODEL_NAME}` has no `champion`: run model_promotion first")
     model = mlflow_tracking.load_model(f"models:/{MODEL_NAME}/{version}")
-    with warehouse.connect(read_only=True) as con:
-        events = con.sql(
+    rng = np.random.default_rng(config.seed)
+    staged = paths.tmp_dir / f"user_embeddings-{context.run_id}.parquet"
+    stream = ParquetStream(staged)
+    with warehouse.connect() as con:
+        users, last_time = con.execute(
+            "SELECT count(DISTINCT user_id), max(event_time) FROM sessionized_events"
+        ).fetchall()[0]
+        as_of = (pd.Timestamp(last_time) + timedelta(seconds=1)).to_pydatetime()
+        # the t-SNE sample, drawn (seeded) by position in user order before streaming
+        pick = set(rng.choice(users, size=min(config.map_users, users), replace=False).tolist()) if users else set()
+        picked_ids, picked_vectors, seen = [], [], 0
+        reader = con.sql(
             "SELECT * EXCLUDE (source_file, source_row, ingested_at) FROM sessionized_events "
             "ORDER BY user_id, event_index"
-        ).df()
-    as_of = (pd.Timestamp(events["event_time"].max()) + timedelta(seconds=1)).to_pydatetime()
-    users = pd.DataFrame({"user_id": events["user_id"].drop_duplicates().to_numpy(), "cutoff": as_of})
-    vectors = model.embed(events, users)
-    frame = pd.DataFrame(
-        {
-            "user_id": users["user_id"].astype(str),
-            "model_name": MODEL_NAME,
-            "model_version": str(version),
-            "embedding": [v.astype(np.float32).tolist() for v in vectors],
-            "as_of": as_of,
-        }
-    )
-    with warehouse.connect() as con:
-        con.register("new_embeddings", frame)
+        ).to_arrow_reader(100_000)
+        for events in user_batches(reader, config.batch_events):
+            batch_users = pd.DataFrame({"user_id": events["user_id"].drop_duplicates().to_numpy(), "cutoff": as_of})
+            vectors = model.embed(events, batch_users)  # the champion's own encoder: one user batch at a time
+            stream.write(
+                pd.DataFrame(
+                    {
+                        "user_id": batch_users["user_id"].astype(str),
+                        "model_name": MODEL_NAME,
+                        "model_version": str(version),
+                        "embedding": list(vectors.astype(np.float32)),
+                        "as_of": as_of,
+                    }
+                )
+            )
+            for i in range(len(batch_users)):
+                if seen + i in pick:
+                    picked_ids.append(str(batch_users["user_id"].iloc[i]))
+                    picked_vectors.append(vectors[i])
+            seen += len(batch_users)
+        stream.close()
         keep_others = ""
         if table_exists(con, "user_embeddings"):
             keep_others = (
@@ -114,16 +138,19 @@ def user_embeddings(
         rows = warehouse.replace_table(
             con,
             "user_embeddings",
-            f"SELECT user_id, model_name, model_version, CAST(embedding AS FLOAT[]) AS embedding, as_of "
-            f"FROM new_embeddings {keep_others}",
+            f"SELECT user_id, model_name, model_version, CAST(embedding AS FLOAT[]) AS embedding, "
+            f"CAST(as_of AS TIMESTAMP) AS as_of FROM read_parquet({sql_literal(str(staged))}) {keep_others}",
         )
+        staged.unlink(missing_ok=True)
         catalog = warehouse_table_metadata(con, "user_embeddings", USER_EMBEDDINGS_COLUMNS)
-
-    rng = np.random.default_rng(config.seed)
-    pick = np.sort(rng.choice(len(frame), size=min(config.map_users, len(frame)), replace=False))
-    behaviour = dominant_behaviour(events).reindex(frame["user_id"].iloc[pick]).fillna("other").reset_index(drop=True)
+        con.register("picked_users", pd.DataFrame({"user_id": picked_ids}))
+        picked_events = con.sql(
+            "SELECT user_id, event_name FROM sessionized_events WHERE user_id IN (SELECT user_id FROM picked_users)"
+        ).df()
+    vectors = np.stack(picked_vectors) if picked_vectors else np.zeros((0, model.embedding_dim), np.float32)
+    behaviour = dominant_behaviour(picked_events).reindex(picked_ids).fillna("other").reset_index(drop=True)
     png = embedding_map_png(
-        vectors[pick], behaviour, f"TRACE v{version} user embeddings (t-SNE, {len(pick)} users)", config.seed
+        vectors, behaviour, f"TRACE v{version} user embeddings (t-SNE, {len(vectors)} users)", config.seed
     )
     png_path = paths.reports_dir / f"user_embeddings_map-trace-v{version}.png"
     png_path.write_bytes(png)
@@ -131,10 +158,11 @@ def user_embeddings(
         metadata={
             **catalog,
             "dagster/row_count": rows,
-            "users": len(frame),
+            "users": int(users),
+            "batches_events_at_most": config.batch_events,
             "model_version": str(version),
             "as_of": str(as_of),
-            "embedding_dim": int(vectors.shape[1]),
+            "embedding_dim": int(model.embedding_dim),
             "map_path": dg.MetadataValue.path(str(png_path)),
             "map": dg.MetadataValue.md(f"![user embeddings](data:image/png;base64,{base64.b64encode(png).decode()})"),
         }

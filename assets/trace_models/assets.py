@@ -28,6 +28,7 @@ import torch
 from pydantic import Field
 
 from assets.common.training import ModelTrainingConfig, epoch_logger
+from assets.model_registry.signatures import raw_event_example, trace_signature, trained_session_gap
 from assets.trace_models.sequence_data import SPLITS, SequenceShards, write_sequence_shards
 from assets.training_data.assets import read_tasks, training_examples
 from model_lib.embedding_service import UserModel
@@ -224,6 +225,7 @@ def build_sequence_model_asset(kind: str) -> dg.AssetsDefinition:
                     checkpoint_path=paths.checkpoints_dir / f"{kind}-{context.run.run_id}.pt",  # a retried step resumes
                     processes=config.ddp_processes,
                 )
+                model.session_gap_seconds = trained_session_gap(context.instance)  # served raw events are cut alike
                 artifact = model.save(out_dir / "model.pt", metadata={"dagster_run_id": context.run.run_id})
                 # encoded once, streamed: the probabilities come from the heads on the embeddings
                 y_test, p_test = write_model_outputs(model, data, seen, out_dir)
@@ -246,19 +248,18 @@ def build_sequence_model_asset(kind: str) -> dg.AssetsDefinition:
                 mlflow.log_dict(json.loads(seen.to_json(orient="records")), "seen_tasks.json")
 
                 example_events = read_example_events(warehouse, test_users)
-                input_example = example_events.groupby("user_id").tail(5).reset_index(drop=True)
-                signature = mlflow.models.infer_signature(input_example, model.embed_latest(input_example))
                 registered = mlflow_tracking.log_model_artifact(
                     artifact,
                     registered_model_name=kind,
                     loader=LOADER,
-                    predict_method="embed_latest",
-                    input_example=input_example,
-                    signature=signature,
+                    predict_method="score_events",  # raw canonical events in, embedding + p_<task> out
+                    input_example=raw_event_example(example_events, test_users),
+                    signature=trace_signature(model),
                     version_tags={
                         "dagster.run_id": context.run.run_id,
                         "test_mean_auroc": f"{test_metrics['test_mean_auroc']:.6f}",
                     },
+                    metrics=test_metrics,
                 )
         finally:
             shutil.rmtree(shard_root, ignore_errors=True)

@@ -1,0 +1,203 @@
+"""Serving latency of one user: HTTP (`mlflow models serve`) and in process, side by side.
+
+    .venv/bin/python -m bench.serving            # full run
+    .venv/bin/python -m bench.serving --quick    # fewer requests, same figures
+    .venv/bin/python bench/serving.py
+
+A TRACE model (the production network and encoder; weights untrained: latency does not depend on
+their values) is logged exactly as the pipeline logs it (pyfunc "model from code", explicit
+signature) into a temporary MLflow store, then one user's raw canonical events (ISO times, as a
+client sends them) are scored, per request, through:
+
+- `http`: POST /invocations to `mlflow models serve` on 127.0.0.1 (JSON encode, network, MLflow's
+  parsing and schema enforcement, the model, JSON answer);
+- `pyfunc`: `mlflow.pyfunc.load_model(...).predict(frame)` in process (schema enforcement + model);
+- `model`: `UserModel.score_events(frame)`: the model's own path (parse times, sessionize,
+  encode, network, heads).
+
+Users with 50, 200 and 500 raw events; p50 and p99 in ms on one torch thread. Target: in-process
+p99 (`model`) < 5 ms at 500 events.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+if __package__ in (None, ""):  # `python bench/serving.py`
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np
+import pandas as pd
+import torch
+
+SIZES = (50, 200, 500)
+TASKS = ("label_task_0", "label_task_1", "label_task_2", "label_task_3", "label_task_4")
+
+
+def simulated_raw_events(n_users: int, seed: int) -> pd.DataFrame:
+    from resources.event_sources.simulator import SimulatorConfig, simulate_events
+
+    return simulate_events(SimulatorConfig(n_users=n_users, days=35, seed=seed))
+
+
+def build_model(raw: pd.DataFrame):
+    from model_lib.embedding_service import UserModel
+    from model_lib.encoding import EncoderConfig, SequenceEncoder, prepare_events
+    from model_lib.sessionize import sessionize
+    from model_lib.trace_baselines import build_model as build_network
+    from model_lib.trace_baselines import make_config
+    from model_lib.training import set_seed
+
+    events = sessionize(raw)
+    last = events.groupby("user_id")["event_time"].max()
+    examples = pd.DataFrame({"user_id": last.index, "cutoff": last.to_numpy() + pd.Timedelta(seconds=1)})
+    ev = prepare_events(events)
+    encoder = SequenceEncoder(EncoderConfig(max_len=128)).fit(ev, examples)
+    set_seed(0)
+    return UserModel("trace", build_network("trace", make_config("trace", encoder, TASKS)), encoder)
+
+
+def user_request(raw: pd.DataFrame, n_events: int) -> pd.DataFrame:
+    """One user's most recent `n_events` raw events as a client sends them (the user with the
+    longest history, tiled back in time if even that one is shorter)."""
+    sizes = raw.groupby("user_id").size()
+    user = sizes.idxmax()
+    events = raw[raw["user_id"] == user].sort_values("event_time")
+    while len(events) < n_events:
+        span = events["event_time"].max() - events["event_time"].min() + pd.Timedelta(days=1)
+        events = pd.concat([events.assign(event_time=events["event_time"] - span), events])
+    events = events.tail(n_events)
+    frame = events[[c for c in events.columns if c not in ("source_file", "source_row")]].copy()
+    frame["event_time"] = pd.to_datetime(frame["event_time"], utc=True).dt.strftime("%Y-%m-%dT%H:%M:%SZ")
+    return frame.astype(object).where(frame.notna(), None).reset_index(drop=True)
+
+
+def percentiles(fn, requests: int) -> tuple[float, float]:
+    for _ in range(5):
+        fn()
+    times = np.empty(requests)
+    for i in range(requests):
+        t = time.perf_counter()
+        fn()
+        times[i] = (time.perf_counter() - t) * 1e3
+    return float(np.percentile(times, 50)), float(np.percentile(times, 99))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(model_uri: str, tracking_uri: str, workdir: Path) -> tuple[subprocess.Popen, int]:
+    port = free_port()
+    venv_bin = str(Path(sys.executable).parent)  # `mlflow models serve` execs `uvicorn` from PATH
+    env = {
+        **os.environ,
+        "MLFLOW_TRACKING_URI": tracking_uri,
+        "OMP_NUM_THREADS": "1",
+        "PATH": venv_bin + os.pathsep + os.environ.get("PATH", ""),
+    }
+    process = subprocess.Popen(
+        [str(Path(sys.executable).with_name("mlflow")), "models", "serve", "-m", model_uri]
+        + ["-h", "127.0.0.1", "-p", str(port), "--env-manager", "local", "-w", "1"],
+        cwd=workdir,
+        env=env,
+        stdout=(workdir / "server.log").open("w"),
+        stderr=subprocess.STDOUT,
+    )
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError((workdir / "server.log").read_text()[-3000:])
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2):
+                return process, port
+        except OSError:
+            time.sleep(0.5)
+    process.terminate()
+    raise RuntimeError("mlflow models serve did not start")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="fewer requests")
+    parser.add_argument("--requests", type=int, default=0, help="requests per figure (default 1000, quick 200)")
+    args = parser.parse_args(argv)
+    requests = args.requests or (200 if args.quick else 1000)
+    torch.set_num_threads(1)
+    import mlflow
+
+    from assets.model_registry.signatures import raw_event_example, trace_signature
+    from resources.mlflow_tracking import MLflowTracking
+
+    raw = simulated_raw_events(300, seed=0)
+    model = build_model(raw)
+    print(
+        f"torch {torch.__version__}, 1 thread; {requests} requests per figure; model trace (d_model "
+        f"{model.model.config.d_model}, max_len {model.encoder.config.max_len}, {len(model.task_names)} tasks)"
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        workdir = Path(tmp)
+        tracking = MLflowTracking(tracking_uri=f"sqlite:///{workdir}/mlflow.db")
+        artifact = model.save(workdir / "model.pt")
+        with tracking.start_run(run_name="bench-serving"):
+            example = raw_event_example(
+                model_frame := raw.assign(user_id=raw["user_id"].astype(str)), model_frame["user_id"].unique()[:1]
+            )
+            registered = tracking.log_model_artifact(
+                artifact,
+                registered_model_name="trace",
+                loader="model_lib.embedding_service:UserModel.load",
+                predict_method="score_events",
+                input_example=example,
+                signature=trace_signature(model),
+            )
+        pyfunc = mlflow.pyfunc.load_model(registered.model_uri)
+        process, port = start_server(registered.model_uri, tracking.resolved_tracking_uri(), workdir)
+        try:
+            print(f"{'events':>6} {'path':>7} {'p50_ms':>8} {'p99_ms':>8}")
+            results = {}
+            for n in SIZES:
+                request = user_request(raw, n)
+                body = json.dumps({"dataframe_records": json.loads(request.to_json(orient="records"))}).encode()
+
+                def http(body=body):
+                    req = urllib.request.Request(
+                        f"http://127.0.0.1:{port}/invocations", data=body, headers={"Content-Type": "application/json"}
+                    )
+                    with urllib.request.urlopen(req, timeout=30) as response:
+                        response.read()
+
+                served = pyfunc.predict(request)
+                direct = model.score_events(request)
+                assert np.allclose(served.filter(like="p_").to_numpy(float), direct.filter(like="p_").to_numpy(float))
+                for path, fn in (
+                    ("http", http),
+                    ("pyfunc", lambda r=request: pyfunc.predict(r)),
+                    ("model", lambda r=request: model.score_events(r)),
+                ):
+                    p50, p99 = percentiles(fn, requests)
+                    results[(n, path)] = (p50, p99)
+                    print(f"{n:>6} {path:>7} {p50:>8.2f} {p99:>8.2f}")
+            for n in SIZES:
+                http_p50, model_p50 = results[(n, "http")][0], results[(n, "model")][0]
+                print(f"events={n} http_over_model_p50={http_p50 / model_p50:.1f}x")
+            p99 = results[(SIZES[-1], "model")][1]
+            print(f"target: in-process p99 at {SIZES[-1]} events < 5 ms: p99_ms={p99:.2f} met={p99 < 5}")
+        finally:
+            process.terminate()
+            process.wait(timeout=20)
+
+
+if __name__ == "__main__":
+    main()
