@@ -27,6 +27,7 @@ import pandas as pd
 import pytest
 
 from assets.conversion_models.assets import CONVERSION_MODELS
+from assets.trace_models.aggregate_models import AGGREGATE_MODELS
 from assets.trace_models.assets import SEQUENCE_MODELS
 
 REPO = Path(__file__).resolve().parents[1]
@@ -127,7 +128,7 @@ CONTRACT_TABLES = {
     "evaluation_metrics": ["model", "task", "task_kind", "metric", "value", "split"],
     "drift_report": ["checked_at", "dataset_drift", "drift_share", "report_path"],
 }
-TRACE_FAMILY = list(SEQUENCE_MODELS)  # trace, myopic, vanilla_transformer, lstm
+TRACE_FAMILY = [*SEQUENCE_MODELS, *AGGREGATE_MODELS]  # trace ... myopic_last_page, st_agg, st_cohort
 MTLDS_FAMILY = list(CONVERSION_MODELS)  # mtlds_<agg> x4, single_task, shared_bottom, esmm, mmoe
 
 

@@ -13,12 +13,13 @@ EVALUATION_METRICS_COLUMNS = {
 }
 
 EVALUATION_UPLIFTS_COLUMNS = {
-    "model": "Model compared with the myopic baseline.",
-    "task": "Engagement task.",
+    "model": "Model compared with the baseline.",
+    "baseline": "myopic (the papers' baseline) or st_agg (the aggregate-feature baseline).",
+    "task": "Engagement task, or mean (the metric averaged over the tasks of the kind: the papers' headline).",
     "task_kind": "seen or unseen.",
     "metric": "auroc or auprc.",
-    "uplift_pct": "100 * (model - myopic) / myopic on the same test examples.",
-    "ci_low": "Lower bound of the paired bootstrap 95% interval of uplift_pct.",
+    "uplift_pct": "100 * (model - baseline) / baseline on the same test examples.",
+    "ci_low": "Lower bound of the paired bootstrap 95% interval of uplift_pct (test users resampled).",
     "ci_high": "Upper bound of the paired bootstrap 95% interval of uplift_pct.",
     "evaluated_at": "When the evaluation ran (UTC).",
     "dagster_run_id": "The Dagster run that wrote the row.",

@@ -1,8 +1,11 @@
-"""TRACE and its three baselines: trained on the seen tasks, logged to MLflow, registered.
+"""TRACE and its sequence baselines: trained on the seen tasks, logged to MLflow, registered.
 
-One asset per model (`trace_model`, `myopic_model`, `vanilla_transformer_model`, `lstm_model`),
-built by one factory, so the four share every line of training, logging and evaluation code and
-differ only in `model_lib`'s kind. Independent assets run in parallel under the multiprocess
+One asset per model (`trace_model`, `myopic_model`, `vanilla_transformer_model`, `lstm_model`,
+`mini_gpt_model`, `myopic_last_page_model`), built by one factory, so they share every line of
+training, logging and evaluation code and differ only in `model_lib`'s kind. Which event
+attributes enter the models is the format's declared allow-list (`model_lib.encoding`
+`ATTRIBUTE_ALLOW_LISTS`, chosen by the `event_format` recorded in `training_tasks`). The
+aggregate baselines are in `aggregate_models.py`. Independent assets run in parallel under the multiprocess
 executor; each pins torch to `torch_threads` so two of them share the two cores fairly.
 
 Each asset writes, under `TRACE_DAGSTER_HOME/models/<model>/<dagster run id>/`:
@@ -29,13 +32,13 @@ from assets.model_registry.signatures import raw_event_example, trace_signature,
 from assets.trace_models.sequence_data import SPLITS, SequenceShards, write_sequence_shards
 from assets.training_data.assets import read_tasks, training_examples
 from model_lib.embedding_service import UserModel
-from model_lib.encoding import EncoderConfig
+from model_lib.encoding import EncoderConfig, attribute_rules_for
 from model_lib.metrics import auprc, auroc
 from resources.mlflow_tracking import MLflowTracking
 from resources.paths import TraceDagsterPaths
 from resources.warehouse import DuckDBWarehouse, sql_literal
 
-SEQUENCE_MODELS = ("trace", "myopic", "vanilla_transformer", "lstm")
+SEQUENCE_MODELS = ("trace", "myopic", "vanilla_transformer", "lstm", "mini_gpt", "myopic_last_page")
 GROUP = "trace_models"
 OWNERS = ["team:ml-platform"]
 LOADER = "model_lib.embedding_service:UserModel.load"
@@ -45,6 +48,8 @@ DESCRIPTIONS = {
     "myopic": "Myopic baseline: the TRACE network fed only the user's most recent session.",
     "vanilla_transformer": "Vanilla transformer baseline: event names only, sinusoidal positions.",
     "lstm": "LSTM baseline over the same inputs as TRACE.",
+    "mini_gpt": "Mini-GPT baseline: a small causal transformer over page names with a next-page loss.",
+    "myopic_last_page": "Myopic baseline, last-page reading: the TRACE network fed only the most recent page.",
 }
 
 
@@ -80,6 +85,12 @@ def load_sequence_inputs(
               AND event_time < (SELECT max(cutoff) FROM training_examples)
             ORDER BY user_id, event_index""").df()
     return examples, events, tasks
+
+
+def attribute_rules_of(tasks: pd.DataFrame):
+    """The attribute allow-list of the event format the examples were built from."""
+    event_format = str(tasks["event_format"].iloc[0]) if "event_format" in tasks.columns else "canonical"
+    return attribute_rules_for(event_format)
 
 
 def read_example_events(warehouse: DuckDBWarehouse, user_ids: list[str]) -> pd.DataFrame:
@@ -176,7 +187,7 @@ def build_sequence_model_asset(kind: str) -> dg.AssetsDefinition:
             kind,
             label_columns,
             shard_root,
-            EncoderConfig(max_len=config.max_len),
+            EncoderConfig(max_len=config.max_len, attributes=attribute_rules_of(tasks)),
             config.events_per_bucket,
         )
         train, valid = data.splits["train"], data.splits["valid"]

@@ -8,12 +8,15 @@ USER_SPLITS_COLUMNS = {
 TRAINING_EXAMPLES_COLUMNS = {
     "example_id": "`user_id@cutoff`.",
     "user_id": "The user whose history before the cutoff is the model input.",
-    "cutoff": "History strictly before it; labels from events in [cutoff, cutoff + horizon).",
+    "cutoff": "The prediction moment: labels from sessions starting in [cutoff, cutoff + horizon); recency is measured to it.",
+    "history_end": "History is strictly before it: the cutoff, or the start of a session in progress at the cutoff "
+    "(that session is neither history nor label).",
     "split": "The user's split (user_splits).",
     "n_history_events": "Events of the user before the cutoff.",
     "n_history_sessions": "Sessions of the user before the cutoff.",
     "seconds_since_last_event": "Seconds from the user's last event before the cutoff to the cutoff.",
-    "label_*": "Engagement label of one task after the cutoff (training_tasks says which are seen/unseen).",
+    "label_*": "Engagement label of one task after the cutoff (training_tasks says which are seen/unseen); "
+    "NULL for next_session tasks when no session starts within the horizon (excluded).",
 }
 
 TRAINING_TASKS_COLUMNS = {
@@ -25,6 +28,7 @@ TRAINING_TASKS_COLUMNS = {
     "label_sql": "The SQL that computes the label.",
     "description": "What the task means.",
     "task_set": "Name of the task set.",
+    "event_format": "simulator or the input format preset: selects the attribute allow-list of the sequence models.",
 }
 
 FUNNEL_EXAMPLES_COLUMNS = {
