@@ -16,6 +16,7 @@ from assets.ingestion.raw_events import ingested_events, ingestion_checks
 from assets.ingestion.sessionized_events import sessionization_checks, sessionized_events
 from assets.model_registry.assets import model_promotion
 from assets.monitoring.assets import drift_below_threshold, drift_report, model_outputs_stable
+from assets.reproduction.assets import REPRODUCTION_ASSETS
 from assets.serving.assets import user_embeddings, user_embeddings_are_complete
 from assets.trace_models.assets import sequence_model_assets
 from assets.training_data.assets import (
@@ -46,6 +47,7 @@ ASSETS = [
     model_promotion,
     user_embeddings,
     drift_report,
+    *REPRODUCTION_ASSETS,
 ]
 ASSET_CHECKS = [
     ingestion_checks,

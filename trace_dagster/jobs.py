@@ -6,6 +6,9 @@
 - `retrain_models`: examples, every model, evaluation, gated promotion, embeddings, drift.
   What the weekly schedule and the drift sensor launch.
 - `rollback_champion`: restore the `previous` version of a registered model as `champion`.
+- `reproduction` / `ablations` (contract.md): seeds, the papers' comparison set and learning
+  curves / the config switches, each ending in `reproduction_report`. Off the default path:
+  `full_pipeline` and `retrain_models` leave the `reproduction` group out.
 """
 
 import dagster as dg
@@ -35,11 +38,12 @@ def execution_config(max_concurrent: int = 2) -> dict:
 
 
 MONITORING_ASSETS = ("user_embeddings", "drift_report")
+REPRODUCTION_GROUP = dg.AssetSelection.groups("reproduction")
 
 full_pipeline = dg.define_asset_job(
     "full_pipeline",
     config=execution_config(),
-    selection=dg.AssetSelection.all(),
+    selection=dg.AssetSelection.all() - REPRODUCTION_GROUP,
     description="Every asset and check: raw events to drift report (contract.md).",
 )
 
@@ -53,7 +57,7 @@ ingest_and_monitor = dg.define_asset_job(
 retrain_models = dg.define_asset_job(
     "retrain_models",
     config=execution_config(),
-    selection=dg.AssetSelection.assets("user_splits").downstream(),
+    selection=dg.AssetSelection.assets("user_splits").downstream() - REPRODUCTION_GROUP,
     description="Rebuild examples, retrain every model, evaluate, promote a winner, refresh embeddings, check drift.",
 )
 
@@ -92,4 +96,21 @@ def rollback_champion():
     rollback_registered_model()
 
 
-JOBS = [full_pipeline, ingest_and_monitor, retrain_models, rollback_champion]
+# In-process runs (one step trains every variant in turn): no multiprocess executor needed.
+reproduction = dg.define_asset_job(
+    "reproduction",
+    selection=dg.AssetSelection.assets("reproduction_runs", "reproduction_report"),
+    executor_def=dg.in_process_executor,
+    description="Seeds x the papers' comparison set on simulator, known-answer and Taobao data, learning "
+    "curves, then the reproduction report (reports/reproduction_latest.md). Sized by `size`.",
+)
+
+ablations = dg.define_asset_job(
+    "ablations",
+    selection=dg.AssetSelection.assets("ablation_runs", "reproduction_report"),
+    executor_def=dg.in_process_executor,
+    description="TRACE and MTLDS config switches (positions, depth, class weights, session gap; lambda, tau, "
+    "weights >= 0, relevance, permutation loss alone), then the reproduction report.",
+)
+
+JOBS = [full_pipeline, ingest_and_monitor, retrain_models, rollback_champion, reproduction, ablations]
