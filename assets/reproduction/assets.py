@@ -107,7 +107,13 @@ class ReproductionConfig(dg.Config):
         default=SMALL_MODELS, description=f"TRACE-family comparison set, among {', '.join(MAIN_MODELS)}."
     )
     funnel_models: list[str] = Field(default=FUNNEL_MODELS, description="MTLDS family; empty to skip.")
-    learning_curve: bool = Field(default=True, description="Train CURVE_MODELS on growing training sets (simulator).")
+    learning_curve: bool = Field(default=True, description="Train curve_models on growing training sets (simulator).")
+    curve_models: list[str] = Field(default=CURVE_MODELS, description="Models of the learning curve.")
+    keep_previous: bool = Field(
+        default=False,
+        description="Keep the earlier rows of the variants this run does not retrain (e.g. add a baseline later); "
+        "the datasets are deterministic, so the rows stay comparable at the same size.",
+    )
     torch_threads: int = Field(default=1, description="torch threads (the machine is shared).")
 
     def size_value(self, key: str):
@@ -204,18 +210,31 @@ class Runner:
         )
         self.context.log.info(f"{ds.name} {experiment} {name} seed {seed}: {seconds:.0f} s")
 
-    def write(self, out: Path, prefix: str) -> dict:
+    def write(self, out: Path, prefix: str, keep_previous: bool = False) -> dict:
         scores = pd.concat(self.scores, ignore_index=True) if self.scores else pd.DataFrame()
         ndcg = pd.concat(self.ndcg, ignore_index=True) if self.ndcg else pd.DataFrame()
         runs = pd.DataFrame(self.runs)
         paths = {}
         for name, frame in (("scores", scores), ("ndcg", ndcg), ("runs", runs)):
             path = out / f"{prefix}_{name}.parquet"
+            if keep_previous and path.exists():
+                frame = _merge_previous(pd.read_parquet(path), frame, runs)
             tmp = path.with_name(path.name + ".tmp")
             frame.to_parquet(tmp, index=False)
             tmp.replace(path)
             paths[name] = str(path)
         return paths
+
+
+def _merge_previous(previous: pd.DataFrame, new: pd.DataFrame, runs: pd.DataFrame) -> pd.DataFrame:
+    """Earlier rows of the (dataset, experiment, variant) this run did not retrain, plus the new rows."""
+    if previous.empty or runs.empty:
+        return pd.concat([previous, new], ignore_index=True)
+    key = ["dataset", "experiment", "variant"]
+    rerun = runs[key].drop_duplicates().assign(_rerun=True)
+    kept = previous.merge(rerun, on=key, how="left")
+    kept = kept[kept["_rerun"].isna()].drop(columns="_rerun")
+    return pd.concat([kept, new], ignore_index=True)
 
 
 def _train_users(ds: ReproductionDataset) -> int:
@@ -243,7 +262,7 @@ def _all_events(ds: ReproductionDataset) -> pd.DataFrame:
 def reproduction_runs(context: dg.AssetExecutionContext, config: ReproductionConfig, paths: TraceDagsterPaths):
     torch.set_num_threads(config.torch_threads)
     started = time.perf_counter()
-    root = runs_dir(paths) / "datasets"
+    root = runs_dir(paths) / "datasets" / context.asset_key.path[-1]  # one per asset: the two jobs may run at once
     runner = Runner(context, config.train_config(), "main", config.size_value("max_len"))
     seeds, users = config.size_value("seeds"), config.size_value("users")
     skipped = [m for m in config.models if not _available(m)]
@@ -261,10 +280,10 @@ def reproduction_runs(context: dg.AssetExecutionContext, config: ReproductionCon
         big = build_dataset("simulator", root, n_users=config.size_value("curve_build"))
         for n in config.size_value("curve_users"):
             ds = big.restrict_train_users(n, seed=0)
-            for model in CURVE_MODELS:
+            for model in config.curve_models:
                 if _available(model):
                     runner.sequence(ds, Variant(model, model), seeds, _train_users(ds), label="curve")
-    files = runner.write(runs_dir(paths), "reproduction")
+    files = runner.write(runs_dir(paths), "reproduction", config.keep_previous)
     minutes = (time.perf_counter() - started) / 60
     return dg.MaterializeResult(
         metadata={
@@ -288,7 +307,7 @@ def reproduction_runs(context: dg.AssetExecutionContext, config: ReproductionCon
 def ablation_runs(context: dg.AssetExecutionContext, config: AblationConfig, paths: TraceDagsterPaths):
     torch.set_num_threads(config.torch_threads)
     started = time.perf_counter()
-    root = runs_dir(paths) / "datasets"
+    root = runs_dir(paths) / "datasets" / context.asset_key.path[-1]  # one per asset: the two jobs may run at once
     runner = Runner(context, config.train_config(), "ablation", config.size_value("max_len"))
     seeds, users = config.size_value("seeds"), config.size_value("users")
     for name in config.datasets:
@@ -309,7 +328,7 @@ def ablation_runs(context: dg.AssetExecutionContext, config: AblationConfig, pat
         for variant in FUNNEL_ABLATIONS:
             if variant.name in config.funnel_variants:
                 runner.funnel(ds, samples, variant, seeds)
-    files = runner.write(runs_dir(paths), "ablation")
+    files = runner.write(runs_dir(paths), "ablation", config.keep_previous)
     return dg.MaterializeResult(
         metadata={
             "runs": len(runner.runs),
