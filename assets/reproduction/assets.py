@@ -48,7 +48,7 @@ OWNERS = ["team:ml-platform"]
 # seeds, epochs. Taobao is what ../shared/data holds (929 users).
 SIZES = {
     "tiny": dict(users=240, curve_users=[40, 80], curve_build=300, seeds=2, epochs=1, max_len=32),
-    "small": dict(users=1000, curve_users=[200, 600, 1800], curve_build=2600, seeds=3, epochs=4, max_len=64),
+    "small": dict(users=1000, curve_users=[200, 800], curve_build=1500, seeds=3, epochs=4, max_len=64),
     "medium": dict(users=10000, curve_users=[1400, 7000, 14000], curve_build=20000, seeds=3, epochs=12, max_len=128),
     "large": dict(users=50000, curve_users=[1400, 7000, 35000], curve_build=50000, seeds=5, epochs=12, max_len=128),
 }
