@@ -22,7 +22,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+if __package__ in (None, ""):  # `python bench/x.py`: the repository root, as `python -m bench.x` has it
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from model_lib.funnel_samples import FUNNELS, build_funnel_samples, samples_to_tensors
 from model_lib.mtlds import MTLDSConfig

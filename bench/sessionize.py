@@ -23,6 +23,9 @@ import sys
 import time
 from pathlib import Path
 
+if __package__ in (None, ""):  # `python bench/x.py`: the repository root, as `python -m bench.x` has it
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 DEFAULT_WORKDIR = Path("/tmp/trace_dagster_bench")
 
 

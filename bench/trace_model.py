@@ -18,11 +18,16 @@ pandas reference in bench/pandas_reference.py):
 from __future__ import annotations
 
 import argparse
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
+
+if __package__ in (None, ""):  # `python bench/x.py`: the repository root, as `python -m bench.x` has it
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.pandas_reference import sessionize_pandas
 from model_lib.embedding_service import UserModel

@@ -2,7 +2,8 @@
 
 `dagster-mlflow` is legacy (MLflow 2 stages, no aliases), so this resource wraps the few MLflow 3
 calls the pipeline needs: create the store once, open runs, register models as pyfunc wrappers that
-keep `embed()`, and move the `champion` / `previous` aliases through a gated promotion.
+keep `embed()`, read and move the `champion` / `previous` aliases under a store lock, roll back.
+When a challenger deserves `champion` is decided in `assets/model_registry/policy.py`.
 
 Store: `tracking_uri` (config) > env `MLFLOW_TRACKING_URI` > `sqlite:///$TRACE_DAGSTER_HOME/mlflow.db`
 (TRACE_DAGSTER_HOME defaults to `.trace_dagster/` under the current directory). For SQLite stores
@@ -10,7 +11,7 @@ the artifacts live beside the database, in `mlartifacts/`, never in the current 
 
 Aliases (contract: registered models `trace` and `mtlds`, aliases `champion` and `previous`):
 - `champion` is the version served; a challenger takes it only if it beats the champion by a margin
-  on the same held-out examples *and* every asset check passed (`promote_if_better`).
+  on the same held-out examples *and* every asset check passed (`policy.promote_if_better`).
 - `previous` is the champion it replaced: `rollback` makes it champion again.
 - MLflow keeps an alias on one version at a time, and moving it is one write, so there is never more
   than one champion. Promotion writes `previous` before `champion`: a crash in between leaves the old
@@ -23,12 +24,11 @@ from __future__ import annotations
 
 import fcntl
 import importlib.util
-import json
 import os
 import sysconfig
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
@@ -41,6 +41,7 @@ from mlflow.exceptions import MlflowException
 from pydantic import Field
 
 from assets.model_registry import pyfunc_model as mlflow_models
+from resources.paths import MLFLOW_DB, resolve_home
 
 CHAMPION = "champion"
 PREVIOUS = "previous"
@@ -51,16 +52,13 @@ TAG_REASON = TAG_PREFIX + "reason"
 TAG_DELTA = TAG_PREFIX + "delta"
 TAG_DECIDED_AT = TAG_PREFIX + "decided_at"
 
-_DEFAULT_HOME = ".trace_dagster"
-
 
 def default_tracking_uri() -> str:
     """`MLFLOW_TRACKING_URI` if set, else a SQLite file in TRACE_DAGSTER_HOME (read from the env)."""
     from_env = os.environ.get("MLFLOW_TRACKING_URI")
     if from_env:
         return from_env
-    home = Path(os.environ.get("TRACE_DAGSTER_HOME") or _DEFAULT_HOME).expanduser().resolve()
-    return f"sqlite:///{home / 'mlflow.db'}"
+    return f"sqlite:///{resolve_home() / MLFLOW_DB}"
 
 
 def sqlite_path(tracking_uri: str) -> Path | None:
@@ -84,7 +82,7 @@ def _file_lock(lock_path: Path) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def _utc_now() -> str:
+def utc_now_iso() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
 
 
@@ -143,23 +141,6 @@ class RegisteredVersion:
 
 
 @dataclass(frozen=True)
-class PromotionDecision:
-    """Outcome of `promote_if_better`, also written as `promotion.*` tags on the challenger."""
-
-    promoted: bool
-    champion_version: str | None  # the champion after the decision
-    previous_version: str | None  # the `previous` alias after the decision
-    delta: float | None  # challenger_score - champion_score (None without a champion score)
-    reason: str
-    challenger_version: str = ""
-    decided_at: str = ""
-
-    def as_metadata(self) -> dict[str, Any]:
-        """Plain values for Dagster asset metadata."""
-        return {key: ("" if value is None else value) for key, value in asdict(self).items()}
-
-
-@dataclass(frozen=True)
 class RollbackResult:
     """Outcome of `rollback`."""
 
@@ -201,7 +182,7 @@ class MLflowTracking(dg.ConfigurableResource):
         return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
     @contextmanager
-    def _store_lock(self) -> Iterator[None]:
+    def store_lock(self) -> Iterator[None]:
         """Serializes store creation and alias moves between processes on a local SQLite store.
 
         A tracking server (http URI) serializes its own writes; there is no local file to lock.
@@ -220,7 +201,7 @@ class MLflowTracking(dg.ConfigurableResource):
         new file at once fail; the file lock makes the first one create it and the others find it.
         Call it once before a parallel run (the CLI does); calling it again is cheap and harmless.
         """
-        with self._store_lock():
+        with self.store_lock():
             db_path = sqlite_path(self.resolved_tracking_uri())
             if db_path is not None:
                 db_path.parent.mkdir(parents=True, exist_ok=True)
@@ -367,92 +348,23 @@ class MLflowTracking(dg.ConfigurableResource):
     def previous_version(self, model_name: str) -> str | None:
         return self.aliases(model_name).get(PREVIOUS)
 
-    def _set_tags(self, model_name: str, version: str, tags: Mapping[str, Any]) -> None:
+    def set_version_tags(self, model_name: str, version: str, tags: Mapping[str, Any]) -> None:
         client = self.client()
         for key, value in tags.items():
             client.set_model_version_tag(model_name, version, key, "" if value is None else str(value))
 
-    def promote_if_better(
-        self,
-        model_name: str,
-        challenger_version: str | int,
-        challenger_score: float,
-        champion_score: float | None,
-        margin: float,
-        checks_passed: bool,
-        reason_context: Mapping[str, Any] | None = None,
-    ) -> PromotionDecision:
-        """Give `champion` to the challenger only if it wins; record the decision either way.
+    def move_champion(self, model_name: str, challenger: str, champion: str | None) -> None:
+        """Make `challenger` the champion and `champion` (if any) `previous`; call under `store_lock`.
 
-        Higher scores are better (AUROC, AUC, NDCG): both scores must come from the same held-out
-        examples. Rules, in order: every asset check must have passed; with no champion yet the
-        challenger is promoted; with a champion but no `champion_score` nothing is compared, so
-        nothing is promoted; otherwise promoted iff challenger_score - champion_score > margin.
-        On promotion the old champion becomes `previous`. `reason_context` (metric, split, number
-        of examples, ...) is stored as JSON in `promotion.context`.
+        `previous` is written first: a crash in between leaves the old champion both champion and
+        previous (still served, still reachable); the reverse order could leave it with no alias.
         """
-        challenger = str(challenger_version)
-        context = dict(reason_context or {})
-        with self._store_lock():  # read-then-move-aliases must not interleave with another one
-            aliases = self.aliases(model_name)
-            champion = aliases.get(CHAMPION)
-            previous = aliases.get(PREVIOUS)
-            delta = None if champion_score is None else float(challenger_score) - float(champion_score)
-            decided_at = _utc_now()
-            if champion == challenger:  # nothing to decide; its own promotion tags stay as they are
-                return PromotionDecision(
-                    False,
-                    champion,
-                    previous,
-                    delta,
-                    f"version {challenger} is already {CHAMPION}",
-                    challenger,
-                    decided_at,
-                )
-            if not checks_passed:
-                promote, reason = False, "an asset check failed"
-            elif champion is None:
-                promote, reason = True, f"no {CHAMPION} yet"
-            elif delta is None:
-                promote, reason = False, f"no {CHAMPION} score on the same held-out examples"
-            elif delta > margin:
-                promote, reason = True, f"beats {CHAMPION} v{champion} by {delta:.6g} > margin {margin:g}"
-            else:
-                promote, reason = False, f"delta {delta:.6g} vs {CHAMPION} v{champion} <= margin {margin:g}"
-
-            tags = {
-                TAG_DECISION: "promoting" if promote else "rejected",
-                TAG_REASON: reason,
-                TAG_DELTA: "" if delta is None else f"{delta:.6g}",
-                TAG_DECIDED_AT: decided_at,
-                TAG_PREFIX + "challenger_score": f"{float(challenger_score):.6g}",
-                TAG_PREFIX + "champion_score": "" if champion_score is None else f"{float(champion_score):.6g}",
-                TAG_PREFIX + "margin": f"{margin:g}",
-                TAG_PREFIX + "checks_passed": str(bool(checks_passed)).lower(),
-                TAG_PREFIX + "champion_at_decision": champion or "",
-                TAG_PREFIX + "context": json.dumps(context, sort_keys=True, default=str),
-            }
-            # Tags first: an interrupted promotion stays visible as decision "promoting".
-            self._set_tags(model_name, challenger, tags)
-            if promote:
-                client = self.client()
-                if champion is not None:
-                    client.set_registered_model_alias(model_name, PREVIOUS, champion)
-                    previous = champion
-                client.set_registered_model_alias(model_name, CHAMPION, challenger)
-                if champion is not None:
-                    self._set_tags(model_name, champion, {TAG_PREFIX + "superseded_by": challenger})
-                self._set_tags(model_name, challenger, {TAG_DECISION: "promoted"})
-                champion = challenger
-        return PromotionDecision(
-            promoted=promote,
-            champion_version=champion,
-            previous_version=previous,
-            delta=delta,
-            reason=reason,
-            challenger_version=challenger,
-            decided_at=decided_at,
-        )
+        client = self.client()
+        if champion is not None:
+            client.set_registered_model_alias(model_name, PREVIOUS, champion)
+        client.set_registered_model_alias(model_name, CHAMPION, challenger)
+        if champion is not None:
+            self.set_version_tags(model_name, champion, {TAG_PREFIX + "superseded_by": challenger})
 
     def rollback(self, model_name: str, expected_champion: str | int | None = None) -> RollbackResult:
         """Make `previous` the champion again; the rolled-back version loses both aliases.
@@ -466,7 +378,7 @@ class MLflowTracking(dg.ConfigurableResource):
         `previous` is removed; a crash in between leaves the restored version both champion and
         previous, which is valid.
         """
-        with self._store_lock():
+        with self.store_lock():
             aliases = self.aliases(model_name)
             champion, previous = aliases.get(CHAMPION), aliases.get(PREVIOUS)
             if expected_champion is not None and champion != str(expected_champion):
@@ -482,14 +394,14 @@ class MLflowTracking(dg.ConfigurableResource):
             client = self.client()
             client.set_registered_model_alias(model_name, CHAMPION, previous)
             client.delete_registered_model_alias(model_name, PREVIOUS)
-            now = _utc_now()
+            now = utc_now_iso()
             if champion is not None:
-                self._set_tags(
+                self.set_version_tags(
                     model_name,
                     champion,
                     {TAG_PREFIX + "rolled_back_at": now, TAG_PREFIX + "rolled_back_to": previous},
                 )
-            self._set_tags(model_name, previous, {TAG_PREFIX + "restored_at": now})
+            self.set_version_tags(model_name, previous, {TAG_PREFIX + "restored_at": now})
             return RollbackResult(
                 True,
                 previous,

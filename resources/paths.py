@@ -14,6 +14,10 @@ from pydantic import Field
 
 HOME_ENV_VAR = "TRACE_DAGSTER_HOME"
 DEFAULT_HOME = ".trace_dagster"
+WAREHOUSE_FILE = "warehouse.duckdb"
+MLFLOW_DB = "mlflow.db"
+REPORTS_DIR = "reports"
+DAGSTER_DIR = "dagster"  # DAGSTER_HOME of the CLI's instance
 
 
 def resolve_home(home: str | None = None) -> Path:
@@ -52,7 +56,7 @@ class TraceDagsterPaths(dg.ConfigurableResource):
     @property
     def warehouse_path(self) -> Path:
         """The DuckDB file holding every table of the contract."""
-        return self.home_dir / "warehouse.duckdb"
+        return self.home_dir / WAREHOUSE_FILE
 
     @property
     def parquet_dir(self) -> Path:
@@ -66,7 +70,7 @@ class TraceDagsterPaths(dg.ConfigurableResource):
 
     @property
     def reports_dir(self) -> Path:
-        return self._subdir("reports")
+        return self._subdir(REPORTS_DIR)
 
     @property
     def checkpoints_dir(self) -> Path:
@@ -80,11 +84,11 @@ class TraceDagsterPaths(dg.ConfigurableResource):
     @property
     def dagster_home_dir(self) -> Path:
         """DAGSTER_HOME of the instance the CLI runs jobs in (its dagster.yaml limits pools)."""
-        return self._subdir("dagster")
+        return self._subdir(DAGSTER_DIR)
 
     @property
     def mlflow_db_path(self) -> Path:
-        return self.home_dir / "mlflow.db"
+        return self.home_dir / MLFLOW_DB
 
     @property
     def mlflow_artifacts_dir(self) -> Path:

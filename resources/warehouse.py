@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
@@ -98,7 +98,7 @@ class DuckDBWarehouse(dg.ConfigurableResource):
             con.close()
 
     def write_parquet(self, con: duckdb.DuckDBPyConnection, table: str, query: str) -> tuple[Path, int]:
-        """Write `query` to a new parquet file of `table`; not visible until `publish_*`.
+        """Write `query` to a new parquet file of `table`; not visible until `publish`.
 
         The file is written under a temporary name and renamed, so a file with a final name is
         always complete. Returns the path and its row count.
@@ -157,18 +157,46 @@ class DuckDBWarehouse(dg.ConfigurableResource):
                 removed += 1
         return removed
 
+    @contextmanager
+    def publish(
+        self,
+        con: duckdb.DuckDBPyConnection,
+        files: Mapping[str, Sequence[tuple[Path, int]]],
+        replace: bool,
+    ) -> Iterator[None]:
+        """Swap the views of `files` (table -> parquet files from `write_parquet`) in one transaction.
+
+        The one commit path of the warehouse: the `with` block runs inside the same transaction, so
+        bookkeeping rows (e.g. `ingested_files`) commit or roll back together with the tables. On
+        any error the transaction is rolled back (a killed process leaves it uncommitted, the same);
+        after the commit, files no view references any more are swept. `replace`: see
+        `register_parquet`.
+        """
+        con.execute("BEGIN TRANSACTION")
+        try:
+            for table, parts in files.items():
+                self.register_parquet(con, table, parts, replace=replace)
+            yield
+            con.execute("COMMIT")
+        except BaseException:
+            con.execute("ROLLBACK")  # the new files stay unreferenced: the next publication sweeps them
+            raise
+        for table in files:
+            self.sweep_unreferenced(con, table)
+
     def replace_table(self, con: duckdb.DuckDBPyConnection, table: str, query: str) -> int:
         """Atomically replace `table` by the result of `query`; returns its row count."""
         path, rows = self.write_parquet(con, table, query)
-        con.execute("BEGIN TRANSACTION")
-        try:
-            self.register_parquet(con, table, [(path, rows)], replace=True)
-            con.execute("COMMIT")
-        except BaseException:
-            con.execute("ROLLBACK")
-            path.unlink(missing_ok=True)
-            raise
-        self.sweep_unreferenced(con, table)
+        with self.publish(con, {table: [(path, rows)]}, replace=True):
+            pass
+        return rows
+
+    def append_table(self, con: duckdb.DuckDBPyConnection, table: str, query: str) -> int:
+        """Atomically add the rows of `query` to `table` (a log such as `drift_report`); returns
+        the number of rows added."""
+        path, rows = self.write_parquet(con, table, query)
+        with self.publish(con, {table: [(path, rows)]}, replace=False):
+            pass
         return rows
 
 

@@ -26,13 +26,13 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import query
-from ui_helpers import REPO, small_run_config, tail
+from helpers import REPO, query, small_run_config, tail
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(540)]
 
 LOCK_ERRORS = re.compile(r"could not set lock|database is locked|conflicting lock", re.IGNORECASE)
-SIMULATOR = {"n_users": 300, "days": 35}
+SIMULATOR = {"simulator_n_users": 300, "simulator_days": 35}
+SMALL = {"epochs": 1, "bootstrap_samples": 30, "max_concurrent": 2}  # one epoch per model, two steps at once
 NEW_WEEK = {"simulator_start_date": "2026-02-09"}  # the day after the first file's 35 days
 WORKER_TIMEOUT_S = 420
 
@@ -43,7 +43,7 @@ WORKER_TIMEOUT_S = 420
 
 def run_job(job_name: str, run_config: dict, ready: Path, go: Path, result_path: Path) -> int:
     import dagster as dg
-    from ui_helpers import reconstructable_job
+    from helpers import reconstructable_job
 
     from resources.warehouse import WAREHOUSE_POOL
     from trace_dagster.cli import prepare_instance
@@ -199,13 +199,21 @@ def test_retraining_and_ingestion_at_the_same_moment(home: Path, tmp_path: Path,
     prepare_instance(home)
 
     # Prior state: a champion, examples, embeddings (a tiny full_pipeline).
-    first = run_alone(tmp_path, "full", "full_pipeline", small_run_config("full_pipeline", **SIMULATOR))
+    first = run_alone(
+        tmp_path, "full", "full_pipeline", small_run_config("full_pipeline", **SMALL, simulator=SIMULATOR)
+    )
 
     # A "schedule tick" and a "new file" at the same moment.
     go = tmp_path / "together.go"
-    retrain = start_worker(tmp_path, "retrain", "retrain_models", small_run_config("retrain_models", **SIMULATOR), go)
+    retrain = start_worker(
+        tmp_path, "retrain", "retrain_models", small_run_config("retrain_models", **SMALL, simulator=SIMULATOR), go
+    )
     ingest = start_worker(
-        tmp_path, "ingest", "ingest_and_monitor", small_run_config("ingest_and_monitor", **SIMULATOR, **NEW_WEEK), go
+        tmp_path,
+        "ingest",
+        "ingest_and_monitor",
+        small_run_config("ingest_and_monitor", **SMALL, simulator={**SIMULATOR, **NEW_WEEK}),
+        go,
     )
     try:
         deadline = time.monotonic() + 180

@@ -9,7 +9,7 @@ import duckdb
 import pandas as pd
 import pyarrow as pa
 import pytest
-from conftest import write_lines
+from helpers import write_lines
 
 from resources.event_sources import (
     LINE_SCHEMA,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import duckdb
 import pandas as pd
 import pytest
-from conftest import check_results, materialize_pipeline, pipeline_resources, query, write_lines
+from helpers import check_results, materialize_pipeline, pipeline_resources, query, write_lines
 
 from assets.ingestion.raw_events import (
     check_raw_keys_not_null,

@@ -20,8 +20,7 @@ from pathlib import Path
 import dagster as dg
 import numpy as np
 import pytest
-from mlflow import MlflowClient
-from pipeline_helpers import (
+from helpers import (
     CONTRACT_TABLES,
     MTLDS_FAMILY,
     TRACE_FAMILY,
@@ -29,6 +28,7 @@ from pipeline_helpers import (
     materialize_full_graph,
     small_run_config,
 )
+from mlflow import MlflowClient
 
 from resources.mlflow_tracking import CHAMPION, TAG_DECIDED_AT, TAG_DECISION, TAG_REASON
 

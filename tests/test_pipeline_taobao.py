@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from pipeline_helpers import (
+from helpers import (
     CONTRACT_TABLES,
     MTLDS_FAMILY,
     SHARED_DATA,

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
+from assets.model_registry.policy import promote_if_better
 from resources.mlflow_tracking import CHAMPION, PREVIOUS, MLflowTracking
 
 CONTEXT = {"metric": "auroc", "split": "test", "n_examples": 400}
@@ -23,7 +24,8 @@ class Registry:
     name: str
 
     def promote(self, version, score, champion_score, checks_passed=True, margin=0.01):
-        return self.tracking.promote_if_better(
+        return promote_if_better(
+            self.tracking,
             self.name,
             version,
             score,

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from conftest import SHARED_DATA, check_results, materialize_pipeline, pipeline_resources, query
+from helpers import SHARED_DATA, check_results, materialize_pipeline, pipeline_resources, query
 
 from bench.pandas_reference import sessionize_pandas
 

@@ -5,7 +5,7 @@ from datetime import UTC, datetime, timedelta
 
 import dagster as dg
 import pytest
-from dagster._utils.schedules import cron_string_iterator  # the daemon's own tick iterator
+from helpers import cron_ticks
 
 from trace_dagster.definitions import defs
 from trace_dagster.schedules import weekly_retraining
@@ -27,10 +27,7 @@ TRAINING_ASSETS = {
 
 def ticks(n: int, after: datetime) -> list[datetime]:
     """The schedule's next `n` tick times after `after`, as the scheduler daemon computes them."""
-    times = cron_string_iterator(
-        after.timestamp(), weekly_retraining.cron_schedule, weekly_retraining.execution_timezone
-    )
-    return [next(times) for _ in range(n)]
+    return cron_ticks(weekly_retraining.cron_schedule, weekly_retraining.execution_timezone, after, n)
 
 
 def evaluate(at: datetime) -> dg.RunRequest:
@@ -39,6 +36,14 @@ def evaluate(at: datetime) -> dg.RunRequest:
     assert data.skip_message is None
     assert len(data.run_requests) == 1
     return data.run_requests[0]
+
+
+def test_the_tick_helper_reads_cron():
+    """Guard for `cron_ticks` (a test helper, not Dagster's iterator): steps, ranges, days, zones."""
+    times = cron_ticks("*/15 9-10 1 * *", "UTC", datetime(2026, 1, 1, tzinfo=UTC), 9)
+    assert times[0] == datetime(2026, 1, 1, 9, 0, tzinfo=UTC) and times[-1] == datetime(2026, 2, 1, 9, 0, tzinfo=UTC)
+    paris = cron_ticks("0 3 * * 1", "Europe/Paris", datetime(2026, 3, 20, tzinfo=UTC), 2)  # DST on 29 March
+    assert [t.astimezone(UTC).hour for t in paris] == [2, 1]
 
 
 def test_cron_is_weekly_in_utc():

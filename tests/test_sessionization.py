@@ -8,7 +8,7 @@ import duckdb
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import check_results, materialize_pipeline, pipeline_resources, query, write_lines
+from helpers import check_results, materialize_pipeline, pipeline_resources, query, write_lines
 
 from assets.ingestion.sessionized_events import (
     SESSION_COLUMNS,

@@ -24,7 +24,7 @@ from pathlib import Path
 from urllib.parse import quote
 
 import pytest
-from ui_helpers import (
+from helpers import (
     REPO,
     GraphQL,
     default_signals,
@@ -233,7 +233,13 @@ def test_full_pipeline_through_the_ui(dagster_dev, chromium, home: Path, tmp_pat
     assert {"/".join(n["assetKey"]["path"]) for n in repo["assetNodes"]} == expected_keys
 
     # Launch full_pipeline, small, through GraphQL (what the Launchpad does).
-    run_config = small_run_config("full_pipeline", n_users=300, days=35, epochs=1, bootstrap_samples=30)
+    run_config = small_run_config(
+        "full_pipeline",
+        epochs=1,
+        bootstrap_samples=30,
+        simulator={"simulator_n_users": 300, "simulator_days": 35},
+        max_concurrent=2,
+    )
     launched = graphql(
         LAUNCH_RUN,
         {

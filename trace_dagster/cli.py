@@ -17,7 +17,7 @@ import os
 import sys
 from pathlib import Path
 
-from resources.paths import HOME_ENV_VAR, resolve_home
+from resources.paths import DAGSTER_DIR, HOME_ENV_VAR, REPORTS_DIR, WAREHOUSE_FILE, resolve_home
 from resources.warehouse import WAREHOUSE_POOL
 
 DAGSTER_YAML = """\
@@ -36,7 +36,7 @@ telemetry:
 def prepare_instance(home: Path | None = None) -> Path:
     """Create DAGSTER_HOME under the home with its dagster.yaml; export both variables."""
     home = home or resolve_home()
-    dagster_home = home / "dagster"
+    dagster_home = home / DAGSTER_DIR
     dagster_home.mkdir(parents=True, exist_ok=True)
     config = dagster_home / "dagster.yaml"
     if not config.exists():
@@ -96,15 +96,17 @@ def run(args: argparse.Namespace) -> int:
 
 def where_to_look(dagster_home: Path) -> str:
     """The closing lines of a run: the report, the UI and MLflow, each with its command."""
-    home = Path(os.environ[HOME_ENV_VAR])
-    tracking = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{home / 'mlflow.db'}"
+    from resources.mlflow_tracking import default_tracking_uri
+
+    home = resolve_home()
+    tracking = default_tracking_uri()
     return "\n".join(
         [
             "",
             "Where to look:",
-            f"  evaluation report   {home / 'reports' / 'evaluation_latest.md'}",
-            f"  embedding map, drift reports (HTML)   {home / 'reports'}/",
-            f"  warehouse           {home / 'warehouse.duckdb'}  (tables: see README)",
+            f"  evaluation report   {home / REPORTS_DIR / 'evaluation_latest.md'}",
+            f"  embedding map, drift reports (HTML)   {home / REPORTS_DIR}/",
+            f"  warehouse           {home / WAREHOUSE_FILE}  (tables: see README)",
             "  Dagster UI          .venv/bin/trace-dagster dev    -> http://127.0.0.1:3000",
             f"  MLflow UI           .venv/bin/mlflow ui --backend-store-uri {tracking} -p 5000",
         ]

@@ -14,7 +14,7 @@ from assets.conversion_models.assets import conversion_model_assets
 from assets.evaluation.assets import evaluation_metrics, evaluation_metrics_are_complete
 from assets.ingestion.raw_events import ingested_events, ingestion_checks
 from assets.ingestion.sessionized_events import sessionization_checks, sessionized_events
-from assets.model_registry.assets import model_promotion
+from assets.model_registry.assets import build_model_promotion, upstream_check_keys
 from assets.monitoring.assets import drift_below_threshold, drift_report, model_outputs_stable
 from assets.reproduction.assets import REPRODUCTION_ASSETS
 from assets.serving.assets import user_embeddings, user_embeddings_are_complete
@@ -35,20 +35,6 @@ from trace_dagster.jobs import JOBS
 from trace_dagster.schedules import SCHEDULES
 from trace_dagster.sensors import SENSORS
 
-ASSETS = [
-    ingested_events,
-    sessionized_events,
-    user_splits,
-    training_examples,
-    funnel_examples,
-    *sequence_model_assets,
-    *conversion_model_assets,
-    evaluation_metrics,
-    model_promotion,
-    user_embeddings,
-    drift_report,
-    *REPRODUCTION_ASSETS,
-]
 ASSET_CHECKS = [
     ingestion_checks,
     sessionization_checks,
@@ -60,6 +46,21 @@ ASSET_CHECKS = [
     drift_below_threshold,
     model_outputs_stable,
 ]
+# Every asset but the promotion gate, which is built with the checks upstream of it (no import circle).
+_ASSETS_BUT_THE_GATE = [
+    ingested_events,
+    sessionized_events,
+    user_splits,
+    training_examples,
+    funnel_examples,
+    *sequence_model_assets,
+    *conversion_model_assets,
+    evaluation_metrics,
+    user_embeddings,
+    drift_report,
+]
+model_promotion = build_model_promotion(upstream_check_keys(_ASSETS_BUT_THE_GATE, ASSET_CHECKS))
+ASSETS = [*_ASSETS_BUT_THE_GATE, model_promotion, *REPRODUCTION_ASSETS]
 
 
 def build_resources(home: str = "", tracking_uri: str | None = None, **event_source: object) -> dict:

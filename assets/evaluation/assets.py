@@ -12,7 +12,9 @@ import dagster as dg
 import pandas as pd
 from pydantic import Field
 
+from assets.common.metadata import warehouse_table_metadata
 from assets.conversion_models.assets import CONVERSION_MODELS
+from assets.evaluation.columns import EVALUATION_METRICS_COLUMNS
 from assets.evaluation.tables import (
     conversion_metric_rows,
     mean_uplift,
@@ -95,6 +97,13 @@ def evaluation_metrics(
         con.register("uplifts_frame", uplifts)
         rows = warehouse.replace_table(con, "evaluation_metrics", "SELECT * FROM metrics_frame")
         warehouse.replace_table(con, "evaluation_uplifts", "SELECT * FROM uplifts_frame")
+        catalog = warehouse_table_metadata(
+            con,
+            "evaluation_metrics",
+            EVALUATION_METRICS_COLUMNS,
+            preview_rows=20,
+            preview_sql="SELECT * FROM evaluation_metrics WHERE task_kind = 'seen' ORDER BY metric, task, model LIMIT 20",
+        )
 
     dataset = str(tasks["task_set"].iloc[0])
     notes = [
@@ -114,6 +123,7 @@ def evaluation_metrics(
         headline[(headline["model"] == "trace") & (headline["task_kind"] == "seen")] if not headline.empty else headline
     )
     metadata = {
+        **catalog,  # column schema, preview as a table
         "dagster/row_count": rows,
         "report_path": dg.MetadataValue.path(str(report_path)),
         "report": dg.MetadataValue.md(report),

@@ -21,6 +21,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
+from assets.common.metadata import markdown_table
 from model_lib.metrics import auprc, auroc, paired_bootstrap_uplift_ci
 from model_lib.mtlds import funnel_depth, per_user_ndcg
 
@@ -164,18 +165,13 @@ def conversion_metric_rows(
     return pd.DataFrame(rows)
 
 
-def _fmt(x: float) -> str:
-    return "n/a" if x is None or (isinstance(x, float) and np.isnan(x)) else f"{x:.4f}"
-
-
 def _pivot_markdown(df: pd.DataFrame, metric: str) -> str:
+    """Models x tasks of one metric, with a mean column (the papers' table shape)."""
     table = df[df["metric"] == metric].pivot_table(index="model", columns="task", values="value")
     if table.empty:
         return "_no rows_"
     table["mean"] = table.mean(axis=1)
-    header = "| model | " + " | ".join(table.columns) + " |\n|---|" + "---|" * len(table.columns) + "\n"
-    body = "".join("| " + model + " | " + " | ".join(_fmt(v) for v in row) + " |\n" for model, row in table.iterrows())
-    return header + body
+    return markdown_table(table, max_rows=None, index=True, floatfmt=".4f")
 
 
 def render_report(metrics: pd.DataFrame, uplifts: pd.DataFrame, dataset: str, notes: Sequence[str] = ()) -> str:
@@ -195,21 +191,36 @@ def render_report(metrics: pd.DataFrame, uplifts: pd.DataFrame, dataset: str, no
         mu = mu[mu["model"] != BASELINE]
         parts += [
             "## Uplift of the mean over tasks vs the myopic baseline (%)\n",
-            "| model | kind | metric | mean | myopic mean | uplift % |\n|---|---|---|---|---|---|\n"
-            + "".join(
-                f"| {r.model} | {r.task_kind} | {r.metric} | {_fmt(r.value)} | {_fmt(r.baseline)} | "
-                f"{r.uplift_pct:+.2f} |\n"
-                for r in mu.itertuples()
+            markdown_table(
+                pd.DataFrame(
+                    {
+                        "model": mu["model"],
+                        "kind": mu["task_kind"],
+                        "metric": mu["metric"],
+                        "mean": mu["value"],
+                        "myopic mean": mu["baseline"],
+                        "uplift %": mu["uplift_pct"].map(lambda v: f"{v:+.2f}"),
+                    }
+                ),
+                max_rows=None,
+                floatfmt=".4f",
             ),
         ]
     if not uplifts.empty:
         parts += [
             "## Per-task uplift vs myopic with paired bootstrap 95% intervals (%)\n",
-            "| model | task | kind | metric | uplift % | 95% CI |\n|---|---|---|---|---|---|\n"
-            + "".join(
-                f"| {r.model} | {r.task} | {r.task_kind} | {r.metric} | {r.uplift_pct:+.2f} | "
-                f"[{r.ci_low:+.2f}, {r.ci_high:+.2f}] |\n"
-                for r in uplifts.itertuples()
+            markdown_table(
+                pd.DataFrame(
+                    {
+                        "model": uplifts["model"],
+                        "task": uplifts["task"],
+                        "kind": uplifts["task_kind"],
+                        "metric": uplifts["metric"],
+                        "uplift %": uplifts["uplift_pct"].map(lambda v: f"{v:+.2f}"),
+                        "95% CI": [f"[{lo:+.2f}, {hi:+.2f}]" for lo, hi in zip(uplifts["ci_low"], uplifts["ci_high"])],
+                    }
+                ),
+                max_rows=None,
             ),
         ]
     conv = metrics[metrics["metric"].isin(["auc", "ndcg"])]
@@ -219,11 +230,6 @@ def render_report(metrics: pd.DataFrame, uplifts: pd.DataFrame, dataset: str, no
         )
         parts += [
             "## Conversion models (MTLDS family): AUC per task, NDCG of the behaviour order (test split)\n",
-            "| model | "
-            + " | ".join(table.columns)
-            + " |\n|---|"
-            + "---|" * len(table.columns)
-            + "\n"
-            + "".join("| " + m + " | " + " | ".join(_fmt(v) for v in row) + " |\n" for m, row in table.iterrows()),
+            markdown_table(table, max_rows=None, index=True, floatfmt=".4f"),
         ]
     return "\n".join(parts) + "\n"

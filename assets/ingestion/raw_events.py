@@ -29,6 +29,8 @@ import dagster as dg
 import duckdb
 import pandas as pd
 
+from assets.common.metadata import markdown_table, warehouse_table_metadata
+from assets.ingestion.columns import RAW_EVENTS_COLUMNS, REJECTED_EVENTS_COLUMNS
 from resources.event_sources import (
     CANONICAL_KEYS,
     CANONICAL_OPTIONAL,
@@ -277,10 +279,8 @@ SELECT file_ord, source_row FROM ranked WHERE NOT is_prior AND duplicate_rank > 
                 "GROUP BY reason ORDER BY count(*) DESC, reason"
             ).fetchall()
         )
-        con.execute("BEGIN TRANSACTION")
-        try:
-            warehouse.register_parquet(con, RAW_EVENTS, [raw_part], replace=False)
-            warehouse.register_parquet(con, REJECTED_EVENTS, [rejected_part], replace=False)
+        # The tables and their bookkeeping rows commit together, or not at all.
+        with warehouse.publish(con, {RAW_EVENTS: [raw_part], REJECTED_EVENTS: [rejected_part]}, replace=False):
             for ordinal, ((item, digest, stat), staged) in enumerate(zip(new, staged_inputs)):
                 accepted, rejected = counts.get(ordinal, (0, 0))
                 con.execute(
@@ -302,12 +302,6 @@ SELECT file_ord, source_row FROM ranked WHERE NOT is_prior AND duplicate_rank > 
                 summary.rows_read += staged.rows_read
                 summary.rows_accepted += accepted
                 summary.rows_rejected += rejected
-            con.execute("COMMIT")
-        except BaseException:
-            con.execute("ROLLBACK")
-            raise
-        warehouse.sweep_unreferenced(con, RAW_EVENTS)
-        warehouse.sweep_unreferenced(con, REJECTED_EVENTS)
     finally:
         for staged in staged_inputs:
             for table in staged.temp_tables:
@@ -315,20 +309,6 @@ SELECT file_ord, source_row FROM ranked WHERE NOT is_prior AND duplicate_rank > 
         con.execute("DROP TABLE IF EXISTS _duplicates")
         con.execute("DROP TABLE IF EXISTS _checked")
     return summary
-
-
-def markdown_table(frame: pd.DataFrame, max_rows: int = 10) -> str:
-    """A small frame as a markdown table for Dagster metadata (no tabulate dependency)."""
-    frame = frame.head(max_rows)
-    if frame.empty:
-        return "_(none)_"
-    header = "| " + " | ".join(str(c) for c in frame.columns) + " |"
-    rule = "| " + " | ".join("---" for _ in frame.columns) + " |"
-    rows = [
-        "| " + " | ".join(str(v).replace("|", "\\|").replace("\n", " ")[:80] for v in row) + " |"
-        for row in frame.itertuples(index=False)
-    ]
-    return "\n".join([header, rule, *rows])
 
 
 @dg.multi_asset(
@@ -380,9 +360,18 @@ def ingested_events(
             if summary.ingested_at
             else "WHERE false"
         )
-        raw_preview = (
-            con.execute(f"SELECT * FROM {RAW_EVENTS} {run_filter} LIMIT 5").df() if has_tables else pd.DataFrame()
+        raw_catalog = (
+            warehouse_table_metadata(
+                con,
+                RAW_EVENTS,
+                RAW_EVENTS_COLUMNS,
+                preview_rows=5,
+                preview_sql=f"SELECT * FROM {RAW_EVENTS} {run_filter} LIMIT 5",
+            )
+            if has_tables
+            else {}
         )
+        rejected_catalog = warehouse_table_metadata(con, REJECTED_EVENTS, REJECTED_EVENTS_COLUMNS) if has_tables else {}
         rejected_preview = (
             con.execute(
                 f"SELECT source_file, source_row, reason, raw FROM {REJECTED_EVENTS} "
@@ -402,16 +391,17 @@ def ingested_events(
     yield dg.MaterializeResult(
         asset_key=RAW_EVENTS,
         metadata={
+            **raw_catalog,  # column schema, preview (this run's rows) as a table
             **common,
             "dagster/row_count": int(raw_total),
             "rows_added": summary.rows_accepted,
             "users": int(users),
-            "preview": dg.MetadataValue.md(markdown_table(raw_preview)),
         },
     )
     yield dg.MaterializeResult(
         asset_key=REJECTED_EVENTS,
         metadata={
+            **rejected_catalog,
             **common,
             "dagster/row_count": int(rejected_total),
             "rows_added": summary.rows_rejected,

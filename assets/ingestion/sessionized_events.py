@@ -9,7 +9,9 @@ then `source_row`, so ties (same second) are broken the same way on every run.
 import dagster as dg
 import duckdb
 
-from assets.ingestion.raw_events import RAW_EVENTS, markdown_table
+from assets.common.metadata import warehouse_table_metadata
+from assets.ingestion.columns import SESSIONIZED_EVENTS_COLUMNS
+from assets.ingestion.raw_events import RAW_EVENTS
 from resources.warehouse import WAREHOUSE_POOL, DuckDBWarehouse, quote_ident
 
 SESSIONIZED_EVENTS = "sessionized_events"
@@ -112,10 +114,14 @@ SELECT count(*), sum(n_sessions), count(*) FILTER (n_sessions >= 2)
 FROM (SELECT user_id, max(session_index) + 1 AS n_sessions
       FROM {SESSIONIZED_EVENTS} GROUP BY user_id)"""
         ).fetchall()[0]
-        preview = con.execute(
-            f"SELECT user_id, event_time, event_name, session_id, event_index, "
-            f"event_index_in_session, seconds_since_prev_event FROM {SESSIONIZED_EVENTS} LIMIT 8"
-        ).df()
+        catalog = warehouse_table_metadata(
+            con,
+            SESSIONIZED_EVENTS,
+            SESSIONIZED_EVENTS_COLUMNS,
+            preview_rows=8,
+            preview_sql=f"SELECT user_id, event_time, event_name, session_id, event_index, "
+            f"event_index_in_session, seconds_since_prev_event FROM {SESSIONIZED_EVENTS} LIMIT 8",
+        )
         per_user = (
             con.execute(
                 f"SELECT quantile_cont(n, [0.1, 0.5, 0.9]) FROM (SELECT max(session_index) + 1 AS n "
@@ -127,13 +133,13 @@ FROM (SELECT user_id, max(session_index) + 1 AS n_sessions
     context.log.info(f"{rows} events, {users} users, {sessions} sessions")
     return dg.MaterializeResult(
         metadata={
+            **catalog,  # column schema, preview as a table
             "dagster/row_count": int(rows),
             "users": int(users or 0),
             "sessions": int(sessions or 0),
             "users_with_2plus_sessions": int(multi or 0),
             "sessions_per_user_p10_p50_p90": str(per_user),
             "session_gap_seconds": config.session_gap_seconds,
-            "preview": dg.MetadataValue.md(markdown_table(preview)),
         }
     )
 

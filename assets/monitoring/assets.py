@@ -20,6 +20,8 @@ import numpy as np
 import pandas as pd
 from pydantic import Field
 
+from assets.common.metadata import warehouse_table_metadata
+from assets.monitoring.columns import DRIFT_REPORT_COLUMNS
 from assets.serving.assets import MODEL_NAME, user_embeddings
 from resources.mlflow_tracking import MLflowTracking
 from resources.paths import TraceDagsterPaths
@@ -164,15 +166,8 @@ def drift_report(
     )
     with warehouse.connect() as con:
         con.register("drift_row", row)
-        path, n = warehouse.write_parquet(con, "drift_report", "SELECT * FROM drift_row")
-        con.execute("BEGIN TRANSACTION")
-        try:
-            warehouse.register_parquet(con, "drift_report", [(path, n)], replace=False)  # append: one row per check
-            con.execute("COMMIT")
-        except BaseException:
-            con.execute("ROLLBACK")
-            path.unlink(missing_ok=True)
-            raise
+        warehouse.append_table(con, "drift_report", "SELECT * FROM drift_row")  # one row per check
+        catalog = warehouse_table_metadata(con, "drift_report", DRIFT_REPORT_COLUMNS)
 
     summary = pd.DataFrame(
         [
@@ -198,6 +193,7 @@ def drift_report(
     )
     return dg.MaterializeResult(
         metadata={
+            **catalog,
             "dataset_drift": bool(inputs.dataset_drift),
             "drift_share": float(inputs.drift_share),
             "embedding_drift": bool(embeddings.drift_detected),

@@ -15,7 +15,9 @@ import numpy as np
 import pandas as pd
 from pydantic import Field
 
-from assets.model_registry.assets import model_promotion
+from assets.common.metadata import warehouse_table_metadata
+from assets.model_registry.assets import PROMOTION_KEY
+from assets.serving.columns import USER_EMBEDDINGS_COLUMNS
 from resources.mlflow_tracking import MLflowTracking
 from resources.paths import TraceDagsterPaths
 from resources.warehouse import WAREHOUSE_POOL, DuckDBWarehouse, table_exists
@@ -68,7 +70,7 @@ def embedding_map_png(embeddings: np.ndarray, labels: pd.Series, title: str, see
     group_name=GROUP,
     owners=OWNERS,
     kinds={"duckdb", "mlflow", "pytorch"},
-    deps=["sessionized_events", model_promotion],
+    deps=["sessionized_events", PROMOTION_KEY],
     pool=WAREHOUSE_POOL,
     description="Latest embedding per user from the champion TRACE version (loaded from the MLflow "
     "registry), with a t-SNE map coloured by behaviour.",
@@ -115,6 +117,7 @@ def user_embeddings(
             f"SELECT user_id, model_name, model_version, CAST(embedding AS FLOAT[]) AS embedding, as_of "
             f"FROM new_embeddings {keep_others}",
         )
+        catalog = warehouse_table_metadata(con, "user_embeddings", USER_EMBEDDINGS_COLUMNS)
 
     rng = np.random.default_rng(config.seed)
     pick = np.sort(rng.choice(len(frame), size=min(config.map_users, len(frame)), replace=False))
@@ -126,6 +129,7 @@ def user_embeddings(
     png_path.write_bytes(png)
     return dg.MaterializeResult(
         metadata={
+            **catalog,
             "dagster/row_count": rows,
             "users": len(frame),
             "model_version": str(version),

@@ -9,6 +9,8 @@ import dagster as dg
 import pandas as pd
 from pydantic import Field
 
+from assets.common.metadata import warehouse_table_metadata
+from assets.training_data.columns import FUNNEL_EXAMPLES_COLUMNS, TRAINING_EXAMPLES_COLUMNS, USER_SPLITS_COLUMNS
 from assets.training_data.examples_sql import (
     SPLITS,
     cutoff_times,
@@ -92,8 +94,10 @@ def user_splits(
             con, "user_splits", user_splits_sql(config.seed, config.valid_share, config.test_share)
         )
         counts = con.execute("SELECT split, count(*) FROM user_splits GROUP BY split ORDER BY split").fetchall()
+        catalog = warehouse_table_metadata(con, "user_splits", USER_SPLITS_COLUMNS)
     return dg.MaterializeResult(
         metadata={
+            **catalog,
             "dagster/row_count": rows,
             "users_per_split": dg.MetadataValue.md(
                 pd.DataFrame(counts, columns=["split", "users"]).to_markdown(index=False)
@@ -121,6 +125,7 @@ def training_examples(
         con.register("task_frame", task_frame(task_set))
         warehouse.replace_table(con, "training_tasks", "SELECT * FROM task_frame")
         examples = con.sql("SELECT * FROM training_examples").df()
+        catalog = warehouse_table_metadata(con, "training_examples", TRAINING_EXAMPLES_COLUMNS, preview_rows=5)
     if rows == 0:
         raise dg.Failure(
             f"no training examples: no user is active within {task_set.observation} before any cutoff "
@@ -130,6 +135,7 @@ def training_examples(
     context.log.info(f"{rows} examples for task set {task_set.name} at cutoffs {[str(c) for c in cutoffs]}")
     return dg.MaterializeResult(
         metadata={
+            **catalog,  # column schema, preview as a table
             "dagster/row_count": rows,
             "task_set": task_set.name,
             "cutoffs": [str(c) for c in cutoffs],
@@ -197,10 +203,12 @@ def funnel_examples(
             raise dg.Failure("funnel samples of users without a split: user_splits is stale, rematerialize it")
         con.register("funnel_samples_frame", samples)
         rows = warehouse.replace_table(con, "funnel_examples", "SELECT * FROM funnel_samples_frame")
+        catalog = warehouse_table_metadata(con, "funnel_examples", FUNNEL_EXAMPLES_COLUMNS)
     rates = samples.groupby("split")[spec.label_columns].mean().round(4)
     context.log.info(f"{rows} funnel samples for funnel {' < '.join(spec.funnel)}")
     return dg.MaterializeResult(
         metadata={
+            **catalog,
             "dagster/row_count": rows,
             "funnel": " < ".join(spec.funnel),
             "extra_labels": ", ".join(spec.extra_labels) or "none",
