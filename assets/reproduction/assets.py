@@ -48,7 +48,7 @@ OWNERS = ["team:ml-platform"]
 # seeds, epochs. Taobao is what ../shared/data holds (929 users).
 SIZES = {
     "tiny": dict(users=240, curve_users=[40, 80], curve_build=300, seeds=2, epochs=1, max_len=32),
-    "small": dict(users=1000, curve_users=[200, 800], curve_build=1500, seeds=3, epochs=4, max_len=64),
+    "small": dict(users=600, curve_users=[150, 600], curve_build=1200, seeds=3, epochs=3, max_len=64),
     "medium": dict(users=10000, curve_users=[1400, 7000, 14000], curve_build=20000, seeds=3, epochs=12, max_len=128),
     "large": dict(users=50000, curve_users=[1400, 7000, 35000], curve_build=50000, seeds=5, epochs=12, max_len=128),
 }
@@ -109,11 +109,6 @@ class ReproductionConfig(dg.Config):
     funnel_models: list[str] = Field(default=FUNNEL_MODELS, description="MTLDS family; empty to skip.")
     learning_curve: bool = Field(default=True, description="Train curve_models on growing training sets (simulator).")
     curve_models: list[str] = Field(default=CURVE_MODELS, description="Models of the learning curve.")
-    keep_previous: bool = Field(
-        default=False,
-        description="Keep the earlier rows of the variants this run does not retrain (e.g. add a baseline later); "
-        "the datasets are deterministic, so the rows stay comparable at the same size.",
-    )
     torch_threads: int = Field(default=1, description="torch threads (the machine is shared).")
 
     def size_value(self, key: str):
@@ -161,9 +156,12 @@ def _tag(frame: pd.DataFrame, **columns) -> pd.DataFrame:
 class Runner:
     """Collects score rows, NDCG rows and run records of one asset, logging progress."""
 
-    def __init__(self, context, train_config: TrainConfig, experiment: str, max_len: int):
+    def __init__(self, context, train_config: TrainConfig, experiment: str, max_len: int, out: Path, prefix: str):
         self.context, self.train_config, self.experiment = context, train_config, experiment
         self.max_len = max_len
+        # one file set per run, rewritten after every fit: an interrupted run keeps what it trained,
+        # and several runs (e.g. one per dataset, in parallel) add up in the report
+        self.out, self.prefix = out, f"{prefix}_{context.run_id[:8]}"
         self.scores, self.ndcg, self.runs = [], [], []
 
     def sequence(self, ds: ReproductionDataset, variant: Variant, seeds: int, n_train_users: int, label=None):
@@ -209,32 +207,22 @@ class Runner:
             }
         )
         self.context.log.info(f"{ds.name} {experiment} {name} seed {seed}: {seconds:.0f} s")
+        self.write()
 
-    def write(self, out: Path, prefix: str, keep_previous: bool = False) -> dict:
-        scores = pd.concat(self.scores, ignore_index=True) if self.scores else pd.DataFrame()
-        ndcg = pd.concat(self.ndcg, ignore_index=True) if self.ndcg else pd.DataFrame()
-        runs = pd.DataFrame(self.runs)
+    def write(self) -> dict:
+        frames = {
+            "scores": pd.concat(self.scores, ignore_index=True) if self.scores else pd.DataFrame(),
+            "ndcg": pd.concat(self.ndcg, ignore_index=True) if self.ndcg else pd.DataFrame(),
+            "runs": pd.DataFrame(self.runs),
+        }
         paths = {}
-        for name, frame in (("scores", scores), ("ndcg", ndcg), ("runs", runs)):
-            path = out / f"{prefix}_{name}.parquet"
-            if keep_previous and path.exists():
-                frame = _merge_previous(pd.read_parquet(path), frame, runs)
+        for name, frame in frames.items():
+            path = self.out / f"{self.prefix}_{name}.parquet"
             tmp = path.with_name(path.name + ".tmp")
             frame.to_parquet(tmp, index=False)
             tmp.replace(path)
             paths[name] = str(path)
         return paths
-
-
-def _merge_previous(previous: pd.DataFrame, new: pd.DataFrame, runs: pd.DataFrame) -> pd.DataFrame:
-    """Earlier rows of the (dataset, experiment, variant) this run did not retrain, plus the new rows."""
-    if previous.empty or runs.empty:
-        return pd.concat([previous, new], ignore_index=True)
-    key = ["dataset", "experiment", "variant"]
-    rerun = runs[key].drop_duplicates().assign(_rerun=True)
-    kept = previous.merge(rerun, on=key, how="left")
-    kept = kept[kept["_rerun"].isna()].drop(columns="_rerun")
-    return pd.concat([kept, new], ignore_index=True)
 
 
 def _train_users(ds: ReproductionDataset) -> int:
@@ -263,7 +251,9 @@ def reproduction_runs(context: dg.AssetExecutionContext, config: ReproductionCon
     torch.set_num_threads(config.torch_threads)
     started = time.perf_counter()
     root = runs_dir(paths) / "datasets" / context.asset_key.path[-1]  # one per asset: the two jobs may run at once
-    runner = Runner(context, config.train_config(), "main", config.size_value("max_len"))
+    runner = Runner(
+        context, config.train_config(), "main", config.size_value("max_len"), runs_dir(paths), "reproduction"
+    )
     seeds, users = config.size_value("seeds"), config.size_value("users")
     skipped = [m for m in config.models if not _available(m)]
     for name in config.datasets:
@@ -283,7 +273,7 @@ def reproduction_runs(context: dg.AssetExecutionContext, config: ReproductionCon
             for model in config.curve_models:
                 if _available(model):
                     runner.sequence(ds, Variant(model, model), seeds, _train_users(ds), label="curve")
-    files = runner.write(runs_dir(paths), "reproduction", config.keep_previous)
+    files = runner.write()
     minutes = (time.perf_counter() - started) / 60
     return dg.MaterializeResult(
         metadata={
@@ -308,7 +298,9 @@ def ablation_runs(context: dg.AssetExecutionContext, config: AblationConfig, pat
     torch.set_num_threads(config.torch_threads)
     started = time.perf_counter()
     root = runs_dir(paths) / "datasets" / context.asset_key.path[-1]  # one per asset: the two jobs may run at once
-    runner = Runner(context, config.train_config(), "ablation", config.size_value("max_len"))
+    runner = Runner(
+        context, config.train_config(), "ablation", config.size_value("max_len"), runs_dir(paths), "ablation"
+    )
     seeds, users = config.size_value("seeds"), config.size_value("users")
     for name in config.datasets:
         ds = build_dataset(name, root, n_users=users)
@@ -328,7 +320,7 @@ def ablation_runs(context: dg.AssetExecutionContext, config: AblationConfig, pat
         for variant in FUNNEL_ABLATIONS:
             if variant.name in config.funnel_variants:
                 runner.funnel(ds, samples, variant, seeds)
-    files = runner.write(runs_dir(paths), "ablation", config.keep_previous)
+    files = runner.write()
     return dg.MaterializeResult(
         metadata={
             "runs": len(runner.runs),
@@ -341,8 +333,17 @@ def ablation_runs(context: dg.AssetExecutionContext, config: AblationConfig, pat
 
 
 def _read(folder: Path, prefix: str, name: str) -> pd.DataFrame:
-    path = folder / f"{prefix}_{name}.parquet"
-    return pd.read_parquet(path) if path.exists() else pd.DataFrame()
+    """Rows of every run of ``prefix``; where two runs trained the same (dataset, experiment,
+    variant, training size), the most recent file wins."""
+    files = sorted(folder.glob(f"{prefix}_*_{name}.parquet"), key=lambda p: p.stat().st_mtime)
+    frames = [pd.read_parquet(p).assign(_file=i) for i, p in enumerate(files)]
+    frames = [f for f in frames if not f.empty]
+    if not frames:
+        return pd.DataFrame()
+    rows = pd.concat(frames, ignore_index=True)
+    key = [c for c in ("dataset", "experiment", "variant", "n_train_users") if c in rows]
+    latest = rows.groupby(key, dropna=False)["_file"].transform("max")
+    return rows[rows["_file"] == latest].drop(columns="_file").reset_index(drop=True)
 
 
 @dg.asset(
