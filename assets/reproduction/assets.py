@@ -102,6 +102,9 @@ class ReproductionConfig(dg.Config):
     )
     seeds: int = Field(default=0, description="Seeds per model; 0: the size's default (>= 3 except tiny).")
     max_len: int = Field(default=0, description="Most recent events per example; 0: the size's default.")
+    users: int = Field(default=0, description="Users simulated per generated dataset; 0: the size's default.")
+    curve_users: list[int] = Field(default=[], description="Training users per curve point; empty: the size's.")
+    curve_build: int = Field(default=0, description="Users simulated for the curve; 0: the size's default.")
     epochs: int = Field(default=0, description="Max epochs; 0: the size's default. Early stopping on valid loss.")
     models: list[str] = Field(
         default=SMALL_MODELS, description=f"TRACE-family comparison set, among {', '.join(MAIN_MODELS)}."
@@ -114,7 +117,14 @@ class ReproductionConfig(dg.Config):
     def size_value(self, key: str):
         if self.size not in SIZES:
             raise ValueError(f"size must be one of {sorted(SIZES)}, got {self.size!r}")
-        override = {"seeds": self.seeds, "epochs": self.epochs, "max_len": self.max_len}.get(key, 0)
+        override = {
+            "seeds": self.seeds,
+            "epochs": self.epochs,
+            "max_len": self.max_len,
+            "users": self.users,
+            "curve_users": self.curve_users,
+            "curve_build": self.curve_build,
+        }.get(key)
         return override or SIZES[self.size][key]
 
     def train_config(self) -> TrainConfig:
@@ -380,9 +390,12 @@ def reproduction_report(context: dg.AssetExecutionContext, paths: TraceDagsterPa
     for dataset in dict.fromkeys(main["dataset"]) if not main.empty else []:
         part = main[main["dataset"] == dataset]
         seeds = part.groupby("variant")["seed"].nunique()
+        missing = [m for m in MAIN_MODELS if m not in seeds.index]
         md += [
             f"## Dataset: {dataset}\n",
             f"- models (seeds): {', '.join(f'{m} ({s})' for m, s in seeds.items())}",
+            f"- not run here (not available on this branch, or not selected for this size): {', '.join(missing) or 'none'}",
+            f"- {part['n_train_users'].iloc[0]} training users; {dataset_notes(dataset)}",
             f"- test users: {part.loc[part['family'] == 'trace', 'user_id'].nunique()}",
             "",
         ]
@@ -502,6 +515,15 @@ def reproduction_report(context: dg.AssetExecutionContext, paths: TraceDagsterPa
             "report": dg.MetadataValue.md(text[:60000]),
         }
     )
+
+
+def dataset_notes(dataset: str) -> str:
+    return {
+        "simulator": "the embedded travel-site simulator (paper-like tasks; history matters by construction)",
+        "known_answer": "Taobao-format data with planted signal: (a) intent only visible across sessions, "
+        "(b) decided vs hesitant users differ only in the order of pv and cart (README of known_answer.py)",
+        "taobao": "the Taobao UserBehavior slices of ../shared/data (929 users, nine days)",
+    }.get(dataset, "")
 
 
 def _ablation_word(low: float, high: float) -> str:

@@ -147,7 +147,7 @@ def trace_section(dataset: str, scores: pd.DataFrame, claims: list[dict]) -> lis
             r = compare(main, "trace", model, tasks, "auroc")
             if r is None:
                 continue
-            paper = _paper_trace_vs(model)
+            paper = _paper_trace_vs(model) if kind == "seen" else None
             rows.append(
                 [
                     f"trace vs {model}",
@@ -158,8 +158,8 @@ def trace_section(dataset: str, scores: pd.DataFrame, claims: list[dict]) -> lis
                     verdict(r["ci_low"], r["ci_high"]),
                 ]
             )
-            if kind == "seen" and model != "myopic":
-                claims.append(_claim(dataset, f"TRACE beats {model}, seen tasks, AUROC", paper, r))
+            if model != "myopic":
+                claims.append(_claim(dataset, f"TRACE beats {model}, {kind} tasks, AUROC", paper, r))
     out.append(
         _table(
             ["comparison", "tasks", "paper % (implied)", "AUROC trace vs other", "uplift % [95% CI]", "verdict"], rows
