@@ -130,19 +130,25 @@ class UserModel:
             self.model.eval()
             return self.model.embed(self.encoder.transform_user(user_events, cutoff))[0].numpy()
 
-    def embed_latest(self, events: pd.DataFrame, batch_size: int = 2048) -> pd.DataFrame:
-        """Each user's embedding as of just after their last event: the serving entry point.
+    def embed_latest(self, events: pd.DataFrame, batch_size: int = 2048, as_of=None) -> pd.DataFrame:
+        """Every user's embedding as of one moment: the serving entry point.
 
         This is what the registered MLflow model's ``predict`` calls: a frame of sessionized
         events of any number of users in, one row per user out (``user_id``, ``embedding_0..``).
+        All users share one cutoff, ``as_of`` (default: 1 s after the latest event of the frame),
+        as all users of a training example set share a cutoff: recency is then the time from each
+        user's events to that moment, the quantity training saw. (A per-user cutoff 1 s after each
+        user's own last event, as before, gave every user a recency of 1 s, a value training never
+        had: training cutoffs are fixed moments that users reach at any distance from their last
+        event.)
         """
         columns = ["user_id"] + [f"embedding_{i}" for i in range(self.embedding_dim)]
         if events.empty:
             return pd.DataFrame(columns=columns)
-        last = pd.to_datetime(events.groupby("user_id", sort=True, observed=True)["event_time"].max(), utc=True)
-        examples = pd.DataFrame(
-            {"user_id": last.index.astype(str), "cutoff": last.to_numpy() + pd.Timedelta(seconds=1)}
-        )
+        times = pd.to_datetime(events["event_time"], utc=True)
+        cutoff = times.max() + pd.Timedelta(seconds=1) if as_of is None else pd.Timestamp(as_of)
+        users = np.sort(events["user_id"].astype(str).unique())
+        examples = pd.DataFrame({"user_id": users, "cutoff": cutoff})
         vectors = self.embed(events.assign(user_id=events["user_id"].astype(str)), examples, batch_size)
         return pd.DataFrame(np.column_stack([examples["user_id"].to_numpy(object), vectors]), columns=columns).astype(
             {c: "float32" for c in columns[1:]}

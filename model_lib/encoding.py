@@ -19,6 +19,14 @@ same (event, session) position pair, which is what the event-session position em
 
 Vocabularies and standardisation statistics are computed by ``fit`` from the positions the
 training examples actually see (training data only) and saved with the model (``state_dict``).
+Which columns become tokens is *declared*: ``EncoderConfig.attributes`` is an allow-list of
+``AttributeRule`` (a frequency threshold, or hashing into a fixed number of buckets for high
+cardinality), with defaults per event format in ``ATTRIBUTE_ALLOW_LISTS``. Identifiers and
+numbers (session ids, transaction ids, prices) are not in any default: as tokens they are noise.
+
+History: an example sees its user's events strictly before ``history_end`` when the examples
+carry that column (the no-straddle rule of ``training_examples``: a session in progress at the
+cutoff is not history), else before ``cutoff``. Recency is always measured to ``cutoff``.
 Missing categorical values are a token of their own (``<missing>``): a page without a category is
 informative. Everything is vectorised with numpy over a sorted frame: no python loop over events
 or examples.
@@ -26,6 +34,7 @@ or examples.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -70,15 +79,64 @@ NON_ATTRIBUTE_COLUMNS = frozenset(
 )
 
 
+@dataclass(frozen=True)
+class AttributeRule:
+    """One categorical column allowed into the model, and how its values become tokens."""
+
+    column: str
+    min_count: int = 1  # values seen fewer times in the training exposure map to OOV
+    hash_buckets: int = 0  # > 0: md5 of the value modulo this many buckets (high cardinality), no OOV
+
+
+_SIMULATOR_ATTRIBUTES = (
+    AttributeRule("event_name"),
+    AttributeRule("category", min_count=5),
+    AttributeRule("device", min_count=5),
+    AttributeRule("channel", min_count=5),
+    AttributeRule("locale", min_count=5),
+    AttributeRule("destination", min_count=5),
+)
+# Per event format (the names of TRACE_DAGSTER_EVENTS_FORMAT, plus the simulator). Columns a
+# frame does not have are skipped; columns not listed never enter the model.
+ATTRIBUTE_ALLOW_LISTS: dict[str, tuple[AttributeRule, ...]] = {
+    "simulator": _SIMULATOR_ATTRIBUTES,
+    "canonical": _SIMULATOR_ATTRIBUTES,  # the canonical format's usual attributes; declare others
+    # thousands of category ids with a long tail: hashed, so rare ones still get a (shared) token
+    "taobao": (AttributeRule("event_name"), AttributeRule("category", hash_buckets=1024)),
+    # price is a number and user_session an id: neither is a token
+    "rees46": (
+        AttributeRule("event_name"),
+        AttributeRule("category", min_count=5),
+        AttributeRule("category_id", hash_buckets=1024),
+        AttributeRule("brand", min_count=10),
+    ),
+    # transactionid is an id (one value per purchase): never a token
+    "retailrocket": (AttributeRule("event_name"), AttributeRule("category", min_count=5)),
+}
+
+
+def attribute_rules_for(event_format: str) -> tuple[AttributeRule, ...]:
+    try:
+        return ATTRIBUTE_ALLOW_LISTS[event_format]
+    except KeyError:
+        raise ValueError(
+            f"no attribute allow-list for format {event_format!r}; known: {sorted(ATTRIBUTE_ALLOW_LISTS)}"
+        ) from None
+
+
 @dataclass
 class EncoderConfig:
     max_len: int = 128
     max_sessions: int = 32  # session positions beyond this are clipped into the last one
     min_count: int = 1  # rarer categorical values map to OOV
     last_session_only: bool = False  # myopic view: only the most recent session before the cutoff
+    max_events: int | None = None  # a view: at most this many most recent events (1: the last page)
     # None: event_name, category and every attribute column found by ``fit`` (not item_id: its
     # cardinality is in the tens of thousands and TRACE embeds pages and their attributes).
     categorical_columns: tuple[str, ...] | None = None
+    # The declared allow-list (takes precedence over categorical_columns and min_count); the
+    # pipeline always passes one (attribute_rules_for(format)). Absent columns are skipped.
+    attributes: tuple[AttributeRule, ...] | None = None
 
 
 @dataclass
@@ -86,11 +144,19 @@ class Vocabulary:
     """Token -> id, with PAD=0 and OOV=1 reserved; tokens sorted by count (desc) then name."""
 
     tokens: list[str] = field(default_factory=list)
+    hash_buckets: int = 0  # > 0: no token list, ids are 2 + md5(value) % hash_buckets
 
     def __len__(self) -> int:  # embedding-table size including PAD and OOV
-        return len(self.tokens) + 2
+        return (self.hash_buckets if self.hash_buckets else len(self.tokens)) + 2
 
     def ids(self, values: np.ndarray) -> np.ndarray:
+        if self.hash_buckets:
+            codes, uniques = pd.factorize(np.asarray(values, dtype=object))
+            buckets = np.array(
+                [int(hashlib.md5(str(u).encode()).hexdigest()[:12], 16) % self.hash_buckets for u in uniques],
+                dtype=np.int64,
+            )
+            return (buckets[codes] + 2).astype(np.int32) if len(uniques) else np.full(len(codes), OOV, np.int32)
         if getattr(self, "_index", None) is None or len(self._index) != len(self.tokens):
             self._index = pd.Index(self.tokens, dtype=object)
         idx = self._index.get_indexer(values)
@@ -245,13 +311,18 @@ class SequenceEncoder:
         first = np.where(known, ev.user_offsets[safe], 0)
         last = np.where(known, ev.user_offsets[np.minimum(safe + 1, len(ev.user_offsets) - 1)], 0)
         cutoff = _utc_ns(examples["cutoff"])
-        end = _first_not_before(ev.time_ns, first, last, cutoff)  # events strictly before the cutoff
+        # events strictly before the history end (no-straddle rule) or the cutoff
+        history_end = (
+            np.minimum(_utc_ns(examples["history_end"]), cutoff) if "history_end" in examples.columns else cutoff
+        )
+        end = _first_not_before(ev.time_ns, first, last, history_end)
         return self._window_rows(ev, first, end, cutoff)
 
     def _window_rows(self, ev: PreparedEvents, first: np.ndarray, end: np.ndarray, cutoff: np.ndarray) -> _Windows:
         """Windows from each example's first user row and exclusive end row."""
         max_len = self.config.max_len
-        start = np.maximum(first, end - max_len)
+        span = max_len if self.config.max_events is None else min(max_len, self.config.max_events)
+        start = np.maximum(first, end - span)
         if self.config.last_session_only and len(ev):
             has = end > start
             start = np.where(has, np.maximum(start, ev.session_first[np.where(has, end - 1, 0)]), start)
@@ -268,7 +339,13 @@ class SequenceEncoder:
         """Vocabularies and time statistics from the events the training examples see."""
         ev = events if isinstance(events, PreparedEvents) else prepare_events(events)
         frame = ev.frame
-        if self.config.categorical_columns is None:
+        rules = {}
+        if self.config.attributes is not None:
+            rules = {r.column: r for r in self.config.attributes if r.column in frame.columns}
+            if "event_name" not in rules:
+                raise ValueError("the attribute allow-list must contain event_name (the page)")
+            cols = list(rules)
+        elif self.config.categorical_columns is None:
             attrs = [c for c in frame.columns if c not in NON_ATTRIBUTE_COLUMNS and c not in ("event_name", "category")]
             cols = ["event_name", *(["category"] if "category" in frame.columns else []), *attrs]
         else:
@@ -293,10 +370,14 @@ class SequenceEncoder:
             total += raw.sum(0)
             total_sq += (raw**2).sum(0)
         self._lut_cache.clear()
-        self.vocabularies = {
-            c: Vocabulary.from_counts(np.asarray(u, dtype=object), counts[c], self.config.min_count)
-            for c, (_, u) in codes.items()
-        }
+        self.vocabularies = {}
+        for c, (_, u) in codes.items():
+            rule = rules.get(c, AttributeRule(c, min_count=self.config.min_count))
+            self.vocabularies[c] = (
+                Vocabulary(hash_buckets=rule.hash_buckets)
+                if rule.hash_buckets
+                else Vocabulary.from_counts(np.asarray(u, dtype=object), counts[c], rule.min_count)
+            )
         if n_pos:
             mean = total / n_pos
             std = np.sqrt(np.maximum(total_sq / n_pos - mean**2, 0.0))
@@ -417,10 +498,14 @@ class SequenceEncoder:
         """Primitives only, so the artifact loads with ``torch.load(weights_only=True)``."""
         cfg = asdict(self.config)
         cfg["categorical_columns"] = None if cfg["categorical_columns"] is None else list(cfg["categorical_columns"])
+        cfg["attributes"] = None if self.config.attributes is None else [asdict(r) for r in self.config.attributes]
         return {
             "config": cfg,
             "columns": list(self.columns),
-            "vocabularies": {c: list(v.tokens) for c, v in self.vocabularies.items()},
+            "vocabularies": {
+                c: {"hash_buckets": v.hash_buckets} if v.hash_buckets else list(v.tokens)
+                for c, v in self.vocabularies.items()
+            },
             "time_mean": [float(x) for x in self.time_mean],
             "time_std": [float(x) for x in self.time_std],
             "time_features": list(TIME_FEATURES),
@@ -435,9 +520,14 @@ class SequenceEncoder:
         cfg = dict(state["config"])
         if cfg["categorical_columns"] is not None:
             cfg["categorical_columns"] = tuple(cfg["categorical_columns"])
+        if cfg.get("attributes") is not None:
+            cfg["attributes"] = tuple(AttributeRule(**r) for r in cfg["attributes"])
         enc = cls(EncoderConfig(**cfg))
         enc.columns = tuple(state["columns"])
-        enc.vocabularies = {c: Vocabulary(list(t)) for c, t in state["vocabularies"].items()}
+        enc.vocabularies = {
+            c: Vocabulary(hash_buckets=int(t["hash_buckets"])) if isinstance(t, dict) else Vocabulary(list(t))
+            for c, t in state["vocabularies"].items()
+        }
         enc.time_mean = np.asarray(state["time_mean"], dtype=np.float32)
         enc.time_std = np.asarray(state["time_std"], dtype=np.float32)
         enc.fitted = True
@@ -445,13 +535,16 @@ class SequenceEncoder:
 
 
 __all__ = [
+    "ATTRIBUTE_ALLOW_LISTS",
     "MISSING",
     "OOV",
     "PAD",
     "TIME_FEATURES",
+    "AttributeRule",
     "EncoderConfig",
     "PreparedEvents",
     "SequenceEncoder",
     "Vocabulary",
+    "attribute_rules_for",
     "prepare_events",
 ]

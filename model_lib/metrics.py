@@ -4,11 +4,16 @@ Conventions (so that every caller treats edge cases the same way):
 - Rows whose ``y_true`` is NaN are *missing labels* and are dropped before scoring.
 - ``auroc`` is NaN when only one class is present (AUROC is undefined there); ``auprc`` is NaN
   when there is no positive. NaN results are skipped by the bootstrap, never counted as 0.
+- Intervals resample USERS whenever a caller passes ``groups`` (one user sits at several
+  cutoffs; its rows are correlated): see ``GroupResampler``. The evaluation always does.
+- Training noise: ``summarize_seeds`` (mean ± sd over seeds) and ``seeds_uplift_ci`` (uplift
+  interval over both seeds and users).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 from scipy.stats import rankdata
@@ -73,17 +78,66 @@ def _percentile_interval(samples: list[float], alpha: float) -> tuple[float, flo
     return float(low), float(high)
 
 
+class GroupResampler:
+    """Bootstrap replicates that resample *groups* (users), not rows.
+
+    Each user sits at up to ``n_cutoffs`` examples whose labels and scores are correlated, so
+    resampling rows treats correlated rows as independent and gives intervals that are too
+    narrow. A replicate draws users with replacement and takes every row of each drawn user
+    (a user drawn twice counts twice). Without ``groups`` every row is its own group: the plain
+    row bootstrap. Replicates are a function of ``seed`` only, so two models scored with the
+    same resampler and seed see the same users in every replicate (a paired comparison).
+    """
+
+    def __init__(self, groups, n_rows: int):
+        if groups is None:
+            self.codes = np.arange(n_rows)
+        else:
+            self.codes = np.unique(np.asarray(groups).ravel(), return_inverse=True)[1].ravel()
+            if self.codes.size != n_rows:
+                raise ValueError(f"groups has {self.codes.size} entries for {n_rows} rows")
+        self.n_groups = int(self.codes.max()) + 1 if self.codes.size else 0
+
+    def replicates(self, n_boot: int, seed: int):
+        """Yield ``n_boot`` row-index arrays, each the rows of a with-replacement sample of groups."""
+        rng = np.random.default_rng(seed)
+        rows = np.arange(self.codes.size)
+        for _ in range(n_boot):
+            multiplicity = np.bincount(rng.integers(0, self.n_groups, self.n_groups), minlength=self.n_groups)
+            yield np.repeat(rows, multiplicity[self.codes])
+
+
+def _drop_missing(y_true, groups, *scores) -> tuple[np.ndarray, np.ndarray | None, list[np.ndarray]]:
+    y_true = np.asarray(y_true, dtype=np.float64).ravel()
+    scores = [np.asarray(s, dtype=np.float64).ravel() for s in scores]
+    if any(s.shape != y_true.shape for s in scores):
+        raise ValueError(f"y_true and the scores differ in length: {[y_true.shape] + [s.shape for s in scores]}")
+    keep = ~np.isnan(y_true)
+    if groups is not None:
+        groups = np.asarray(groups).ravel()
+        if groups.shape != y_true.shape:
+            raise ValueError(f"groups and y_true differ in length: {groups.shape} vs {y_true.shape}")
+        groups = groups[keep]
+    return y_true[keep], groups, [s[keep] for s in scores]
+
+
 def bootstrap_ci(
-    metric_fn: MetricFn, y_true, y_score, n_boot: int = 1000, alpha: float = 0.05, seed: int = 0
+    metric_fn: MetricFn,
+    y_true,
+    y_score,
+    n_boot: int = 1000,
+    alpha: float = 0.05,
+    seed: int = 0,
+    groups=None,
 ) -> tuple[float, float]:
-    """Percentile bootstrap ``(low, high)`` interval of ``metric_fn`` over resampled rows."""
-    y_true, y_score = _clean(y_true, y_score)
-    rng = np.random.default_rng(seed)
-    n = y_true.size
-    samples = []
-    for _ in range(n_boot):
-        idx = rng.integers(0, n, n)
-        samples.append(metric_fn(y_true[idx], y_score[idx]))
+    """Percentile bootstrap ``(low, high)`` interval of ``metric_fn``.
+
+    Pass ``groups`` (the user id of each row) whenever a user has several rows: the replicates
+    then resample users (``GroupResampler``); without it, rows are resampled.
+    """
+    y_true, groups, (y_score,) = _drop_missing(y_true, groups, y_score)
+    resampler = GroupResampler(groups, y_true.size)
+    samples = [metric_fn(y_true[idx], y_score[idx]) for idx in resampler.replicates(n_boot, seed)]
     return _percentile_interval(samples, alpha)
 
 
@@ -95,28 +149,84 @@ def paired_bootstrap_uplift_ci(
     n_boot: int = 1000,
     alpha: float = 0.05,
     seed: int = 0,
+    groups=None,
 ) -> tuple[float, float, float]:
     """``(uplift %, low, high)`` of the model over the baseline.
 
-    Both models are scored on the *same* resampled rows in each replicate, so the interval
-    reflects the difference between the models rather than the noise of the test set.
+    Both models are scored on the *same* resampled users (rows without ``groups``) in each
+    replicate, so the interval reflects the difference between the models rather than the noise
+    of the test set. Pass ``groups`` (user ids) when users have several rows.
     """
-    y_true = np.asarray(y_true, dtype=np.float64).ravel()
-    score_model = np.asarray(score_model, dtype=np.float64).ravel()
-    score_baseline = np.asarray(score_baseline, dtype=np.float64).ravel()
-    if not (y_true.shape == score_model.shape == score_baseline.shape):
-        raise ValueError("y_true, score_model and score_baseline must have the same length")
-    keep = ~np.isnan(y_true)
-    y_true, score_model, score_baseline = y_true[keep], score_model[keep], score_baseline[keep]
+    y_true, groups, (score_model, score_baseline) = _drop_missing(y_true, groups, score_model, score_baseline)
     point = uplift_pct(metric_fn(y_true, score_model), metric_fn(y_true, score_baseline))
+    resampler = GroupResampler(groups, y_true.size)
+    samples = [
+        uplift_pct(metric_fn(y_true[idx], score_model[idx]), metric_fn(y_true[idx], score_baseline[idx]))
+        for idx in resampler.replicates(n_boot, seed)
+    ]
+    low, high = _percentile_interval(samples, alpha)
+    return point, low, high
+
+
+@dataclass(frozen=True)
+class SeedSummary:
+    """A metric over several training seeds: what a single seed cannot show."""
+
+    mean: float
+    sd: float  # sample standard deviation across seeds (ddof=1); NaN with one seed
+    n_seeds: int
+
+
+def summarize_seeds(values) -> SeedSummary:
+    """Mean ± sd of one figure across seeds (NaN values, e.g. undefined AUROCs, are skipped)."""
+    arr = np.asarray(values, dtype=np.float64).ravel()
+    arr = arr[np.isfinite(arr)]
+    if arr.size == 0:
+        return SeedSummary(float("nan"), float("nan"), 0)
+    return SeedSummary(float(arr.mean()), float(arr.std(ddof=1)) if arr.size > 1 else float("nan"), int(arr.size))
+
+
+def seeds_uplift_ci(
+    metric_fn: MetricFn,
+    y_true,
+    scores_model,
+    scores_baseline,
+    groups=None,
+    n_boot: int = 1000,
+    alpha: float = 0.05,
+    seed: int = 0,
+) -> tuple[float, float, float]:
+    """``(uplift %, low, high)`` of the seed-averaged metric of a model over a baseline.
+
+    ``scores_model`` and ``scores_baseline`` are sequences of score arrays, one per training
+    seed, all on the same rows. The point estimate is the uplift of the mean metric over seeds.
+    The interval is a two-level bootstrap: each replicate resamples the seeds of each model
+    (training noise) and the users (test-set noise; the same users for both models), then takes
+    the uplift of the means. With one seed per model it reduces to ``paired_bootstrap_uplift_ci``.
+    """
+    y = np.asarray(y_true, dtype=np.float64).ravel()
+    model = np.stack([np.asarray(s, dtype=np.float64).ravel() for s in scores_model])  # [S_m, N]
+    base = np.stack([np.asarray(s, dtype=np.float64).ravel() for s in scores_baseline])  # [S_b, N]
+    if model.shape[1] != y.size or base.shape[1] != y.size:
+        raise ValueError("every score array must have one entry per row of y_true")
+    keep = ~np.isnan(y)
+    y, model, base = y[keep], model[:, keep], base[:, keep]
+    groups = None if groups is None else np.asarray(groups).ravel()[keep]
+
+    def mean_metric(rows_scores: np.ndarray, idx: np.ndarray, which: np.ndarray) -> float:
+        return float(np.nanmean([metric_fn(y[idx], rows_scores[s, idx]) for s in which]))
+
+    every_row = np.arange(y.size)
+    point = uplift_pct(
+        mean_metric(model, every_row, np.arange(len(model))), mean_metric(base, every_row, np.arange(len(base)))
+    )
     rng = np.random.default_rng(seed)
-    n = y_true.size
+    resampler = GroupResampler(groups, y.size)
     samples = []
-    for _ in range(n_boot):
-        idx = rng.integers(0, n, n)
-        samples.append(
-            uplift_pct(metric_fn(y_true[idx], score_model[idx]), metric_fn(y_true[idx], score_baseline[idx]))
-        )
+    for idx in resampler.replicates(n_boot, seed + 1):
+        seeds_m = rng.integers(0, len(model), len(model)) if len(model) > 1 else np.zeros(1, int)
+        seeds_b = rng.integers(0, len(base), len(base)) if len(base) > 1 else np.zeros(1, int)
+        samples.append(uplift_pct(mean_metric(model, idx, seeds_m), mean_metric(base, idx, seeds_b)))
     low, high = _percentile_interval(samples, alpha)
     return point, low, high
 
@@ -148,4 +258,15 @@ def ndcg_at_k(true_relevance: np.ndarray, scores: np.ndarray, k: int | None = No
     return float(np.mean(dcg[valid] / idcg[valid]))
 
 
-__all__ = ["auprc", "auroc", "bootstrap_ci", "ndcg_at_k", "paired_bootstrap_uplift_ci", "uplift_pct"]
+__all__ = [
+    "GroupResampler",
+    "SeedSummary",
+    "auprc",
+    "auroc",
+    "bootstrap_ci",
+    "ndcg_at_k",
+    "paired_bootstrap_uplift_ci",
+    "seeds_uplift_ci",
+    "summarize_seeds",
+    "uplift_pct",
+]

@@ -11,6 +11,12 @@ Every kind shares the training loop, the tasks, the user-embedding layer, the he
   back from the cutoff), no session positions, no attributes, no time features.
 - ``lstm``: an LSTM over the same per-event inputs as TRACE (attributes, time features, event
   and session positions) in chronological order; its last hidden state is the pooled vector.
+- ``mini_gpt``: a small causal GPT over page names (mini_gpt.py), the paper's "Mini-GPT".
+- ``myopic_last_page``: the TRACE network fed only the most recent page before the cutoff
+  (the summary's reading of "myopic"; ``myopic`` is the current-session reading).
+
+The aggregate-feature baselines (``st_agg``, ``st_cohort``) are not sequence models: they live
+in aggregate_baselines.py.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from dataclasses import dataclass, field, fields
 from torch import Tensor, nn
 
 from model_lib.encoding import EncoderConfig, SequenceEncoder
+from model_lib.mini_gpt import MiniGPT, MiniGPTConfig
 from model_lib.trace import (
     TRACE,
     Block,
@@ -123,6 +130,7 @@ class ModelKind:
     model_class: Callable[..., SequenceUserModel]
     config_class: type
     last_session_only: bool = False  # the encoder view this kind is trained and served on
+    max_events: int | None = None  # at most this many most recent events (1: the last page)
 
 
 MODEL_KINDS: dict[str, ModelKind] = {
@@ -130,6 +138,8 @@ MODEL_KINDS: dict[str, ModelKind] = {
     "myopic": ModelKind("myopic", TRACE, TRACEConfig, last_session_only=True),
     "vanilla_transformer": ModelKind("vanilla_transformer", VanillaTransformer, VanillaTransformerConfig),
     "lstm": ModelKind("lstm", LSTMUserModel, LSTMConfig),
+    "mini_gpt": ModelKind("mini_gpt", MiniGPT, MiniGPTConfig),
+    "myopic_last_page": ModelKind("myopic_last_page", TRACE, TRACEConfig, last_session_only=True, max_events=1),
 }
 
 
@@ -141,9 +151,10 @@ def get_kind(name: str) -> ModelKind:
 
 
 def encoder_config_for(kind: str, base: EncoderConfig | None = None) -> EncoderConfig:
-    """The encoder view of a kind: ``base`` with ``last_session_only`` set by the kind."""
+    """The encoder view of a kind: ``base`` with ``last_session_only`` and ``max_events`` set by the kind."""
     base = base or EncoderConfig()
-    return EncoderConfig(**{**base.__dict__, "last_session_only": get_kind(kind).last_session_only})
+    k = get_kind(kind)
+    return EncoderConfig(**{**base.__dict__, "last_session_only": k.last_session_only, "max_events": k.max_events})
 
 
 def make_config(kind: str, encoder: SequenceEncoder, task_names, **overrides):

@@ -212,3 +212,65 @@ def test_clear_errors():
         SequenceEncoder(EncoderConfig(categorical_columns=("event_name", "nope"))).fit(ev, examples(("u1", T0)))
     with pytest.raises(RuntimeError, match="before fit"):
         SequenceEncoder().transform(ev, examples(("u1", T0)))
+
+
+def test_attribute_allow_list_thresholds_hashing_and_exclusions():
+    """Only declared columns become tokens; rare values fall to OOV below their threshold; a
+    high-cardinality column is hashed into a fixed table; ids (session ids) never enter."""
+    from model_lib.encoding import ATTRIBUTE_ALLOW_LISTS, AttributeRule, attribute_rules_for
+
+    rng = np.random.default_rng(0)
+    n = 600
+    raw = pd.DataFrame(
+        {
+            "user_id": rng.integers(0, 30, n).astype(str),
+            "event_time": T0 + pd.to_timedelta(np.sort(rng.uniform(0, 5 * 86400, n)), unit="s"),
+            "event_name": rng.choice(["pv", "cart", "buy"], n, p=[0.8, 0.15, 0.05]),
+            "device": np.where(np.arange(n) < 3, "fridge", rng.choice(["mobile", "desktop"], n)),  # 3 rare values
+            "price": rng.uniform(1, 500, n).round(2).astype(str),  # a number: one value per row
+            "user_session": [f"s{i}" for i in range(n)],  # an id
+        }
+    )
+    ev = sessionize(raw)
+    ex = examples(*[(u, T0 + pd.Timedelta(days=6)) for u in sorted(ev["user_id"].unique())])
+    rules = (
+        AttributeRule("event_name"),
+        AttributeRule("device", min_count=5),
+        AttributeRule("price", hash_buckets=64),
+        AttributeRule("not_in_this_frame"),  # declared for another source: skipped
+    )
+    enc = SequenceEncoder(EncoderConfig(max_len=64, attributes=rules)).fit(ev, ex)
+    assert enc.columns == ("event_name", "device", "price")  # user_session: not declared, not a token
+    assert "fridge" not in enc.vocabularies["device"].tokens  # seen 3 times < 5: OOV
+    assert set(enc.vocabularies["device"].tokens) == {"mobile", "desktop"}
+    assert len(enc.vocabularies["price"]) == 64 + 2 and enc.vocabularies["price"].tokens == []
+    t = enc.transform(ev, ex)
+    price_ids = t["cat_ids"][..., 2][t["mask"]]
+    assert int(price_ids.min()) >= 2 and int(price_ids.max()) < 66 and len(price_ids.unique()) > 40
+    # hashing is stable (md5), and survives the artifact round trip
+    clone = SequenceEncoder.from_state_dict(enc.state_dict())
+    assert clone.config.attributes == rules
+    assert torch.equal(clone.transform(ev, ex)["cat_ids"], t["cat_ids"])
+    # defaults per format: identifiers and prices are never tokens; every list has the page name
+    for fmt, allow in ATTRIBUTE_ALLOW_LISTS.items():
+        columns = {r.column for r in allow}
+        assert "event_name" in columns and not columns & {"user_session", "transactionid", "price", "item_id"}, fmt
+    assert any(r.hash_buckets for r in attribute_rules_for("taobao"))
+    with pytest.raises(ValueError, match="allow-list"):
+        attribute_rules_for("nope")
+    with pytest.raises(ValueError, match="event_name"):
+        SequenceEncoder(EncoderConfig(attributes=(AttributeRule("device"),))).fit(ev, ex)
+
+
+def test_history_end_stops_the_window_but_recency_counts_to_the_cutoff():
+    ev = tiny_events()
+    cutoff = T0 + pd.Timedelta(days=2)
+    plain = examples(("u1", cutoff))
+    cut = plain.assign(history_end=pd.to_datetime([T0 + pd.Timedelta(hours=5, minutes=1)], utc=True))
+    enc = SequenceEncoder(EncoderConfig(max_len=8)).fit(ev, plain)
+    a, b = enc.transform(ev, plain), enc.transform(ev, cut)
+    assert int(a["mask"].sum()) == 5 and int(b["mask"].sum()) == 3  # session 1 from 5:02 on is cut
+    recency = TIME_FEATURES.index("log_seconds_to_cutoff")
+    raw = b["time_features"][0, 2, recency] * enc.time_std[recency] + enc.time_mean[recency]
+    expected = np.log1p((cutoff - (T0 + pd.Timedelta(hours=5))).total_seconds())
+    assert float(raw) == pytest.approx(expected, rel=1e-4)

@@ -20,7 +20,7 @@ from assets.evaluation.tables import (
 def data():
     rng = np.random.default_rng(0)
     n = 1200
-    split = np.where(np.arange(n) % 3 == 0, "test", "train")
+    split = np.array(["test", "valid", "train"])[np.arange(n) % 3]
     signal = rng.normal(size=n)
     y = (signal + rng.normal(scale=0.7, size=n) > 0).astype(bool)
     examples = pd.DataFrame({"example_id": [f"e{i}" for i in range(n)], "split": split, "label_a": y, "label_b": ~y})
@@ -73,6 +73,6 @@ def test_report_has_the_papers_tables(data):
     unseen = probe_scores(embs, examples, ["b"])
     metrics = pd.concat([metric_rows(seen, "seen"), metric_rows(unseen, "unseen")])
     report = render_report(metrics, uplift_rows(seen, "seen", n_boot=20), "synthetic", ["a note"])
-    for heading in ("Seen tasks", "Unseen tasks", "Uplift of the mean", "paired bootstrap"):
+    for heading in ("Seen tasks", "Unseen tasks", "Uplift of the mean", "paired user-level bootstrap"):
         assert heading in report
     assert re.search(r"^\| trace +\|", report, re.M) and "a note" in report  # a row of the table

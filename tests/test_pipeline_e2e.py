@@ -30,13 +30,14 @@ from helpers import (
 )
 from mlflow import MlflowClient
 
+from assets.trace_models.assets import SEQUENCE_MODELS
 from resources.mlflow_tracking import CHAMPION, TAG_DECIDED_AT, TAG_DECISION, TAG_REASON
 
 pytestmark = pytest.mark.slow
 
 N_USERS = 300
 EPOCHS = 2
-SEQUENCE_REGISTERED = TRACE_FAMILY  # registered under their own names
+SEQUENCE_REGISTERED = list(SEQUENCE_MODELS)  # registered under their own names (st_agg/st_cohort: runs only)
 CONVERSION_REGISTERED = ["mtlds" if m == "mtlds_linear" else m for m in MTLDS_FAMILY]
 #: The one check allowed to fail: WARN severity, it reports drift of the champion's outputs.
 WARN_CHECK = "drift_report:model_outputs_stable"
@@ -284,7 +285,7 @@ def test_registered_models_versions_and_champions(pipeline, client):
         r.data.tags["model"]: r.info.run_id
         for r in client.search_runs([client.get_experiment_by_name("trace-dagster").experiment_id], max_results=100)
     }
-    for model, name in zip(TRACE_FAMILY + MTLDS_FAMILY, SEQUENCE_REGISTERED + CONVERSION_REGISTERED):
+    for model, name in zip(SEQUENCE_REGISTERED + MTLDS_FAMILY, SEQUENCE_REGISTERED + CONVERSION_REGISTERED):
         versions = client.search_model_versions(f"name='{name}'")
         assert versions, f"{name} is not registered"
         first = client.get_model_version(name, "1")

@@ -15,6 +15,18 @@ from model_lib.training import TrainConfig, set_seed
 
 torch.set_num_threads(1)
 KINDS = sorted(MODEL_KINDS)
+
+
+def last_event_recency(encoder, batch):
+    """Unstandardised log seconds from each user's most recent event to the cutoff."""
+    from model_lib.encoding import TIME_FEATURES
+
+    k = TIME_FEATURES.index("log_seconds_to_cutoff")
+    last = batch["mask"].sum(1) - 1
+    values = batch["time_features"][torch.arange(len(last)), last.clamp(min=0), k].numpy()
+    return values * encoder.time_std[k] + encoder.time_mean[k]
+
+
 T0 = pd.Timestamp("2026-01-05", tz="UTC")
 
 
@@ -208,7 +220,9 @@ def test_user_model_train_is_deterministic_and_serves_consistently(data, tmp_pat
 
 
 def test_registry():
-    assert set(MODEL_KINDS) == {"trace", "myopic", "vanilla_transformer", "lstm"}
+    assert set(MODEL_KINDS) == {"trace", "myopic", "vanilla_transformer", "lstm", "mini_gpt", "myopic_last_page"}
+    last_page = encoder_config_for("myopic_last_page", EncoderConfig(max_len=64))
+    assert last_page.max_events == 1 and last_page.max_len == 64 and last_page.last_session_only
     assert get_kind("myopic").model_class is TRACE and encoder_config_for("myopic").last_session_only
     assert not encoder_config_for("trace", EncoderConfig(last_session_only=True)).last_session_only
     with pytest.raises(ValueError, match="unknown model kind"):
@@ -225,3 +239,28 @@ def test_registry():
     cfg = make_config("trace", enc, TASKS, n_layers=2)
     assert cfg.vocab_sizes == (3,) and cfg.max_len == 8 and cfg.n_tasks == 5 and cfg.n_layers == 2
     assert len(build_model("trace", cfg).blocks) == 2
+
+
+def test_serving_embeds_every_user_as_of_one_moment_as_training_does(data):
+    """embed_latest: one cutoff for all users (default 1 s after the frame's latest event), so
+    recency is the distance to a common moment, as at a training cutoff; not 1 s for everyone."""
+    ev, ex = data
+    train, valid = ex.iloc[: len(ex) * 3 // 4], ex.iloc[len(ex) * 3 // 4 :]
+    cfg = TrainConfig(epochs=1, batch_size=16, seed=0, num_threads=1)
+    model, _ = UserModel.train(
+        "trace", ev, train, valid, TASKS, encoder_config=EncoderConfig(max_len=32), train_config=cfg
+    )
+    served = model.embed_latest(ev).set_index("user_id")
+    moment = ev["event_time"].max() + pd.Timedelta(seconds=1)
+    users = sorted(ev["user_id"].unique())
+    expected = model.embed(ev, pd.DataFrame({"user_id": users, "cutoff": moment}))
+    np.testing.assert_allclose(served.loc[users].to_numpy(np.float32), expected, rtol=0, atol=1e-6)
+    as_of = moment + pd.Timedelta(days=3)
+    later = model.embed_latest(ev, as_of=as_of).set_index("user_id").loc[users].to_numpy(np.float32)
+    np.testing.assert_allclose(
+        later, model.embed(ev, pd.DataFrame({"user_id": users, "cutoff": as_of})), rtol=0, atol=1e-6
+    )
+    # the recency each user is served with is its real distance to the moment, not 1 s
+    batch = model.encoder.transform(ev, pd.DataFrame({"user_id": users, "cutoff": moment}))
+    recency = last_event_recency(model.encoder, batch)
+    assert len(np.unique(np.round(recency, 3))) > len(users) // 2

@@ -9,13 +9,21 @@ import pandas as pd
 import pytest
 
 from assets.training_data.examples_sql import (
+    NO_NEXT_SESSION,
     cutoff_times,
     label_balance,
     training_examples_sql,
     user_split_bucket_sql,
     user_splits_sql,
 )
-from assets.training_data.tasks import DEFAULT_TASK_SETS, EngagementTask, TaskSet, default_task_set, load_task_set
+from assets.training_data.tasks import (
+    DEFAULT_TASK_SETS,
+    SIMULATOR_TASKS,
+    EngagementTask,
+    TaskSet,
+    default_task_set,
+    load_task_set,
+)
 
 T0 = datetime(2026, 3, 2)  # a Monday
 
@@ -95,7 +103,8 @@ def test_labels_on_a_hand_made_journey(con):
     assert a2.label_buy_2d and a2.label_bounce_next and not a2.label_search_next
     assert a2.label_buy_known_category and a2.label_several_sessions
     c2 = ex.loc["carol@2026-03-05T00:00:00"]
-    assert not (c2.label_buy_2d or c2.label_bounce_next or c2.label_several_sessions)  # no future: all false
+    assert not (c2.label_buy_2d or c2.label_several_sessions)  # no future: horizon labels are false
+    assert pd.isna(c2.label_bounce_next) and pd.isna(c2.label_search_next)  # no next session: excluded
     assert "carol@2026-03-04T00:00:00" not in ex.index  # no history yet
     assert not ex.user_id.eq("bob").any()  # inactive in both observation windows
     assert len(ex) == 3
@@ -173,3 +182,75 @@ def test_task_set_json_round_trip(tmp_path):
     path.write_text(TASKS.to_json())
     assert load_task_set(path) == TASKS
     assert json.loads(path.read_text())["horizon"] == 2 * 86400
+
+
+def _straddling_journey() -> pd.DataFrame:
+    """erin: a session (hours 47 to 49) in progress at the cutoff (hour 48); frank: no return."""
+    return _sessionized(
+        [
+            ("erin", 10, "view", "shoes"),  # session 0: history
+            ("erin", 47, "view", "hats"),  # session 1 starts before the cutoff ...
+            ("erin", 47.5, "search", None),
+            ("erin", 48.5, "buy", "hats"),  # ... and goes on after it: neither side
+            ("erin", 49, "view", "hats"),
+            ("erin", 60, "view", "bags"),  # session 2: the next session, a single page
+            ("erin", 70, "view", "bags"),  # session 3
+            ("frank", 20, "view", "toys"),  # history, then nothing
+        ]
+    )
+
+
+def test_a_session_in_progress_at_the_cutoff_is_neither_history_nor_label():
+    c = duckdb.connect()
+    c.register("sessionized_events", _straddling_journey())
+    c.execute(f"CREATE TABLE user_splits AS {user_splits_sql(0, 0.2, 0.2)}")
+    ex = c.sql(training_examples_sql(TASKS, [datetime(2026, 3, 4)])).df().set_index("user_id")
+    erin = ex.loc["erin"]
+    assert erin.cutoff == datetime(2026, 3, 4)  # the cutoff stays where it is ...
+    assert erin.history_end == T0 + timedelta(hours=47)  # ... the history stops where the session began
+    assert erin.n_history_events == 1 and erin.n_history_sessions == 1
+    assert erin.seconds_since_last_event == 38 * 3600  # recency to the cutoff, from hour 10
+    assert not erin.label_buy_2d  # the buy at hour 48.5 is in the straddling session: not a label
+    assert erin.label_bounce_next and not erin.label_search_next  # the next session is hour 60's
+    assert not erin.label_buy_known_category  # hats were first seen in the straddling session
+    frank = ex.loc["frank"]
+    assert frank.history_end == frank.cutoff and not frank.label_buy_2d
+    assert pd.isna(frank.label_bounce_next) and NO_NEXT_SESSION is None
+
+
+def test_the_test_helper_follows_the_same_two_rules_as_the_pipeline():
+    """tests/trace_test_data.label_examples (pandas) == training_examples_sql (DuckDB) on the same
+    hand-made journey, for the simulator's seen tasks."""
+    from trace_test_data import TASKS as HELPER_TASKS
+    from trace_test_data import label_examples, sessionize
+
+    t0 = pd.Timestamp("2026-03-02", tz="UTC")
+    hours = [
+        ("erin", 10, "home"),
+        ("erin", 47, "search_results"),
+        ("erin", 48.5, "booking_confirmation"),  # straddling session: neither side
+        ("erin", 60, "property_page"),
+        ("erin", 60.2, "view_order"),
+        ("frank", 20, "home"),  # no next session: excluded next-session labels
+        ("gina", 30, "search_results"),
+        ("gina", 100, "booking_confirmation"),  # a single-page next session
+    ]
+    raw = pd.DataFrame(
+        [(u, t0 + pd.Timedelta(hours=h), page) for u, h, page in hours], columns=["user_id", "event_time", "event_name"]
+    )
+    raw["category"], raw["item_id"] = None, None
+    events = sessionize(raw)
+    cutoff = t0 + pd.Timedelta(hours=48)
+    helper = label_examples(events, [cutoff]).set_index("user_id").sort_index()
+    c = duckdb.connect()
+    c.register("sessionized_events", events.assign(event_time=events["event_time"].dt.tz_localize(None)))
+    c.execute(f"CREATE TABLE user_splits AS {user_splits_sql(0, 0.2, 0.2)}")
+    sql = c.sql(training_examples_sql(SIMULATOR_TASKS, [cutoff.tz_localize(None).to_pydatetime()])).df()
+    sql = sql.set_index("user_id").sort_index()
+    assert list(sql.index) == list(helper.index) == ["erin", "frank", "gina"]
+    for task in HELPER_TASKS:
+        expected = helper[task].to_numpy()
+        got = sql[f"label_{task}"].astype("Float64").to_numpy(dtype=float, na_value=float("nan"))
+        assert ((expected == got) | (pd.isna(expected) & pd.isna(got))).all(), (task, expected, got)
+    assert (helper["history_end"].dt.tz_localize(None) == sql["history_end"]).all()
+    assert helper.loc["erin", "booking_14d"] == 0 and pd.isna(helper.loc["frank", "search_next_session"])

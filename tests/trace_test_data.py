@@ -65,35 +65,52 @@ TASKS = (
 def label_examples(
     events: pd.DataFrame, cutoffs, observation_days: float = 14.0, horizon_days: float = 14.0
 ) -> pd.DataFrame:
-    """(user_id, cutoff) for every user active in the observation window before each cutoff,
-    with labels whose signal spans sessions (``TASKS``):
+    """(user_id, cutoff, history_end) for every user active in the observation window before each
+    cutoff, with labels whose signal spans sessions (``TASKS``), by the pipeline's two rules
+    (assets/training_data/examples_sql.py):
 
-    - booking_14d: a booking_confirmation within ``horizon_days`` after the cutoff;
-    - bounce_next_session: the user's first session after the cutoff is a single page view;
-    - *_next_session: that page in the user's first session after the cutoff (missing = NaN
-      when there is no next session within the horizon: the label is unknown, not false).
+    - no straddling: history is the sessions that ended before the cutoff (events before
+      ``history_end``), labels come from the sessions that start at or after it; a session in
+      progress at the cutoff is neither;
+    - no next session: a ``*_next_session`` label is NaN (excluded) when the user has no session
+      starting within the horizon (``next_session_label``).
+
+    Tasks: booking_14d (a booking_confirmation within ``horizon_days``); bounce_next_session
+    (the first session after the cutoff is a single page view); *_next_session (that page in it).
     """
+    from assets.training_data.examples_sql import next_session_label
+
+    sessions = events.groupby("session_id")["event_time"].agg(["min", "max"])
+    session_start = events["session_id"].map(sessions["min"])
+    session_end = events["session_id"].map(sessions["max"])
     frames = []
     t = events["event_time"]
     for cutoff in pd.to_datetime(list(cutoffs), utc=True):
-        before = events[(t < cutoff) & (t >= cutoff - pd.Timedelta(days=observation_days))]
-        users = pd.Index(before["user_id"].unique())
-        after = events[(t >= cutoff) & (t < cutoff + pd.Timedelta(days=horizon_days)) & events["user_id"].isin(users)]
+        straddles = (session_start < cutoff) & (session_end >= cutoff)
+        in_progress = session_start[straddles].groupby(events.loc[straddles, "user_id"]).min()
+        history_end = events["user_id"].map(in_progress).fillna(cutoff)
+        history = events[t < history_end]
+        active = history.groupby("user_id")["event_time"].max() >= cutoff - pd.Timedelta(days=observation_days)
+        users = pd.Index(active.index[active.to_numpy()])
+        after = events[
+            (session_start >= cutoff) & (t < cutoff + pd.Timedelta(days=horizon_days)) & events["user_id"].isin(users)
+        ]
         next_session = after[after["session_index"] == after.groupby("user_id")["session_index"].transform("min")]
         ex = pd.DataFrame({"user_id": users, "cutoff": cutoff})
+        ex["history_end"] = pd.to_datetime(in_progress.reindex(users).fillna(cutoff).to_numpy(), utc=True)
         ex["booking_14d"] = users.isin(after.loc[after["event_name"] == "booking_confirmation", "user_id"]).astype(
             float
         )
         has_next = users.isin(next_session["user_id"])
         n_next = next_session.groupby("user_id").size().reindex(users, fill_value=0).to_numpy()
-        ex["bounce_next_session"] = np.where(has_next, (n_next == 1).astype(float), np.nan)
+        ex["bounce_next_session"] = next_session_label(n_next == 1, has_next)
         for task, page in (
             ("view_order_next_session", "view_order"),
             ("search_next_session", "search_results"),
             ("property_next_session", "property_page"),
         ):
             hit = users.isin(next_session.loc[next_session["event_name"] == page, "user_id"])
-            ex[task] = np.where(has_next, hit.astype(float), np.nan)
+            ex[task] = next_session_label(hit, has_next)
         frames.append(ex)
     return pd.concat(frames, ignore_index=True)
 

@@ -18,6 +18,7 @@ from assets.model_registry.assets import build_model_promotion, upstream_check_k
 from assets.monitoring.assets import drift_below_threshold, drift_report, model_outputs_stable
 from assets.reproduction.assets import REPRODUCTION_ASSETS
 from assets.serving.assets import user_embeddings, user_embeddings_are_complete
+from assets.trace_models.aggregate_models import aggregate_model_assets
 from assets.trace_models.assets import sequence_model_assets
 from assets.training_data.assets import (
     funnel_examples,
@@ -54,6 +55,7 @@ _ASSETS_BUT_THE_GATE = [
     training_examples,
     funnel_examples,
     *sequence_model_assets,
+    *aggregate_model_assets,
     *conversion_model_assets,
     evaluation_metrics,
     user_embeddings,

@@ -1,7 +1,10 @@
 """`evaluation_metrics`: every model on the same held-out users, as the papers report it.
 
-TRACE family: AUROC/AUPRC per seen task from each model's heads, probe AUROC/AUPRC per unseen
-task on frozen embeddings, uplift over the myopic baseline with paired bootstrap intervals.
+TRACE family (the sequence models and the aggregate baselines `st_agg`, `st_cohort`): AUROC/AUPRC
+per seen task from each model's heads, probe AUROC/AUPRC per unseen task on frozen embeddings
+(probes fitted on validation users), uplift over `myopic` and over `st_agg` with paired
+user-level bootstrap intervals. Models are read one at a time, and only their validation and
+test rows: memory grows with the test set, not with the number of models or the training set.
 MTLDS family: AUC per behaviour and per-user NDCG of the funnel order. The markdown report is
 written to `TRACE_DAGSTER_HOME/reports/` and shown in the asset's metadata.
 """
@@ -16,6 +19,8 @@ from assets.common.metadata import warehouse_table_metadata
 from assets.conversion_models.assets import CONVERSION_MODELS
 from assets.evaluation.columns import EVALUATION_METRICS_COLUMNS
 from assets.evaluation.tables import (
+    UPLIFT_BASELINES,
+    bootstrap_metrics,
     conversion_metric_rows,
     mean_uplift,
     metric_rows,
@@ -23,7 +28,9 @@ from assets.evaluation.tables import (
     render_report,
     seen_task_scores,
     uplift_rows,
+    user_ids_of_test_split,
 )
+from assets.trace_models.aggregate_models import AGGREGATE_MODELS
 from assets.trace_models.assets import SEQUENCE_MODELS
 from assets.training_data.assets import read_tasks, training_examples
 from resources.paths import TraceDagsterPaths
@@ -31,7 +38,7 @@ from resources.warehouse import WAREHOUSE_POOL, DuckDBWarehouse
 
 GROUP = "evaluation"
 OWNERS = ["team:ml-platform"]
-MODEL_INS = {name: dg.AssetIn(f"{name}_model") for name in SEQUENCE_MODELS + CONVERSION_MODELS}
+MODEL_INS = {name: dg.AssetIn(f"{name}_model") for name in SEQUENCE_MODELS + AGGREGATE_MODELS + CONVERSION_MODELS}
 
 
 class EvaluationConfig(dg.Config):
@@ -40,21 +47,23 @@ class EvaluationConfig(dg.Config):
 
 
 def evaluate_all(
-    models: dict[str, dict], examples: pd.DataFrame, tasks: pd.DataFrame, bootstrap_samples: int, seed: int
+    models: dict[str, dict],
+    examples: pd.DataFrame,
+    tasks: pd.DataFrame,
+    bootstrap_samples: int,
+    seed: int,
+    baselines=UPLIFT_BASELINES,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(metrics rows, per-task uplift rows) from the models' prediction files."""
+    """(metrics rows, uplift rows) from the models' prediction files, one model at a time.
+
+    `models` maps a model name to its training asset's output: TRACE-family outputs carry
+    `predictions` and `embeddings` parquet paths, conversion models (CONVERSION_MODELS) their
+    own predictions. Also what the `reproduction` job calls per seed.
+    """
     seen = list(tasks.loc[tasks["kind"] == "seen", "task"])
     unseen = list(tasks.loc[tasks["kind"] == "unseen", "task"])
-    sequence = {m: v for m, v in models.items() if m in SEQUENCE_MODELS}
-    seen_scores = seen_task_scores({m: pd.read_parquet(v["predictions"]) for m, v in sequence.items()}, examples, seen)
-    unseen_scores = probe_scores(
-        {m: pd.read_parquet(v["embeddings"]) for m, v in sequence.items()}, examples, unseen, seed
-    )
-    metrics = [metric_rows(seen_scores, "seen"), metric_rows(unseen_scores, "unseen")]
-    uplifts = [
-        uplift_rows(seen_scores, "seen", n_boot=bootstrap_samples, seed=seed),
-        uplift_rows(unseen_scores, "unseen", n_boot=bootstrap_samples, seed=seed),
-    ]
+    examples = examples[examples["split"].isin(["valid", "test"])]  # probes fit on valid, score test
+    seen_scores, unseen_scores, metrics = {}, {}, []
     for name, value in models.items():
         if name in CONVERSION_MODELS:
             metrics.append(
@@ -62,6 +71,21 @@ def evaluate_all(
                     name, pd.read_parquet(value["predictions"]), value["tasks"], value["funnel_tasks"]
                 )
             )
+            continue
+        needed = [("split", "in", ["valid", "test"])]
+        predictions = pd.read_parquet(
+            value["predictions"], columns=["example_id", *[f"p_{t}" for t in seen]], filters=needed
+        )
+        seen_scores.update(seen_task_scores({name: predictions}, examples, seen))
+        embeddings = pd.read_parquet(value["embeddings"], columns=["example_id", "embedding"], filters=needed)
+        unseen_scores.update(probe_scores({name: embeddings}, examples, unseen, seed))
+        del predictions, embeddings
+    groups = user_ids_of_test_split(examples)
+    metrics = [metric_rows(seen_scores, "seen"), metric_rows(unseen_scores, "unseen"), *metrics]
+    uplifts = []
+    for kind, scores in (("seen", seen_scores), ("unseen", unseen_scores)):
+        boot = bootstrap_metrics(scores, bootstrap_samples, seed, groups)  # one scoring pass for every pair
+        uplifts += [uplift_rows(scores, kind, baseline=b, groups=groups, boot=boot) for b in baselines]
     return pd.concat(metrics, ignore_index=True), pd.concat(uplifts, ignore_index=True)
 
 
@@ -83,8 +107,12 @@ def evaluation_metrics(
     **models: dict,
 ) -> dg.MaterializeResult:
     with warehouse.connect(read_only=True) as con:
-        examples = con.sql("SELECT * FROM training_examples").df()
         tasks = read_tasks(con)
+        labels = ", ".join(f'"{c}"' for c in tasks["label_column"])
+        examples = con.sql(
+            f"SELECT example_id, user_id, split, {labels} FROM training_examples "
+            "WHERE split IN ('valid', 'test') ORDER BY example_id"
+        ).df()
     metrics, uplifts = evaluate_all(models, examples, tasks, config.bootstrap_samples, config.seed)
     evaluated_at = datetime.now(UTC).replace(tzinfo=None)
     versions = {m: str(v["version"]) for m, v in models.items()}
@@ -107,9 +135,11 @@ def evaluation_metrics(
 
     dataset = str(tasks["task_set"].iloc[0])
     notes = [
-        f"{len(examples)} examples ({(examples['split'] == 'test').sum()} test) from `training_examples`, task set `{dataset}`",
+        f"{(examples['split'] == 'test').sum()} test examples of {examples.loc[examples['split'] == 'test', 'user_id'].nunique()} "
+        f"test users from `training_examples` (probes fitted on {(examples['split'] == 'valid').sum()} validation "
+        f"examples), task set `{dataset}`",
         f"registered versions: {', '.join(f'{m} v{v}' for m, v in versions.items())}",
-        f"bootstrap: {config.bootstrap_samples} paired replicates; dagster run {context.run_id}",
+        f"bootstrap: {config.bootstrap_samples} paired replicates resampling test users; dagster run {context.run_id}",
     ]
     report = render_report(metrics, uplifts, dataset, notes)
     stamp = evaluated_at.strftime("%Y%m%dT%H%M%S")
@@ -130,6 +160,11 @@ def evaluation_metrics(
     }
     for r in trace_uplift.itertuples():
         metadata[f"trace_mean_{r.metric}_uplift_pct_seen"] = float(r.uplift_pct)
+    vs_agg = uplifts[(uplifts["model"] == "trace") & (uplifts["baseline"] == "st_agg") & (uplifts["task"] == "mean")]
+    for r in vs_agg[vs_agg["metric"] == "auroc"].itertuples():
+        metadata[f"trace_vs_st_agg_mean_auroc_uplift_pct_{r.task_kind}"] = dg.MetadataValue.text(
+            f"{r.uplift_pct:+.2f} [{r.ci_low:+.2f}, {r.ci_high:+.2f}]"
+        )
     context.log.info(f"evaluation report: {report_path}")
     return dg.MaterializeResult(metadata=metadata)
 

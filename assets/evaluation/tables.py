@@ -6,8 +6,12 @@ embeddings table (`example_id`, `split`, `embedding`). Everything here is a func
 tables and the labels, so the numbers in the report can be recomputed from what is on disk.
 
 Seen tasks are scored from the models' own heads. Unseen tasks were never shown to any model:
-a logistic-regression probe is fitted on the frozen embeddings of the training users and scored
-on the test users, which is how the TRACE paper measures what a representation generalises to.
+a logistic-regression probe is fitted on the frozen embeddings of the *validation* users (the
+training users' embeddings are in-sample: the network was fitted to them) and scored on the
+test users, which is how the TRACE paper measures what a representation generalises to.
+
+Intervals resample test *users* (each user sits at up to `n_cutoffs` examples), paired: both
+models of a comparison are scored on the same resampled users (model_lib.metrics).
 """
 
 from __future__ import annotations
@@ -22,11 +26,12 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from assets.common.metadata import markdown_table
-from model_lib.metrics import auprc, auroc, paired_bootstrap_uplift_ci
+from model_lib.metrics import GroupResampler, auprc, auroc, uplift_pct
 from model_lib.mtlds import funnel_depth, per_user_ndcg
 
 TRACE_METRICS = {"auroc": auroc, "auprc": auprc}
 BASELINE = "myopic"
+UPLIFT_BASELINES = ("myopic", "st_agg")  # every model against each: the papers' baseline, the strongest simple one
 
 
 def _metric_rows(
@@ -51,37 +56,58 @@ def seen_task_scores(
     labels = examples.loc[examples["split"] == split].set_index("example_id")
     out: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]] = {}
     for model, pred in predictions.items():
-        pred = pred.set_index("example_id").reindex(labels.index)
+        pred = pred.set_index("example_id")[[f"p_{t}" for t in tasks]].reindex(labels.index)
         if pred.isna().any().any():
             missing = int(pred.isna().any(axis=1).sum())
             raise ValueError(f"{model}: {missing} test examples have no prediction")
-        out[model] = {t: (labels[f"label_{t}"].to_numpy(float), pred[f"p_{t}"].to_numpy(float)) for t in tasks}
+        out[model] = {t: (_labels(labels, f"label_{t}"), pred[f"p_{t}"].to_numpy(float)) for t in tasks}
     return out
+
+
+def _labels(frame: pd.DataFrame, column: str) -> np.ndarray:
+    """A label column as float with NaN for excluded labels (no next session)."""
+    return frame[column].astype("Float64").to_numpy(dtype=np.float64, na_value=np.nan)
 
 
 def probe_scores(
-    embeddings: Mapping[str, pd.DataFrame], examples: pd.DataFrame, tasks: Sequence[str], seed: int = 0
+    embeddings: Mapping[str, pd.DataFrame],
+    examples: pd.DataFrame,
+    tasks: Sequence[str],
+    seed: int = 0,
+    fit_split: str = "valid",
 ) -> dict[str, dict[str, tuple[np.ndarray, np.ndarray]]]:
-    """Logistic-regression probes on frozen embeddings: fitted on train users, scored on test users."""
+    """Logistic-regression probes on frozen embeddings: fitted on `fit_split` users (validation:
+    out of sample for the network), scored on the test examples in the order of `examples`."""
     ex = examples.set_index("example_id")
+    test_ids = ex.index[ex["split"] == "test"]
     out: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]] = {}
     for model, emb in embeddings.items():
         emb = emb.set_index("example_id")
-        train_ids = ex.index[ex["split"] == "train"].intersection(emb.index)
-        test_ids = ex.index[ex["split"] == "test"].intersection(emb.index)
-        x_train = np.stack(emb.loc[train_ids, "embedding"].to_numpy())
+        fit_ids = ex.index[ex["split"] == fit_split].intersection(emb.index)
+        if not test_ids.isin(emb.index).all():
+            raise ValueError(f"{model}: {int((~test_ids.isin(emb.index)).sum())} test examples have no embedding")
+        x_fit = np.stack(emb.loc[fit_ids, "embedding"].to_numpy()) if len(fit_ids) else np.zeros((0, 1))
         x_test = np.stack(emb.loc[test_ids, "embedding"].to_numpy())
         out[model] = {}
         for task in tasks:
-            y_train = ex.loc[train_ids, f"label_{task}"].to_numpy(int)
-            y_test = ex.loc[test_ids, f"label_{task}"].to_numpy(float)
-            if len(np.unique(y_train)) < 2:
-                score = np.full(len(test_ids), float(y_train.mean()) if len(y_train) else 0.5)
+            y_fit = _labels(ex.loc[fit_ids], f"label_{task}")
+            labelled = ~np.isnan(y_fit)  # excluded labels (no next session) are not fitted on
+            y_fit = y_fit[labelled].astype(int)
+            y_test = _labels(ex.loc[test_ids], f"label_{task}")
+            if len(np.unique(y_fit)) < 2:
+                score = np.full(len(test_ids), float(y_fit.mean()) if len(y_fit) else 0.5)
             else:
                 probe = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000, random_state=seed))
-                score = probe.fit(x_train, y_train).predict_proba(x_test)[:, 1]
+                score = probe.fit(x_fit[labelled], y_fit).predict_proba(x_test)[:, 1]
             out[model][task] = (y_test, score)
     return out
+
+
+def user_ids_of_test_split(examples: pd.DataFrame) -> np.ndarray | None:
+    """The user of each test example, in the order the score functions use (None: no user_id)."""
+    if "user_id" not in examples.columns:
+        return None
+    return examples.loc[examples["split"] == "test", "user_id"].astype(str).to_numpy()
 
 
 def metric_rows(scores: Mapping[str, Mapping[str, tuple[np.ndarray, np.ndarray]]], task_kind: str) -> pd.DataFrame:
@@ -92,37 +118,89 @@ def metric_rows(scores: Mapping[str, Mapping[str, tuple[np.ndarray, np.ndarray]]
     return pd.DataFrame(rows)
 
 
+BootstrapMetrics = dict[tuple[str, str, str], np.ndarray]
+
+
+def bootstrap_metrics(
+    scores: Mapping[str, Mapping[str, tuple[np.ndarray, np.ndarray]]],
+    n_boot: int = 200,
+    seed: int = 0,
+    groups: np.ndarray | None = None,
+) -> BootstrapMetrics:
+    """{(model, task, metric): [n_boot] values}: every model and task scored on the *same*
+    replicates (resampled test users), so any two models can be compared pairwise afterwards
+    without scoring again. Cost: n_boot x models x tasks x metrics metric calls."""
+    first = next(iter(scores.values()), {})
+    if not first:
+        return {}
+    n = len(next(iter(first.values()))[0])
+    replicates = list(GroupResampler(groups, n).replicates(n_boot, seed))
+    return {
+        (model, task, name): np.array([fn(y[idx], s[idx]) for idx in replicates])
+        for model, per_task in scores.items()
+        for task, (y, s) in per_task.items()
+        for name, fn in TRACE_METRICS.items()
+    }
+
+
+def _uplift(value, baseline):
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return 100.0 * (np.asarray(value, float) - baseline) / baseline
+
+
+def _interval(samples: np.ndarray, alpha: float = 0.05) -> tuple[float, float]:
+    samples = samples[np.isfinite(samples)]
+    if samples.size == 0:
+        return float("nan"), float("nan")
+    low, high = np.quantile(samples, [alpha / 2, 1 - alpha / 2])
+    return float(low), float(high)
+
+
 def uplift_rows(
     scores: Mapping[str, Mapping[str, tuple[np.ndarray, np.ndarray]]],
     task_kind: str,
     baseline: str = BASELINE,
     n_boot: int = 200,
     seed: int = 0,
+    groups: np.ndarray | None = None,
+    boot: BootstrapMetrics | None = None,
 ) -> pd.DataFrame:
-    """Uplift in % of every model over the baseline per task, with paired bootstrap 95% intervals."""
+    """Uplift in % of every model over the baseline, per task and for the mean over tasks (the
+    papers' headline, `task` = "mean"), with paired 95% intervals that resample `groups` (the
+    test users; rows if None). Pass `boot` (`bootstrap_metrics` of the same scores) to compare
+    against several baselines without re-scoring."""
+    columns = ["model", "baseline", "task", "task_kind", "metric", "uplift_pct", "ci_low", "ci_high"]
     if baseline not in scores:
-        return pd.DataFrame(columns=["model", "task", "task_kind", "metric", "uplift_pct", "ci_low", "ci_high"])
+        return pd.DataFrame(columns=columns)
+    boot = bootstrap_metrics(scores, n_boot, seed, groups) if boot is None else boot
     rows = []
     for model, per_task in scores.items():
         if model == baseline:
             continue
-        for task, (y, s) in per_task.items():
-            y_base, s_base = scores[baseline][task]
-            assert np.array_equal(y, y_base, equal_nan=True), "uplift needs the same examples for both models"
-            for name, fn in TRACE_METRICS.items():
-                point, low, high = paired_bootstrap_uplift_ci(fn, y, s, s_base, n_boot=n_boot, seed=seed)
+        for name, fn in TRACE_METRICS.items():
+            points, base_points = {}, {}
+            for task, (y, s) in per_task.items():
+                y_base, s_base = scores[baseline][task]
+                assert np.array_equal(y, y_base, equal_nan=True), "uplift needs the same examples for both models"
+                points[task], base_points[task] = fn(y, s), fn(y, s_base)
+                samples = _uplift(boot[(model, task, name)], boot[(baseline, task, name)])
                 rows.append(
-                    {
-                        "model": model,
-                        "task": task,
-                        "task_kind": task_kind,
-                        "metric": name,
-                        "uplift_pct": point,
-                        "ci_low": low,
-                        "ci_high": high,
-                    }
+                    [
+                        model,
+                        baseline,
+                        task,
+                        task_kind,
+                        name,
+                        uplift_pct(points[task], base_points[task]),
+                        *_interval(samples),
+                    ]
                 )
-    return pd.DataFrame(rows)
+            tasks = list(per_task)
+            mean_model = np.nanmean(np.stack([boot[(model, t, name)] for t in tasks]), axis=0)
+            mean_base = np.nanmean(np.stack([boot[(baseline, t, name)] for t in tasks]), axis=0)
+            point = uplift_pct(float(np.nanmean(list(points.values()))), float(np.nanmean(list(base_points.values()))))
+            rows.append([model, baseline, "mean", task_kind, name, point, *_interval(_uplift(mean_model, mean_base))])
+    return pd.DataFrame(rows, columns=columns)
 
 
 def mean_uplift(metrics: pd.DataFrame, baseline: str = BASELINE) -> pd.DataFrame:
@@ -207,20 +285,24 @@ def render_report(metrics: pd.DataFrame, uplifts: pd.DataFrame, dataset: str, no
             ),
         ]
     if not uplifts.empty:
+        means = uplifts[uplifts["task"] == "mean"]
+        per_task = uplifts[uplifts["task"] != "mean"]
         parts += [
-            "## Per-task uplift vs myopic with paired bootstrap 95% intervals (%)\n",
-            markdown_table(
-                pd.DataFrame(
-                    {
-                        "model": uplifts["model"],
-                        "task": uplifts["task"],
-                        "kind": uplifts["task_kind"],
-                        "metric": uplifts["metric"],
-                        "uplift %": uplifts["uplift_pct"].map(lambda v: f"{v:+.2f}"),
-                        "95% CI": [f"[{lo:+.2f}, {hi:+.2f}]" for lo, hi in zip(uplifts["ci_low"], uplifts["ci_high"])],
-                    }
-                ),
-                max_rows=None,
+            "## Uplift of the mean over tasks, paired user-level bootstrap 95% intervals (%)\n",
+            "Intervals resample test users (the same users for both models). An interval that "
+            "contains 0 does not resolve the comparison at this data size.\n",
+            "| model | vs | kind | metric | uplift % | 95% CI |\n|---|---|---|---|---|---|\n"
+            + "".join(
+                f"| {r.model} | {r.baseline} | {r.task_kind} | {r.metric} | {r.uplift_pct:+.2f} | "
+                f"[{r.ci_low:+.2f}, {r.ci_high:+.2f}] |\n"
+                for r in means.itertuples()
+            ),
+            "## Per-task uplift with paired user-level bootstrap 95% intervals (%)\n",
+            "| model | vs | task | kind | metric | uplift % | 95% CI |\n|---|---|---|---|---|---|---|\n"
+            + "".join(
+                f"| {r.model} | {r.baseline} | {r.task} | {r.task_kind} | {r.metric} | {r.uplift_pct:+.2f} | "
+                f"[{r.ci_low:+.2f}, {r.ci_high:+.2f}] |\n"
+                for r in per_task.itertuples()
             ),
         ]
     conv = metrics[metrics["metric"].isin(["auc", "ndcg"])]

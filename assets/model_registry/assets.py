@@ -72,7 +72,10 @@ def trace_scores(model, events: pd.DataFrame, test: pd.DataFrame, label_columns:
     if list(model.task_names) != label_columns:
         return None
     proba = model.predict_proba(events, test)
-    return float(np.nanmean([auroc(test[c].to_numpy(float), proba[c].to_numpy()) for c in label_columns]))
+    labels = {
+        c: test[c].astype("Float64").to_numpy(dtype=float, na_value=np.nan) for c in label_columns
+    }  # NaN: excluded
+    return float(np.nanmean([auroc(labels[c], proba[c].to_numpy()) for c in label_columns]))
 
 
 def build_model_promotion(gated_checks: Sequence[dg.AssetCheckKey]) -> dg.AssetsDefinition:

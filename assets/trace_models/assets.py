@@ -1,8 +1,11 @@
-"""TRACE and its three baselines: trained on the seen tasks, logged to MLflow, registered.
+"""TRACE and its sequence baselines: trained on the seen tasks, logged to MLflow, registered.
 
-One asset per model (`trace_model`, `myopic_model`, `vanilla_transformer_model`, `lstm_model`),
-built by one factory, so the four share every line of training, logging and evaluation code and
-differ only in `model_lib`'s kind. Independent assets run in parallel under the multiprocess
+One asset per model (`trace_model`, `myopic_model`, `vanilla_transformer_model`, `lstm_model`,
+`mini_gpt_model`, `myopic_last_page_model`), built by one factory, so they share every line of
+training, logging and evaluation code and differ only in `model_lib`'s kind. Which event
+attributes enter the models is the format's declared allow-list (`model_lib.encoding`
+`ATTRIBUTE_ALLOW_LISTS`, chosen by the `event_format` recorded in `training_tasks`). The
+aggregate baselines are in `aggregate_models.py`. Independent assets run in parallel under the multiprocess
 executor; each pins torch to `torch_threads` so two of them share the two cores fairly.
 
 Each asset writes, under `TRACE_DAGSTER_HOME/models/<model>/<dagster run id>/`:
@@ -23,14 +26,14 @@ from pydantic import Field
 
 from assets.common.training import ModelTrainingConfig, epoch_logger
 from assets.training_data.assets import read_tasks, training_examples
-from model_lib.embedding_service import UserModel
-from model_lib.encoding import EncoderConfig
+from model_lib.embedding_service import UserModel, labels_tensor
+from model_lib.encoding import EncoderConfig, attribute_rules_for
 from model_lib.metrics import auprc, auroc
 from resources.mlflow_tracking import MLflowTracking
 from resources.paths import TraceDagsterPaths
 from resources.warehouse import DuckDBWarehouse
 
-SEQUENCE_MODELS = ("trace", "myopic", "vanilla_transformer", "lstm")
+SEQUENCE_MODELS = ("trace", "myopic", "vanilla_transformer", "lstm", "mini_gpt", "myopic_last_page")
 GROUP = "trace_models"
 OWNERS = ["team:ml-platform"]
 LOADER = "model_lib.embedding_service:UserModel.load"
@@ -40,6 +43,8 @@ DESCRIPTIONS = {
     "myopic": "Myopic baseline: the TRACE network fed only the user's most recent session.",
     "vanilla_transformer": "Vanilla transformer baseline: event names only, sinusoidal positions.",
     "lstm": "LSTM baseline over the same inputs as TRACE.",
+    "mini_gpt": "Mini-GPT baseline: a small causal transformer over page names with a next-page loss.",
+    "myopic_last_page": "Myopic baseline, last-page reading: the TRACE network fed only the most recent page.",
 }
 
 
@@ -58,6 +63,12 @@ def load_sequence_inputs(warehouse: DuckDBWarehouse) -> tuple[pd.DataFrame, pd.D
               AND event_time < (SELECT max(cutoff) FROM training_examples)
             ORDER BY user_id, event_index""").df()
     return examples, events, tasks
+
+
+def attribute_rules_of(tasks: pd.DataFrame):
+    """The attribute allow-list of the event format the examples were built from."""
+    event_format = str(tasks["event_format"].iloc[0]) if "event_format" in tasks.columns else "canonical"
+    return attribute_rules_for(event_format)
 
 
 def build_sequence_model_asset(kind: str) -> dg.AssetsDefinition:
@@ -107,7 +118,7 @@ def build_sequence_model_asset(kind: str) -> dg.AssetsDefinition:
                 train,
                 valid,
                 label_columns,
-                encoder_config=EncoderConfig(max_len=config.max_len),
+                encoder_config=EncoderConfig(max_len=config.max_len, attributes=attribute_rules_of(tasks)),
                 train_config=config.train_config(),
                 on_epoch=epoch_logger(context, kind, unit="seq/s"),
                 checkpoint_path=paths.checkpoints_dir / f"{kind}-{context.run_id}.pt",  # a retried step resumes
@@ -132,7 +143,8 @@ def build_sequence_model_asset(kind: str) -> dg.AssetsDefinition:
             test = examples["split"].to_numpy() == "test"
             test_metrics = {}
             for task, column in zip(seen["task"], label_columns):
-                y, p = examples.loc[test, column].to_numpy(float), predictions.loc[test, f"p_{task}"].to_numpy()
+                y = labels_tensor(examples.loc[test], [column]).numpy()[:, 0]  # NaN: excluded label
+                p = predictions.loc[test, f"p_{task}"].to_numpy()
                 test_metrics[f"test_auroc_{task}"] = auroc(y, p)
                 test_metrics[f"test_auprc_{task}"] = auprc(y, p)
             test_metrics["test_mean_auroc"] = float(np.nanmean([v for k, v in test_metrics.items() if "auroc" in k]))

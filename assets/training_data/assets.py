@@ -44,11 +44,18 @@ def task_set_for(event_source: EventSource, tasks_file: str = "") -> TaskSet:
     """The task set in force: a file if given, else the default of the input format."""
     if tasks_file:
         return load_task_set(tasks_file)
-    return default_task_set("simulator" if event_source.uses_simulator else event_source.preset.name)
+    return default_task_set(event_format_of(event_source))
 
 
-def task_frame(task_set: TaskSet) -> pd.DataFrame:
-    """The `training_tasks` table: which label columns are seen (train) and unseen (probes only)."""
+def event_format_of(event_source: EventSource) -> str:
+    """`simulator` or the TRACE_DAGSTER_EVENTS_FORMAT preset: keys of the per-format defaults
+    (tasks, attribute allow-lists)."""
+    return "simulator" if event_source.uses_simulator else event_source.preset.name
+
+
+def task_frame(task_set: TaskSet, event_format: str = "canonical") -> pd.DataFrame:
+    """The `training_tasks` table: which label columns are seen (train) and unseen (probes only),
+    and the event format the examples come from (it selects the attribute allow-list)."""
     return pd.DataFrame(
         [
             {
@@ -60,6 +67,7 @@ def task_frame(task_set: TaskSet) -> pd.DataFrame:
                 "label_sql": t.label_sql,
                 "description": t.description,
                 "task_set": task_set.name,
+                "event_format": event_format,
             }
             for i, t in enumerate(task_set.tasks)
         ]
@@ -122,7 +130,7 @@ def training_examples(
     with warehouse.connect() as con:
         cutoffs = cutoff_times(con, task_set)
         rows = warehouse.replace_table(con, "training_examples", training_examples_sql(task_set, cutoffs))
-        con.register("task_frame", task_frame(task_set))
+        con.register("task_frame", task_frame(task_set, event_format_of(event_source)))
         warehouse.replace_table(con, "training_tasks", "SELECT * FROM task_frame")
         examples = con.sql("SELECT * FROM training_examples").df()
         catalog = warehouse_table_metadata(con, "training_examples", TRAINING_EXAMPLES_COLUMNS, preview_rows=5)
@@ -172,7 +180,11 @@ def training_examples_labels_are_learnable(warehouse: DuckDBWarehouse) -> dg.Ass
     with warehouse.connect(read_only=True) as con:
         train = con.sql("SELECT * FROM training_examples WHERE split = 'train'").df()
     labels = [c for c in train.columns if c.startswith("label_")]
-    rates = {c.removeprefix("label_"): float(train[c].mean()) if len(train) else float("nan") for c in labels}
+    # next-session labels are NULL for users with no next session (excluded): rates over the labelled
+    rates = {
+        c.removeprefix("label_"): float(train[c].astype("Float64").mean()) if train[c].notna().any() else float("nan")
+        for c in labels
+    }
     degenerate = sorted(t for t, r in rates.items() if not 0 < r < 1)
     return dg.AssetCheckResult(
         passed=not degenerate and len(train) > 0,

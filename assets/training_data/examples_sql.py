@@ -2,6 +2,23 @@
 
 Kept as plain functions over a DuckDB connection so that tests and benchmarks can run the exact
 queries the assets run, on any connection that has a `sessionized_events` relation.
+
+Two rules define what an example means; the pipeline, the baselines' features and the test
+helpers (tests/trace_test_data.py) all follow them:
+
+- **No straddling** (`history_events_sql`): a session belongs to an example's history if it
+  ended before the cutoff, to its future if it started at or after the cutoff; a session in
+  progress at the cutoff belongs to *neither* side. Its events before the cutoff are not
+  history (`history_end`, the session's start, is where the history stops) and its events
+  after the cutoff are not labels. We keep the cutoff itself fixed instead of moving it to the
+  session boundary: a moved cutoff would tell the model (through the recency features) that a
+  session was under way, i.e. that the user returns, which is a label.
+- **No next session** (`NO_NEXT_SESSION`): a `next_session` task is about the user's first
+  session that starts within the horizon after the cutoff. If there is none, its label is
+  *excluded* (NULL): "what happens in the next session" has no answer, and counting it as
+  "returned without it" would mix the return rate into every next-session task. Excluded
+  labels are masked out of the losses and dropped by the metrics. `horizon` tasks have a
+  window for everyone, so no event in it is an explicit negative (false).
 """
 
 from __future__ import annotations
@@ -9,6 +26,7 @@ from __future__ import annotations
 from datetime import datetime, timedelta
 
 import duckdb
+import numpy as np
 import pandas as pd
 
 from assets.training_data.tasks import EngagementTask, TaskSet
@@ -55,6 +73,27 @@ def cutoff_times(con: duckdb.DuckDBPyConnection, task_set: TaskSet) -> list[date
     return [last - k * task_set.cutoff_step for k in range(task_set.n_cutoffs)]
 
 
+NO_NEXT_SESSION = None  # the label of a next_session task when the user has no next session
+
+
+def next_session_label(hit, has_next_session) -> np.ndarray:
+    """The no-next-session rule on arrays (the python twin of the SQL): float 1/0, NaN where
+    the user has no session starting within the horizon."""
+    hit = np.asarray(hit, dtype=bool)
+    has_next_session = np.asarray(has_next_session, dtype=bool)
+    return np.where(has_next_session, hit.astype(np.float64), np.nan)
+
+
+def history_events_sql(examples: str = "training_examples") -> str:
+    """Each example's history events (the no-straddle rule): `example_id`, `cutoff` and the event
+    columns the aggregate baselines need, for events strictly before the example's `history_end`."""
+    return f"""
+        SELECT x.example_id, x.cutoff, e.event_name, e.event_time, e.event_index, e.session_id,
+               e.session_index, e.item_id, e.category
+        FROM {examples} x JOIN sessionized_events e
+          ON e.user_id = x.user_id AND e.event_time < x.history_end"""
+
+
 def _label_select(tasks: tuple[EngagementTask, ...]) -> str:
     return ",\n               ".join(f"CAST(({t.label_sql}) AS BOOLEAN) AS {t.column}" for t in tasks)
 
@@ -62,9 +101,10 @@ def _label_select(tasks: tuple[EngagementTask, ...]) -> str:
 def training_examples_sql(task_set: TaskSet, cutoffs: list[datetime]) -> str:
     """One row per (user, cutoff) with the user active in the observation window before the cutoff.
 
-    Reads `sessionized_events` and `user_splits`. History is everything strictly before the
-    cutoff; labels come from events in [cutoff, cutoff + horizon), or from the first session with
-    events in that window (its events from the cutoff on) for `next_session` tasks.
+    Reads `sessionized_events` and `user_splits`. History is every session that ended before the
+    cutoff (events before `history_end`); labels come from the sessions that start in
+    [cutoff, cutoff + horizon) (their events in that window), or from the first of them for
+    `next_session` tasks (NULL if there is none). See the module docstring for both rules.
     """
     if not cutoffs:
         raise ValueError("no cutoffs")
@@ -83,17 +123,31 @@ def training_examples_sql(task_set: TaskSet, cutoffs: list[datetime]) -> str:
                {_label_select(tasks)}
             FROM {source} GROUP BY user_id, cutoff
         ) AS {source}_labels USING (user_id, cutoff)""")
-        label_of.update({t.name: f"coalesce({source}_labels.{t.column}, false) AS {t.column}" for t in tasks})
+        if window == "horizon":  # everyone has a window: nothing in it is an explicit negative
+            label_of.update({t.name: f"coalesce({source}_labels.{t.column}, false) AS {t.column}" for t in tasks})
+        else:  # no next session: excluded (NO_NEXT_SESSION), the LEFT JOIN leaves NULL
+            label_of.update({t.name: f"{source}_labels.{t.column} AS {t.column}" for t in tasks})
     columns = [label_of[t.name] for t in task_set.tasks]
     return f"""
     WITH cutoffs(cutoff) AS (VALUES {values}),
+    sessions AS (
+        SELECT user_id, session_id, min(event_time) AS session_start, max(event_time) AS session_end
+        FROM sessionized_events GROUP BY ALL
+    ),
+    in_progress AS (  -- the session (at most one per user) that straddles a cutoff: neither side
+        SELECT s.user_id, c.cutoff, min(s.session_start) AS session_start
+        FROM sessions s JOIN cutoffs c ON s.session_start < c.cutoff AND s.session_end >= c.cutoff
+        GROUP BY ALL
+    ),
     examples AS (
-        SELECT e.user_id, c.cutoff,
+        SELECT e.user_id, c.cutoff, coalesce(p.session_start, c.cutoff) AS history_end,
                count(*) AS n_history_events,
                count(DISTINCT e.session_id) AS n_history_sessions,
                max(e.event_time) AS last_event_time
         FROM sessionized_events e JOIN cutoffs c ON e.event_time < c.cutoff
-        GROUP BY e.user_id, c.cutoff
+        LEFT JOIN in_progress p ON p.user_id = e.user_id AND p.cutoff = c.cutoff
+        WHERE e.event_time < coalesce(p.session_start, c.cutoff)
+        GROUP BY e.user_id, c.cutoff, p.session_start
         HAVING max(e.event_time) >= c.cutoff - {observation}
     ),
     first_seen_category AS (
@@ -106,11 +160,12 @@ def training_examples_sql(task_set: TaskSet, cutoffs: list[datetime]) -> str:
     ),
     future AS (
         SELECT e.*, x.cutoff,
-               coalesce(fc.first_seen < x.cutoff, false) AS category_seen_before,
-               coalesce(fi.first_seen < x.cutoff, false) AS item_seen_before
+               coalesce(fc.first_seen < x.history_end, false) AS category_seen_before,
+               coalesce(fi.first_seen < x.history_end, false) AS item_seen_before
         FROM examples x
         JOIN sessionized_events e
           ON e.user_id = x.user_id AND e.event_time >= x.cutoff AND e.event_time < x.cutoff + {horizon}
+        JOIN sessions s ON s.session_id = e.session_id AND s.session_start >= x.cutoff
         LEFT JOIN first_seen_category fc ON fc.user_id = e.user_id AND fc.category = e.category
         LEFT JOIN first_seen_item fi ON fi.user_id = e.user_id AND fi.item_id = e.item_id
     ),
@@ -119,7 +174,7 @@ def training_examples_sql(task_set: TaskSet, cutoffs: list[datetime]) -> str:
         QUALIFY session_index = min(session_index) OVER (PARTITION BY user_id, cutoff)
     )
     SELECT x.user_id || '@' || strftime(x.cutoff, '%Y-%m-%dT%H:%M:%S') AS example_id,
-           x.user_id, x.cutoff, s.split,
+           x.user_id, x.cutoff, x.history_end, s.split,
            x.n_history_events, x.n_history_sessions,
            epoch(x.cutoff) - epoch(x.last_event_time) AS seconds_since_last_event,
            {", ".join(columns)}
@@ -142,8 +197,11 @@ def label_balance(examples: pd.DataFrame, task_set: TaskSet) -> pd.DataFrame:
                     "kind": task.kind,
                     "split": split,
                     "examples": len(labels),
-                    "positives": int(labels.sum()),
-                    "positive_rate": float(labels.mean()) if len(labels) else float("nan"),
+                    "labelled": int(labels.notna().sum()),  # next-session tasks exclude users who did not return
+                    "positives": int(labels.fillna(False).astype(bool).sum()),
+                    "positive_rate": float(labels.dropna().astype(float).mean())
+                    if labels.notna().any()
+                    else float("nan"),
                 }
             )
     return pd.DataFrame(rows)
