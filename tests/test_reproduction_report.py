@@ -4,16 +4,8 @@ import dagster as dg
 import numpy as np
 import pytest
 
-from assets.reproduction.statistics import UserResampler, paired_uplift, verdict
+from assets.reproduction.statistics import paired_uplift, verdict
 from model_lib.metrics import auroc
-
-
-def test_user_resampler_keeps_users_whole():
-    users = np.array(["a", "a", "a", "b", "c", "c"])
-    rows = UserResampler(users, seed=1).draw()
-    drawn = users[rows]
-    for u in set(drawn):
-        assert (drawn == u).sum() % (users == u).sum() == 0  # every copy of a user brings all its rows
 
 
 def test_paired_uplift_sees_a_real_difference_and_no_fake_one():

@@ -260,7 +260,7 @@ def _all_events(ds: ReproductionDataset) -> pd.DataFrame:
 def reproduction_runs(context: dg.AssetExecutionContext, config: ReproductionConfig, paths: TraceDagsterPaths):
     torch.set_num_threads(config.torch_threads)
     started = time.perf_counter()
-    root = runs_dir(paths) / "datasets" / context.asset_key.path[-1]  # one per asset: the two jobs may run at once
+    root = runs_dir(paths) / "datasets" / context.run_id[:8]  # one per run: runs may go on at once
     runner = Runner(
         context, config.train_config(), "main", config.size_value("max_len"), runs_dir(paths), "reproduction"
     )
@@ -307,7 +307,7 @@ def reproduction_runs(context: dg.AssetExecutionContext, config: ReproductionCon
 def ablation_runs(context: dg.AssetExecutionContext, config: AblationConfig, paths: TraceDagsterPaths):
     torch.set_num_threads(config.torch_threads)
     started = time.perf_counter()
-    root = runs_dir(paths) / "datasets" / context.asset_key.path[-1]  # one per asset: the two jobs may run at once
+    root = runs_dir(paths) / "datasets" / context.run_id[:8]  # one per run: runs may go on at once
     runner = Runner(
         context, config.train_config(), "ablation", config.size_value("max_len"), runs_dir(paths), "ablation"
     )

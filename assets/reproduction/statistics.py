@@ -1,15 +1,11 @@
-"""User-level, seed-aware intervals for the reproduction report.
+"""Intervals over several tasks, seeds and test users for the reproduction report.
 
-LOCAL INTERFACE, to be replaced by the protocol work (issue 12 item 1, branch `protocol`, in
-`model_lib/metrics.py`) when it lands: these functions only implement what the report needs from
-it, under names the report alone calls, so the switch is an import change.
-
-Why users and seeds: every user sits at up to three cutoffs, so resampling example rows treats
-correlated rows as independent and gives intervals that are too narrow; and one training seed
-hides how much a figure moves from one run to the next. Each bootstrap replicate here draws the
-test *users* with replacement (all their rows come along, the same users for both models: a
-paired comparison) and, independently for each model, its seeds with replacement; a model's
-figure in the replicate is the mean over the drawn seeds.
+Built on the protocol's ``model_lib.metrics.GroupResampler`` (users, not rows, are resampled; the
+same users for both models: a paired comparison). What this adds is the report's headline
+shape: the uplift of the *mean over tasks* of a seed-averaged metric, each bootstrap replicate
+drawing the test users once for every task and, independently for each model, its training
+seeds with replacement (``model_lib.metrics.seeds_uplift_ci`` is the one-task case); and the
+same for a per-user quantity such as per-user NDCG.
 """
 
 from __future__ import annotations
@@ -18,34 +14,9 @@ from collections.abc import Callable
 
 import numpy as np
 
-from model_lib.metrics import auroc, uplift_pct
+from model_lib.metrics import GroupResampler, auroc, uplift_pct
 
 MetricFn = Callable[[np.ndarray, np.ndarray], float]
-
-
-class UserResampler:
-    """Row indices of bootstrap replicates that draw users (clusters of rows) with replacement."""
-
-    def __init__(self, users: np.ndarray, seed: int = 0):
-        codes, uniques = _codes(users)
-        self.order = np.argsort(codes, kind="stable")  # rows grouped by user
-        self.counts = np.bincount(codes, minlength=len(uniques))
-        self.starts = np.concatenate([[0], np.cumsum(self.counts)[:-1]])
-        self.n_users = len(uniques)
-        self.rng = np.random.default_rng(seed)
-
-    def draw(self) -> np.ndarray:
-        users = self.rng.integers(0, self.n_users, self.n_users)
-        lengths = self.counts[users]
-        total = int(lengths.sum())
-        # position k of the replicate -> start of its user + offset within the user
-        offsets = np.arange(total) - np.repeat(np.cumsum(lengths) - lengths, lengths)
-        return self.order[np.repeat(self.starts[users], lengths) + offsets]
-
-
-def _codes(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    uniques, codes = np.unique(np.asarray(values).astype(str), return_inverse=True)
-    return codes, uniques
 
 
 def seed_mean(metric: MetricFn, y: np.ndarray, scores: np.ndarray, rows=None, seeds=None) -> float:
@@ -83,11 +54,10 @@ def paired_uplift(
     point_b = mean_over_tasks(baseline, None, None)
     per_seed_m = [mean_over_tasks(model, None, [s]) for s in range(n_model)]
     per_seed_b = [mean_over_tasks(baseline, None, [s]) for s in range(n_base)]
-    resampler = UserResampler(users, seed)
+    resampler = GroupResampler(np.asarray(users).astype(str), len(users))
     seed_rng = np.random.default_rng(seed + 1)
     samples = []
-    for _ in range(n_boot):
-        rows = resampler.draw()
+    for rows in resampler.replicates(n_boot, seed):
         seeds_m = seed_rng.integers(0, n_model, n_model)
         seeds_b = seed_rng.integers(0, n_base, n_base)
         samples.append(uplift_pct(mean_over_tasks(model, rows, seeds_m), mean_over_tasks(baseline, rows, seeds_b)))
@@ -104,7 +74,7 @@ def paired_uplift(
         "baseline_sd": float(np.std(per_seed_b, ddof=1)) if n_base > 1 else float("nan"),
         "seeds": n_model,
         "baseline_seeds": n_base,
-        "users": resampler.n_users,
+        "users": resampler.n_groups,
     }
 
 
@@ -163,4 +133,4 @@ def verdict(ci_low: float, ci_high: float, claimed_positive: bool = True) -> str
     return "not resolvable at this data size"
 
 
-__all__ = ["UserResampler", "paired_uplift", "paired_user_mean_uplift", "seed_mean", "verdict"]
+__all__ = ["paired_uplift", "paired_user_mean_uplift", "seed_mean", "verdict"]
