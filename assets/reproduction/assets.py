@@ -22,6 +22,7 @@ import pandas as pd
 import torch
 from pydantic import Field
 
+import assets.reproduction.report as report_module
 from assets.reproduction.datasets import ReproductionDataset, build_dataset
 from assets.reproduction.experiments import EXTRA_MODELS, Variant, funnel_samples, run_funnel, run_sequence
 from assets.reproduction.report import (
@@ -342,6 +343,10 @@ def ablation_runs(context: dg.AssetExecutionContext, config: AblationConfig, pat
     )
 
 
+class ReportConfig(dg.Config):
+    bootstrap: int = Field(default=300, description="Bootstrap replicates per interval (users and seeds).")
+
+
 def _read(folder: Path, prefix: str, name: str) -> pd.DataFrame:
     """Rows of every run of ``prefix``; where two runs trained the same (dataset, experiment,
     variant, training size), the most recent file wins."""
@@ -364,7 +369,10 @@ def _read(folder: Path, prefix: str, name: str) -> pd.DataFrame:
     description="The papers' tables beside ours per dataset, one verdict per claim with user- and seed-"
     "resampling intervals, ablation bars, learning curves: reports/reproduction_latest.md (+ .html).",
 )
-def reproduction_report(context: dg.AssetExecutionContext, paths: TraceDagsterPaths) -> dg.MaterializeResult:
+def reproduction_report(
+    context: dg.AssetExecutionContext, config: ReportConfig, paths: TraceDagsterPaths
+) -> dg.MaterializeResult:
+    report_module.N_BOOT = config.bootstrap
     folder = runs_dir(paths)
     scores, ndcg, runs = (_read(folder, "reproduction", n) for n in ("scores", "ndcg", "runs"))
     ab_scores, ab_ndcg, ab_runs = (_read(folder, "ablation", n) for n in ("scores", "ndcg", "runs"))
