@@ -38,10 +38,17 @@ What the paper leaves open, and what we chose (config fields in brackets):
   linear and sum) no setting beat lambda = 0: tau = 1 or lambda = 0.1 were within noise
   (NDCG 0.370-0.377), and the sharp settings (tau <= 0.1 with lambda = 1) lowered NDCG to
   0.356-0.367. Sensitivity to tau is one of the paper's open questions; re-tune on new data.
+
+Ablation switches (defaults = the model above): ``perm_weight`` = 0 (no sorting term), ``tau``,
+``nonnegative_weights`` (linear weights constrained >= 0 through a softplus),
+``relevance="label_aggregation"`` (the true order from the aggregation operator applied to the
+label vectors instead of the funnel depth) and ``task_bce=False`` (the permutation loss alone,
+without per-task BCE: what the paper's "no extra loss per added label" suggests).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -54,6 +61,7 @@ from model_lib.metrics import auroc, ndcg_at_k
 from model_lib.training import iterate_batches
 
 AGGREGATIONS = ("linear", "mul", "max", "sum")
+RELEVANCES = ("funnel_depth", "label_aggregation")
 _AGGREGATION_ALIASES = {"multiplicative": "mul", "product": "mul"}
 
 
@@ -91,6 +99,10 @@ class MTLDSConfig:
     softsort_power: float = 1.0  # p in |sort(s) 1^T - 1 s^T|^p
     perm_weight: float = 1.0  # lambda; 0 disables the permutation loss
     list_size: int = 32  # samples per sorted list
+    # ablation switches (defaults = the model above)
+    nonnegative_weights: bool = False  # linear weights w = softplus(v) >= 0 (start at 1)
+    relevance: str = "funnel_depth"  # or "label_aggregation": agg(label vector), as the paper motivates
+    task_bce: bool = True  # False: the permutation loss alone trains the towers (no per-task BCE)
 
     def __post_init__(self):
         self.funnel_tasks, self.extra_tasks = tuple(self.funnel_tasks), tuple(self.extra_tasks)
@@ -101,6 +113,10 @@ class MTLDSConfig:
         self.aggregation = canonical_aggregation(self.aggregation)
         if not self.funnel_tasks:
             raise ValueError("funnel_tasks must name at least one stage")
+        if self.relevance not in RELEVANCES:
+            raise ValueError(f"relevance must be one of {RELEVANCES}, got {self.relevance!r}")
+        if not self.task_bce and self.perm_weight <= 0:
+            raise ValueError("task_bce=False needs perm_weight > 0: nothing would train the towers")
         if self.tau <= 0 or self.list_size < 2:
             raise ValueError(f"need tau > 0 and list_size >= 2, got tau={self.tau}, list_size={self.list_size}")
 
@@ -194,14 +210,24 @@ class Aggregation(nn.Module):
     predicted probabilities never have.
     """
 
-    def __init__(self, kind: str, n_tasks: int):
+    def __init__(self, kind: str, n_tasks: int, nonnegative: bool = False):
         super().__init__()
         self.kind = canonical_aggregation(kind)
-        self.weight = nn.Parameter(torch.ones(n_tasks)) if self.kind == "linear" else None
+        self.nonnegative = nonnegative
+        # nonnegative: w = softplus(v), v starting at softplus^-1(1) so that w starts at 1 as well
+        start = math.log(math.e - 1.0) if nonnegative else 1.0
+        self.weight = nn.Parameter(torch.full((n_tasks,), start)) if self.kind == "linear" else None
+
+    @property
+    def weights(self) -> Tensor | None:
+        """The linear weights as applied (after the >= 0 constraint), None for other kinds."""
+        if self.weight is None:
+            return None
+        return F.softplus(self.weight) if self.nonnegative else self.weight
 
     def forward(self, probs: Tensor) -> Tensor:
         if self.kind == "linear":
-            return probs @ self.weight
+            return probs @ self.weights
         if self.kind == "mul":
             return probs.prod(dim=-1)
         if self.kind == "max":
@@ -308,7 +334,7 @@ class MTLDS(FunnelModel):
         super().__init__(cfg)
         self.input = FunnelInput(cfg)
         self.net = SharedBottomTowers(self.input.out_dim, cfg)
-        self.aggregate = Aggregation(cfg.aggregation, self.n_funnel)
+        self.aggregate = Aggregation(cfg.aggregation, self.n_funnel, nonnegative=cfg.nonnegative_weights)
 
     def task_logits(self, batch: dict[str, Tensor]) -> Tensor:
         return self.net(self.input(batch))  # [B, T]
@@ -325,12 +351,22 @@ class MTLDS(FunnelModel):
         if usable == 0:
             return probs.sum() * 0.0
         scores = self.aggregate(probs[:usable, : self.n_funnel]).view(-1, n)  # [L, n]
-        depth = funnel_depth(labels[:usable, : self.n_funnel]).view(-1, n)  # [L, n]
-        return permutation_loss(scores, depth, self.cfg.tau, self.cfg.softsort_power)
+        relevance = self.relevance(labels[:usable, : self.n_funnel]).view(-1, n)  # [L, n]
+        return permutation_loss(scores, relevance, self.cfg.tau, self.cfg.softsort_power)
+
+    def relevance(self, funnel_labels: Tensor) -> Tensor:
+        """True order of the samples: funnel depth (default), or the aggregation operator applied
+        to the label vector itself (``relevance="label_aggregation"``, the paper's motivation; the
+        learned linear weights are detached so that the target cannot move to meet the scores).
+        funnel_labels [B, K] -> [B]."""
+        if self.cfg.relevance == "funnel_depth":
+            return funnel_depth(funnel_labels)
+        with torch.no_grad():
+            return self.aggregate(funnel_labels)
 
     def loss(self, batch: dict[str, Tensor]) -> Tensor:
         logits = self.task_logits(batch)  # [B, T]
-        loss = self.bce(logits, batch["labels"])
+        loss = self.bce(logits, batch["labels"]) if self.cfg.task_bce else logits.sum() * 0.0
         if self.cfg.perm_weight > 0:
             loss = loss + self.cfg.perm_weight * self.ranking_loss(torch.sigmoid(logits), batch["labels"])
         return loss
@@ -363,6 +399,13 @@ def per_user_ndcg(
     each list first, because ``ndcg_at_k`` breaks score ties by position and the sample order
     (by time) must not decide ties.
     """
+    rel_m, sc_m = _user_lists(groups, relevance, scores, seed)
+    return ndcg_at_k(rel_m, sc_m, k=k)
+
+
+def _user_lists(groups: np.ndarray, relevance: np.ndarray, scores: np.ndarray, seed: int) -> tuple:
+    """Padded [n_users, max_items] relevance and score matrices, one row per group code (sorted),
+    items shuffled within each row (see ``per_user_ndcg``)."""
     rng = np.random.default_rng(seed)
     order = rng.permutation(len(groups))
     order = order[np.argsort(groups[order], kind="stable")]  # grouped by user, shuffled within
@@ -373,7 +416,17 @@ def per_user_ndcg(
     rel_m = np.zeros((len(starts), counts.max()))
     sc_m = np.full((len(starts), counts.max()), -np.inf)
     rel_m[row, pos], sc_m[row, pos] = rel, sc
-    return ndcg_at_k(rel_m, sc_m, k=k)
+    return rel_m, sc_m
+
+
+def per_user_ndcg_values(
+    groups: np.ndarray, relevance: np.ndarray, scores: np.ndarray, k: int | None = None, seed: int = 0
+) -> np.ndarray:
+    """NDCG@k of each user's list: [n_users] in the order of the sorted group codes, NaN for users
+    without a relevant item. Its nanmean is ``per_user_ndcg``; the values let intervals resample
+    users."""
+    rel_m, sc_m = _user_lists(groups, relevance, scores, seed)
+    return np.array([ndcg_at_k(r[None], s[None], k=k) for r, s in zip(rel_m, sc_m)], dtype=np.float64)
 
 
 def evaluate(model: FunnelModel, data: dict[str, Tensor], k: int | None = None, batch_size: int = 4096) -> dict:
@@ -397,6 +450,7 @@ def evaluate(model: FunnelModel, data: dict[str, Tensor], k: int | None = None, 
 __all__ = [
     "AGGREGATIONS",
     "MTLDS",
+    "RELEVANCES",
     "Aggregation",
     "FunnelInput",
     "FunnelModel",
@@ -406,6 +460,7 @@ __all__ = [
     "funnel_depth",
     "mlp",
     "per_user_ndcg",
+    "per_user_ndcg_values",
     "permutation_loss",
     "predict",
     "softsort",

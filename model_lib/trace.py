@@ -20,7 +20,13 @@ Class weights: the secondary summary gives w_k = 1 / positive rate for positives
 *balanced* form w_pos = 1 / (2 p), w_neg = 1 / (2 (1 - p)) by default, which gives positives
 the same relative weight against negatives as 1/p does up to the (1-p) factor, but keeps every
 task's loss on the same scale (mean weight 1) so that no task dominates the sum;
-``class_weighting="inverse_positive_rate"`` gives the summary's form. Missing labels (NaN)
+``class_weighting="inverse_positive_rate"`` gives the summary's form.
+
+Ablation switches (config fields; the defaults are the paper's model): ``use_event_positions``,
+``use_session_positions`` (off = that embedding is left out, so the output is invariant to a
+permutation of those positions), ``position_encoding`` ("sinusoidal" = fixed sin/cos tables in
+place of the learned ones), ``n_layers`` and ``class_weighting``. The session gap is a
+sessionization parameter (``sessionized_events``), not a model field. Missing labels (NaN)
 are masked out of the loss.
 
 The sequence -> pooled-vector part is ``SequenceUserModel.pool``; the baselines
@@ -37,6 +43,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 CLASS_WEIGHTINGS = ("balanced", "inverse_positive_rate", "none")
+POSITION_ENCODINGS = ("learned", "sinusoidal")
 
 
 @dataclass
@@ -54,6 +61,7 @@ class TRACEConfig:
     embedding_dim: int = 32  # size of the user embedding (shared dense layer)
     use_event_positions: bool = True  # ablation switches: the paper's open question
     use_session_positions: bool = True
+    position_encoding: str = "learned"  # "learned" (the paper) or "sinusoidal" (fixed tables)
     class_weighting: str = "balanced"
     task_names: tuple[str, ...] = field(default_factory=tuple)
 
@@ -140,15 +148,43 @@ class Block(nn.Module):
         return x + self.drop(self.ff(self.ln2(x)))
 
 
-class EventEmbedding(nn.Module):
-    """Per-event input vector: attribute embeddings + time projection (+ event/session positions)."""
+class FixedPositions(nn.Module):
+    """Sinusoidal position table used like an ``nn.Embedding``: ids [...] -> [..., D]. Not in the
+    state dict (it is a function of its shape), so it adds no parameter."""
 
-    def __init__(self, vocab_sizes, n_time_features, d_model, max_len=0, max_sessions=0, padding_idx=0):
+    def __init__(self, n_positions: int, dim: int):
         super().__init__()
+        self.register_buffer("table", sinusoidal_table(n_positions, dim), persistent=False)
+
+    def forward(self, ids: Tensor) -> Tensor:
+        return self.table[ids.long()]
+
+
+class EventEmbedding(nn.Module):
+    """Per-event input vector: attribute embeddings + time projection (+ event/session positions).
+
+    ``max_len`` / ``max_sessions`` = 0 leaves that position out (the ablation "positions off");
+    ``position_encoding="sinusoidal"`` swaps both learned tables for fixed sin/cos ones.
+    """
+
+    def __init__(
+        self,
+        vocab_sizes,
+        n_time_features,
+        d_model,
+        max_len=0,
+        max_sessions=0,
+        padding_idx=0,
+        position_encoding: str = "learned",
+    ):
+        super().__init__()
+        if position_encoding not in POSITION_ENCODINGS:
+            raise ValueError(f"position_encoding must be one of {POSITION_ENCODINGS}, got {position_encoding!r}")
+        positions = nn.Embedding if position_encoding == "learned" else FixedPositions
         self.categorical = nn.ModuleList(nn.Embedding(v, d_model, padding_idx=padding_idx) for v in vocab_sizes)
         self.time = nn.Linear(n_time_features, d_model) if n_time_features else None
-        self.event_pos = nn.Embedding(max_len, d_model) if max_len else None
-        self.session_pos = nn.Embedding(max_sessions, d_model) if max_sessions else None
+        self.event_pos = positions(max_len, d_model) if max_len else None
+        self.session_pos = positions(max_sessions, d_model) if max_sessions else None
 
     def forward(self, batch: dict[str, Tensor]) -> Tensor:
         ids = batch["cat_ids"]  # [B, L, C]
@@ -212,6 +248,7 @@ class TRACE(SequenceUserModel):
             c.d_model,
             max_len=c.max_len if c.use_event_positions else 0,
             max_sessions=c.max_sessions if c.use_session_positions else 0,
+            position_encoding=c.position_encoding,
         )
         self.drop = nn.Dropout(c.dropout)
         self.blocks = nn.ModuleList(Block(c.d_model, c.n_heads, c.d_ff, c.dropout) for _ in range(c.n_layers))
@@ -242,9 +279,11 @@ def sinusoidal_table(n_positions: int, dim: int) -> Tensor:
 
 
 __all__ = [
+    "POSITION_ENCODINGS",
     "TRACE",
     "Block",
     "EventEmbedding",
+    "FixedPositions",
     "SelfAttention",
     "SequenceUserModel",
     "TRACEConfig",

@@ -16,6 +16,7 @@ from assets.ingestion.raw_events import ingested_events, ingestion_checks
 from assets.ingestion.sessionized_events import sessionization_checks, sessionized_events
 from assets.model_registry.assets import build_model_promotion, upstream_check_keys
 from assets.monitoring.assets import drift_below_threshold, drift_report, model_outputs_stable
+from assets.reproduction.assets import REPRODUCTION_ASSETS
 from assets.serving.assets import user_embeddings, user_embeddings_are_complete
 from assets.trace_models.aggregate_models import aggregate_model_assets
 from assets.trace_models.assets import sequence_model_assets
@@ -61,7 +62,7 @@ _ASSETS_BUT_THE_GATE = [
     drift_report,
 ]
 model_promotion = build_model_promotion(upstream_check_keys(_ASSETS_BUT_THE_GATE, ASSET_CHECKS))
-ASSETS = [*_ASSETS_BUT_THE_GATE, model_promotion]
+ASSETS = [*_ASSETS_BUT_THE_GATE, model_promotion, *REPRODUCTION_ASSETS]
 
 
 def build_resources(home: str = "", tracking_uri: str | None = None, **event_source: object) -> dict:

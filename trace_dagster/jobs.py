@@ -8,6 +8,9 @@
 - `rollback_champion`: restore the `previous` version of a registered model as `champion`.
 - `score_users` (contract.md): the champion's embeddings and probabilities for a file of raw
   events or a date range of the warehouse, streamed to parquet (`assets/serving/scoring.py`).
+- `reproduction` / `ablations` (contract.md): seeds, the papers' comparison set and learning
+  curves / the config switches, each ending in `reproduction_report`. Off the default path:
+  `full_pipeline` and `retrain_models` leave the `reproduction` group out.
 """
 
 import dagster as dg
@@ -38,11 +41,12 @@ def execution_config(max_concurrent: int = 2) -> dict:
 
 
 MONITORING_ASSETS = ("user_embeddings", "drift_report")
+REPRODUCTION_GROUP = dg.AssetSelection.groups("reproduction")
 
 full_pipeline = dg.define_asset_job(
     "full_pipeline",
     config=execution_config(),
-    selection=dg.AssetSelection.all(),
+    selection=dg.AssetSelection.all() - REPRODUCTION_GROUP,
     description="Every asset and check: raw events to drift report (contract.md).",
 )
 
@@ -56,7 +60,7 @@ ingest_and_monitor = dg.define_asset_job(
 retrain_models = dg.define_asset_job(
     "retrain_models",
     config=execution_config(),
-    selection=dg.AssetSelection.assets("user_splits").downstream(),
+    selection=dg.AssetSelection.assets("user_splits").downstream() - REPRODUCTION_GROUP,
     description="Rebuild examples, retrain every model, evaluate, promote a winner, refresh embeddings, check drift.",
 )
 
@@ -100,4 +104,21 @@ def score_users():
     score_users_op()
 
 
-JOBS = [full_pipeline, ingest_and_monitor, retrain_models, rollback_champion, score_users]
+# In-process runs (one step trains every variant in turn): no multiprocess executor needed.
+reproduction = dg.define_asset_job(
+    "reproduction",
+    selection=dg.AssetSelection.assets("reproduction_runs", "reproduction_report"),
+    executor_def=dg.in_process_executor,
+    description="Seeds x the papers' comparison set on simulator, known-answer and Taobao data, learning "
+    "curves, then the reproduction report (reports/reproduction_latest.md). Sized by `size`.",
+)
+
+ablations = dg.define_asset_job(
+    "ablations",
+    selection=dg.AssetSelection.assets("ablation_runs", "reproduction_report"),
+    executor_def=dg.in_process_executor,
+    description="TRACE and MTLDS config switches (positions, depth, class weights, session gap; lambda, tau, "
+    "weights >= 0, relevance, permutation loss alone), then the reproduction report.",
+)
+
+JOBS = [full_pipeline, ingest_and_monitor, retrain_models, rollback_champion, score_users, reproduction, ablations]
