@@ -172,7 +172,7 @@ class Runner:
         self.max_len = max_len
         # one file set per run, rewritten after every fit: an interrupted run keeps what it trained,
         # and several runs (e.g. one per dataset, in parallel) add up in the report
-        self.out, self.prefix = out, f"{prefix}_{context.run_id[:8]}"
+        self.out, self.prefix = out, f"{prefix}_{context.run.run_id[:8]}"
         self.scores, self.ndcg, self.runs = [], [], []
 
     def sequence(self, ds: ReproductionDataset, variant: Variant, seeds: int, n_train_users: int, label=None):
@@ -261,7 +261,7 @@ def _all_events(ds: ReproductionDataset) -> pd.DataFrame:
 def reproduction_runs(context: dg.AssetExecutionContext, config: ReproductionConfig, paths: TraceDagsterPaths):
     torch.set_num_threads(config.torch_threads)
     started = time.perf_counter()
-    root = runs_dir(paths) / "datasets" / context.run_id[:8]  # one per run: runs may go on at once
+    root = runs_dir(paths) / "datasets" / context.run.run_id[:8]  # one per run: runs may go on at once
     runner = Runner(
         context, config.train_config(), "main", config.size_value("max_len"), runs_dir(paths), "reproduction"
     )
@@ -308,7 +308,7 @@ def reproduction_runs(context: dg.AssetExecutionContext, config: ReproductionCon
 def ablation_runs(context: dg.AssetExecutionContext, config: AblationConfig, paths: TraceDagsterPaths):
     torch.set_num_threads(config.torch_threads)
     started = time.perf_counter()
-    root = runs_dir(paths) / "datasets" / context.run_id[:8]  # one per run: runs may go on at once
+    root = runs_dir(paths) / "datasets" / context.run.run_id[:8]  # one per run: runs may go on at once
     runner = Runner(
         context, config.train_config(), "ablation", config.size_value("max_len"), runs_dir(paths), "ablation"
     )

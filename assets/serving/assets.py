@@ -95,7 +95,7 @@ def user_embeddings(
         raise dg.Failure(f"registered model `{MODEL_NAME}` has no `champion`: run model_promotion first")
     model = mlflow_tracking.load_model(f"models:/{MODEL_NAME}/{version}")
     rng = np.random.default_rng(config.seed)
-    staged = paths.tmp_dir / f"user_embeddings-{context.run_id}.parquet"
+    staged = paths.tmp_dir / f"user_embeddings-{context.run.run_id}.parquet"
     stream = ParquetStream(staged)
     with warehouse.connect() as con:
         users, last_time = con.execute(

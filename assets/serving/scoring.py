@@ -174,7 +174,7 @@ def score_users_op(
     output = (
         Path(config.output_path)
         if config.output_path
-        else paths.home_dir / "scores" / f"score_users-{context.run_id}.parquet"
+        else paths.home_dir / "scores" / f"score_users-{context.run.run_id}.parquet"
     )
     stream = ParquetStream(output)
     rejected_rows = 0
