@@ -223,7 +223,10 @@ class ConversionModel:
             "item_stats": {
                 "item_id": [str(i) for i in self.item_stats.index],
                 "columns": list(self.item_stats.columns),
-                "counts": torch.as_tensor(self.item_stats.to_numpy(np.int64).reshape(len(self.item_stats), -1)),
+                # (items, columns); explicit shape: an empty table (no item statistics) has no -1 to infer
+                "counts": torch.as_tensor(
+                    self.item_stats.to_numpy(np.int64).reshape(len(self.item_stats), len(self.item_stats.columns))
+                ),
             },
         }
         return save_atomically(state, path)
