@@ -13,6 +13,6 @@ stamp=.venv/.trace_dagster_installed
 if [[ ! -f $stamp || pyproject.toml -nt $stamp ]]; then
   # torch first, exactly this version: the CPU wheel on this machine's pip path.
   .venv/bin/pip install --quiet "torch==2.13.0"
-  .venv/bin/pip install --quiet -e ".[dev]"
+  .venv/bin/pip install --quiet -e ".[dev,k8s]"  # k8s: so that tests/test_k8s_config.py validates the config
   touch "$stamp"
 fi

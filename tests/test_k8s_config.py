@@ -22,7 +22,8 @@ def resolved_job():
 def test_k8s_executor_config_is_valid_for_full_pipeline():
     job = resolved_job()
     assert job.executor_def.name == "k8s"
-    assert dg.validate_run_config(job, K8S_RUN_CONFIG)["execution"]["config"]["job_namespace"] == "trace-dagster"
+    executor = dg.validate_run_config(job, K8S_RUN_CONFIG)["execution"]["k8s"]  # processed: keyed by executor
+    assert executor["job_namespace"] == "trace-dagster" and executor["max_concurrent"] == 8
 
 
 def test_a_wrong_k8s_config_is_rejected():

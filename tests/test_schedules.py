@@ -89,7 +89,9 @@ def test_every_job_resolves():
     jobs = {job.name: job for job in defs.resolve_all_job_defs()}
     assert {"full_pipeline", "ingest_and_monitor", "retrain_models", "rollback_champion"} <= set(jobs)
     every_asset = {key.to_user_string() for key in defs.resolve_asset_graph().get_all_asset_keys()}
-    assert selected_assets("full_pipeline") == every_asset
+    reproduction_group = {"reproduction_runs", "ablation_runs", "reproduction_report"}
+    assert selected_assets("full_pipeline") == every_asset - reproduction_group  # off the default path
+    assert selected_assets("reproduction") | selected_assets("ablations") == reproduction_group
     assert "rollback_registered_model" in {node.name for node in jobs["rollback_champion"].nodes_in_topological_order}
 
 
