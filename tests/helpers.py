@@ -171,6 +171,7 @@ def materialize_full_graph(
     manager keeps the model assets' outputs in the instance's storage).
     """
     from trace_dagster.definitions import ASSET_CHECKS, ASSETS, build_resources
+    from trace_dagster.jobs import FULL_PIPELINE_SELECTION
 
     home.mkdir(parents=True, exist_ok=True)
     tracking_uri = f"sqlite:///{home}/mlflow.db"
@@ -179,6 +180,7 @@ def materialize_full_graph(
     instance = instance or dg.DagsterInstance.ephemeral()
     result = dg.materialize(
         [*ASSETS, *ASSET_CHECKS],
+        selection=FULL_PIPELINE_SELECTION,  # what `full_pipeline` runs: the reproduction group stays out
         resources=resources,
         instance=instance,
         run_config=run_config or small_run_config(),

@@ -42,11 +42,13 @@ def execution_config(max_concurrent: int = 2) -> dict:
 
 MONITORING_ASSETS = ("user_embeddings", "drift_report")
 REPRODUCTION_GROUP = dg.AssetSelection.groups("reproduction")
+#: Every asset but the reproduction group (seeds, ablations: hours, off the default path).
+FULL_PIPELINE_SELECTION = dg.AssetSelection.all() - REPRODUCTION_GROUP
 
 full_pipeline = dg.define_asset_job(
     "full_pipeline",
     config=execution_config(),
-    selection=dg.AssetSelection.all() - REPRODUCTION_GROUP,
+    selection=FULL_PIPELINE_SELECTION,
     description="Every asset and check: raw events to drift report (contract.md).",
 )
 
