@@ -207,7 +207,9 @@ def test_champion_requirements_cover_its_code_and_metrics_sit_on_the_logged_mode
         uncovered = [m for m in third_party if not {d.lower() for d in owners.get(m, [])} & pins]
         assert not uncovered, f"{name}: imported but not pinned: {uncovered} (pins {sorted(pins)})"
         assert "scipy" in pins and "torch" in pins and "mlflow" in pins
-        logged = mlflow.get_logged_model(version.model_id)
+        # MLflow 3.17's SQL registry leaves `model_id` unset; the version's source names its logged model.
+        model_id = version.model_id or version.source.removeprefix("models:/")
+        logged = mlflow.get_logged_model(model_id)
         assert {m.key for m in logged.metrics} & {"test_mean_auroc", "test_ndcg"}, logged.metrics
 
 
