@@ -137,7 +137,9 @@ def test_cli_without_terminal_prints_a_short_run_and_a_summary(tmp_path):
     out = done.stdout
     assert done.returncode == 0, out + done.stderr
     lines = out.splitlines()
-    assert len(lines) < 60, out
+    # "under about 60 lines": one per step (34 now that full_pipeline trains st_agg, st_cohort, mini_gpt
+    # and myopic_last_page too) plus a ~28-line summary; a log dump is ~600 lines.
+    assert len(lines) < 66, out
     for section in ("full_pipeline succeeded", "Models ", "Champion: trace v1", "Checks:", "Drift:", "Where to look:"):
         assert section in out, f"{section!r} missing from:\n{out}"
     assert re.search(r"^  trace +v1 +champion +AUROC seen 0\.\d{3}.*[+-]\d+\.\d% \[", out, re.M), out
