@@ -64,16 +64,19 @@ def model_lines(warehouse: Path, run_id: str, champions: dict[str, str]) -> list
     )
     if not metrics:
         return ["Models: no evaluation in this run"]
+    # The mean-over-seen-tasks rows: their interval comes from the paired user bootstrap of the mean.
     uplifts = _query(
         warehouse,
-        "SELECT model, avg(uplift_pct), avg(ci_low), avg(ci_high), count(*) FROM evaluation_uplifts "
-        "WHERE dagster_run_id = ? AND task_kind = 'seen' AND metric = 'auroc' GROUP BY model",
+        "SELECT model, baseline, uplift_pct, ci_low, ci_high FROM evaluation_uplifts "
+        "WHERE dagster_run_id = ? AND task_kind = 'seen' AND metric = 'auroc' AND task = 'mean'",
         [run_id],
     )
-    uplift = {m: (u, lo, hi, n) for m, u, lo, hi, n in uplifts or []}
+    uplift = {(m, b): (u, lo, hi) for m, b, u, lo, hi in uplifts or []}
     value = {(m, kind, metric): (v, n) for m, _, kind, metric, v, n in metrics}
     version = {m: str(v) for m, v, *_ in metrics}
-    lines = ["Models               version  headline (test, mean over tasks)        AUROC uplift vs myopic [95% CI]"]
+    lines = [
+        "Models               version  headline (test, mean over tasks)        seen AUROC uplift vs myopic [95% CI, users]"
+    ]
     for model in [*SEQUENCE_MODELS, *CONVERSION_MODELS]:
         if model not in version:
             continue
@@ -83,11 +86,13 @@ def model_lines(warehouse: Path, run_id: str, champions: dict[str, str]) -> list
             seen, unseen = value.get((model, "seen", "auroc")), value.get((model, "unseen", "auroc"))
             headline = f"AUROC seen {seen[0]:.3f}" if seen else "AUROC seen n/a"
             headline += f", unseen {unseen[0]:.3f}" if unseen else ""
-            if model in uplift:
-                u, lo, hi, n = uplift[model]
-                gain = f"{u:+.1f}% [{lo:+.1f}, {hi:+.1f}] over {n} tasks"
-            else:
-                gain = "(baseline)" if model == "myopic" else ""
+            gains = [
+                f"{u:+.1f}% [{lo:+.1f}, {hi:+.1f}]" + ("" if baseline == "myopic" else f" vs {baseline}")
+                for baseline in ("myopic", "st_agg")
+                if (model, baseline) in uplift
+                for u, lo, hi in [uplift[(model, baseline)]]
+            ]
+            gain = "; ".join(gains) or ("(baseline)" if model == "myopic" else "")
         else:
             auc, ndcg = value.get((model, "seen", "auc")), value.get((model, "seen", "ndcg"))
             headline = f"AUC {auc[0]:.3f}" if auc else "AUC n/a"
