@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import duckdb
 import numpy as np
 import pandas as pd
 import pytest
@@ -174,3 +175,16 @@ def test_user_batches_keep_each_user_whole_and_lose_no_row():
     assert np.array_equal(np.concatenate([f["n"].to_numpy() for f in frames]), np.arange(len(users)))
     seen = [set(f["user_id"]) for f in frames]
     assert all(a.isdisjoint(b) for i, a in enumerate(seen) for b in seen[i + 1 :])  # no user split
+
+
+def test_item_statistics_sql_equals_the_reference(raw_events):
+    """The asset counts item statistics in DuckDB; they are the model_lib reference's counts."""
+    from assets.conversion_models.assets import item_statistics_sql
+
+    spec = FunnelSpec(("property_page", "checkout", "booking_confirmation"))
+    con = duckdb.connect()
+    con.register("events_frame", raw_events)
+    by_sql = con.sql(item_statistics_sql(spec, "events_frame")).df().set_index("item_id")
+    expected = item_statistics(raw_events, spec)
+    assert len(by_sql) > 10 and by_sql["item_prior_booking_confirmation"].sum() > 0
+    pd.testing.assert_frame_equal(by_sql, expected, check_dtype=False, check_names=False)

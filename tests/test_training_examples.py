@@ -147,11 +147,21 @@ def test_split_shares_on_many_users():
 
 
 def test_label_balance_table(con):
+    """The SQL GROUP BY agrees with counting the examples in pandas, excluded labels included."""
     ex = _examples(con).reset_index()
-    balance = label_balance(ex, TASKS)
+    con.register("examples_frame", ex)
+    balance = label_balance(con, "examples_frame", TASKS)
     assert set(balance.task) == {t.name for t in TASKS.tasks}
+    assert len(balance) == len(TASKS.tasks) * 3  # every split, even an empty one
     total = balance.groupby("task").examples.sum()
     assert (total == len(ex)).all()
+    for row in balance.itertuples():
+        task = next(t for t in TASKS.tasks if t.name == row.task)
+        labels = ex.loc[ex["split"] == row.split, task.column]
+        assert row.examples == len(labels) and row.labelled == labels.notna().sum()
+        assert row.positives == labels.dropna().astype(bool).sum()
+        if labels.notna().any():
+            assert row.positive_rate == pytest.approx(labels.dropna().astype(float).mean())
 
 
 def test_every_default_task_set_is_valid_sql_on_its_columns():

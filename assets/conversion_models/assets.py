@@ -17,15 +17,15 @@ from pydantic import Field
 from assets.common.training import ModelTrainingConfig, epoch_logger
 from assets.model_registry.signatures import candidate_example, conversion_signature
 from assets.training_data.assets import funnel_examples, funnel_spec_for
-from model_lib.conversion_service import ConversionModel, item_statistics
-from model_lib.funnel_samples import samples_to_tensors
+from model_lib.conversion_service import ConversionModel
+from model_lib.funnel_samples import FunnelSpec, samples_to_tensors
 from model_lib.mtlds import AGGREGATIONS, MTLDSConfig, evaluate, predict
 from model_lib.mtlds_baselines import BASELINES, build_model
 from model_lib.training import fit
 from resources.event_sources import EventSource
 from resources.mlflow_tracking import MLflowTracking
 from resources.paths import TraceDagsterPaths
-from resources.warehouse import DuckDBWarehouse
+from resources.warehouse import DuckDBWarehouse, sql_literal
 
 CONVERSION_MODELS = tuple(f"mtlds_{a}" for a in AGGREGATIONS) + tuple(BASELINES)
 PRIMARY_MTLDS = "mtlds_linear"  # registered as `mtlds` (contract.md)
@@ -61,6 +61,18 @@ class ConversionTrainingConfig(ModelTrainingConfig):
     perm_weight: float = Field(default=1.0, description="Weight of the permutation loss.")
 
 
+def item_statistics_sql(spec: FunnelSpec, events: str = "sessionized_events") -> str:
+    """Per item, the counts a served model bundles (`model_lib.conversion_service.item_statistics`),
+    as one GROUP BY in DuckDB: the step holds one row per item, never the events."""
+    last = spec.funnel[-1]
+    return f"""
+        SELECT CAST(item_id AS VARCHAR) AS item_id,
+               count_if(CAST(event_name AS VARCHAR) = {sql_literal(spec.funnel[0])}) AS item_prior_views,
+               count_if(CAST(event_name AS VARCHAR) = {sql_literal(last)}) AS "item_prior_{last}"
+        FROM {events} WHERE item_id IS NOT NULL
+        GROUP BY 1 ORDER BY 1"""
+
+
 def registered_name(model: str) -> str:
     return "mtlds" if model == PRIMARY_MTLDS else model
 
@@ -87,9 +99,7 @@ def build_conversion_model_asset(model_name: str) -> dg.AssetsDefinition:
         spec = funnel_spec_for(event_source)
         with warehouse.connect(read_only=True) as con:
             samples = con.sql("SELECT * FROM funnel_examples").df()
-            item_stats = item_statistics(
-                con.sql("SELECT item_id, event_name FROM sessionized_events WHERE item_id IS NOT NULL").df(), spec
-            )
+            item_stats = con.sql(item_statistics_sql(spec)).df().set_index("item_id")
             example_events = con.sql(
                 "SELECT * EXCLUDE (source_file, source_row, ingested_at) FROM sessionized_events "
                 "WHERE user_id = (SELECT min(user_id) FROM funnel_examples WHERE split = 'test') ORDER BY event_index"

@@ -18,8 +18,8 @@ from pydantic import Field
 
 from assets.evaluation.assets import evaluation_metrics
 from assets.model_registry.policy import promote_if_better
-from assets.trace_models.assets import load_sequence_inputs
-from assets.training_data.assets import funnel_spec_for
+from assets.trace_models.sequence_data import bucket_count, read_bucket
+from assets.training_data.assets import funnel_spec_for, read_tasks
 from model_lib.metrics import auroc
 from resources.event_sources import EventSource
 from resources.mlflow_tracking import MLflowTracking
@@ -31,9 +31,13 @@ OWNERS = ["team:ml-platform"]
 
 class PromotionConfig(dg.Config):
     margin: float = Field(default=0.0, description="The challenger must beat the champion by more than this.")
+    events_per_bucket: int = Field(
+        default=2_000_000, description="Test users are scored in user-hash buckets of about this many events."
+    )
 
 
 PROMOTION_KEY = dg.AssetKey("model_promotion")
+SCORING_BATCH_ROWS = 65_536  # funnel samples per scoring batch
 #: What the gate reads: the challengers and the evaluation run on the same test users.
 PROMOTION_UPSTREAM = (dg.AssetKey("trace_model"), dg.AssetKey("mtlds_linear_model"), evaluation_metrics.key)
 
@@ -67,15 +71,39 @@ def check_status(context: dg.AssetExecutionContext, keys: list[dg.AssetCheckKey]
     return {k.to_user_string(): records[k].status.value if k in records else "NEVER_RAN" for k in keys}
 
 
-def trace_scores(model, events: pd.DataFrame, test: pd.DataFrame, label_columns: list[str]) -> float | None:
-    """Mean AUROC over the seen tasks; None when the model was trained on other tasks."""
-    if list(model.task_names) != label_columns:
-        return None
-    proba = model.predict_proba(events, test)
-    labels = {
-        c: test[c].astype("Float64").to_numpy(dtype=float, na_value=np.nan) for c in label_columns
-    }  # NaN: excluded
-    return float(np.nanmean([auroc(labels[c], proba[c].to_numpy()) for c in label_columns]))
+def trace_test_auroc(
+    warehouse: DuckDBWarehouse, models: dict[str, object], events_per_bucket: int
+) -> tuple[dict[str, float | None], int]:
+    """Mean test AUROC over the seen tasks of each model (None: trained on other tasks), and the
+    number of test examples.
+
+    The test users are read and scored one user-hash bucket at a time, so memory holds one
+    bucket's events plus a label and a score per test example, never the events table.
+    """
+    with warehouse.connect(read_only=True) as con:
+        tasks = read_tasks(con)
+        label_columns = list(tasks.loc[tasks["kind"] == "seen", "label_column"])
+        comparable = {name: m for name, m in models.items() if list(m.task_names) == label_columns}
+        labels: list[np.ndarray] = []
+        scores: dict[str, list[np.ndarray]] = {name: [] for name in comparable}
+        buckets = bucket_count(con, events_per_bucket)
+        for bucket in range(buckets):
+            events, test = read_bucket(con, bucket, buckets, splits=("test",))
+            if test.empty:
+                continue
+            labels.append(
+                np.column_stack([test[c].astype("Float64").to_numpy(float, na_value=np.nan) for c in label_columns])
+            )
+            for name, model in comparable.items():
+                scores[name].append(model.predict_proba(events, test)[label_columns].to_numpy(float))
+    n_test = sum(len(x) for x in labels)
+    result: dict[str, float | None] = dict.fromkeys(models)
+    if n_test:
+        y = np.concatenate(labels)  # NaN: an excluded label (next-session tasks)
+        for name, parts in scores.items():
+            p = np.concatenate(parts)
+            result[name] = float(np.nanmean([auroc(y[:, j], p[:, j]) for j in range(len(label_columns))]))
+    return result, n_test
 
 
 def build_model_promotion(gated_checks: Sequence[dg.AssetCheckKey]) -> dg.AssetsDefinition:
@@ -109,29 +137,24 @@ def build_model_promotion(gated_checks: Sequence[dg.AssetCheckKey]) -> dg.Assets
             context.log.warning(f"checks not passed, nothing will be promoted: {failing}")
 
         decisions = []
-        # TRACE: mean test AUROC over the seen tasks.
-        examples, events, tasks = load_sequence_inputs(warehouse, split="test")
-        test = examples[examples["split"] == "test"]
-        label_columns = list(tasks.loc[tasks["kind"] == "seen", "label_column"])
-        challenger = mlflow_tracking.load_model(trace_model["model_uri"])
+        # TRACE: mean test AUROC over the seen tasks, challenger and champion on the same users.
+        models = {"challenger": mlflow_tracking.load_model(trace_model["model_uri"])}
         champion_version = mlflow_tracking.champion_version("trace")
-        champion_score = None
         if champion_version and champion_version != str(trace_model["version"]):
-            champion_score = trace_scores(
-                mlflow_tracking.load_model(f"models:/trace/{champion_version}"), events, test, label_columns
-            )
+            models["champion"] = mlflow_tracking.load_model(f"models:/trace/{champion_version}")
+        trace_auroc, n_test = trace_test_auroc(warehouse, models, config.events_per_bucket)
         decisions.append(
             promote_if_better(
                 mlflow_tracking,
                 "trace",
                 trace_model["version"],
-                trace_scores(challenger, events, test, label_columns),
-                champion_score,
+                trace_auroc["challenger"],
+                trace_auroc.get("champion"),
                 config.margin,
                 checks_passed,
                 {
                     "metric": "mean test AUROC over seen tasks",
-                    "test_examples": len(test),
+                    "test_examples": n_test,
                     "dagster_run_id": context.run.run_id,
                     "failing_checks": failing,
                 },
@@ -140,33 +163,38 @@ def build_model_promotion(gated_checks: Sequence[dg.AssetCheckKey]) -> dg.Assets
 
         # MTLDS: AUC of the funnel's last stage (purchase) on the test samples.
         spec = funnel_spec_for(event_source)
-        with warehouse.connect(read_only=True) as con:
-            samples = con.sql("SELECT * FROM funnel_examples WHERE split = 'test'").df()
         last = spec.funnel[-1]
-
-        def purchase_auc(model) -> float | None:  # model: model_lib.conversion_service.ConversionModel
-            if tuple(model.cfg.tasks) != tuple(spec.tasks):
-                return None
-            return float(
-                auroc(samples[f"label_{last}"].to_numpy(float), model.predict_frame(samples)[f"p_{last}"].to_numpy())
-            )
-
+        conversion_models = {"challenger": mlflow_tracking.load_model(mtlds_model["model_uri"])}
         champion_version = mlflow_tracking.champion_version("mtlds")
-        champion_score = None
         if champion_version and champion_version != str(mtlds_model["version"]):
-            champion_score = purchase_auc(mlflow_tracking.load_model(f"models:/mtlds/{champion_version}"))
+            conversion_models["champion"] = mlflow_tracking.load_model(f"models:/mtlds/{champion_version}")
+        comparable = {n: m for n, m in conversion_models.items() if tuple(m.cfg.tasks) == tuple(spec.tasks)}
+        # model: model_lib.conversion_service.ConversionModel; samples scored in Arrow batches
+        labels, scores = [], {name: [] for name in comparable}
+        with warehouse.connect(read_only=True) as con:
+            reader = con.sql("SELECT * FROM funnel_examples WHERE split = 'test'").to_arrow_reader(SCORING_BATCH_ROWS)
+            for batch in reader:
+                samples = batch.to_pandas()
+                labels.append(samples[f"label_{last}"].to_numpy(float))
+                for name, model in comparable.items():
+                    scores[name].append(model.predict_frame(samples)[f"p_{last}"].to_numpy())
+        n_samples = sum(len(x) for x in labels)
+        purchase_auc: dict[str, float | None] = dict.fromkeys(conversion_models)
+        if n_samples:
+            for name, parts in scores.items():
+                purchase_auc[name] = float(auroc(np.concatenate(labels), np.concatenate(parts)))
         decisions.append(
             promote_if_better(
                 mlflow_tracking,
                 "mtlds",
                 mtlds_model["version"],
-                purchase_auc(mlflow_tracking.load_model(mtlds_model["model_uri"])),
-                champion_score,
+                purchase_auc["challenger"],
+                purchase_auc.get("champion"),
                 config.margin,
                 checks_passed,
                 {
                     "metric": f"test AUC of {last}",
-                    "test_samples": len(samples),
+                    "test_samples": n_samples,
                     "dagster_run_id": context.run.run_id,
                     "failing_checks": failing,
                 },

@@ -133,14 +133,13 @@ def training_examples(
         rows = warehouse.replace_table(con, "training_examples", training_examples_sql(task_set, cutoffs))
         con.register("task_frame", task_frame(task_set, event_format_of(event_source)))
         warehouse.replace_table(con, "training_tasks", "SELECT * FROM task_frame")
-        examples = con.sql("SELECT * FROM training_examples").df()
+        balance = label_balance(con, "training_examples", task_set)
         catalog = warehouse_table_metadata(con, "training_examples", TRAINING_EXAMPLES_COLUMNS, preview_rows=5)
     if rows == 0:
         raise dg.Failure(
             f"no training examples: no user is active within {task_set.observation} before any cutoff "
             f"({[str(c) for c in cutoffs]})"
         )
-    balance = label_balance(examples, task_set)
     context.log.info(f"{rows} examples for task set {task_set.name} at cutoffs {[str(c) for c in cutoffs]}")
     return dg.MaterializeResult(
         metadata={
@@ -149,7 +148,7 @@ def training_examples(
             "task_set": task_set.name,
             "cutoffs": [str(c) for c in cutoffs],
             "examples_per_split": dg.MetadataValue.json(
-                examples["split"].value_counts().reindex(SPLITS, fill_value=0).to_dict()
+                balance.drop_duplicates("split").set_index("split")["examples"].reindex(SPLITS, fill_value=0).to_dict()
             ),
             "label_balance": dg.MetadataValue.md(
                 balance.pivot_table(index=["task", "kind"], columns="split", values="positive_rate")
@@ -180,22 +179,22 @@ def training_examples_users_in_one_split(warehouse: DuckDBWarehouse) -> dg.Asset
 )
 def training_examples_labels_are_learnable(warehouse: DuckDBWarehouse) -> dg.AssetCheckResult:
     with warehouse.connect(read_only=True) as con:
-        train = con.sql("SELECT * FROM training_examples WHERE split = 'train'").df()
-    labels = [c for c in train.columns if c.startswith("label_")]
-    # next-session labels are NULL for users with no next session (excluded): rates over the labelled
-    rates = {
-        c.removeprefix("label_"): float(train[c].astype("Float64").mean()) if train[c].notna().any() else float("nan")
-        for c in labels
-    }
+        labels = [c for c in con.sql("SELECT * FROM training_examples LIMIT 0").columns if c.startswith("label_")]
+        # next-session labels are NULL for users with no next session (excluded): rates over the labelled
+        means = ", ".join(f'avg("{c}"::DOUBLE)' for c in labels)
+        n_train, *values = con.execute(
+            f"SELECT count(*){', ' if labels else ''}{means} FROM training_examples WHERE split = 'train'"
+        ).fetchone()
+    rates = {c.removeprefix("label_"): float("nan") if v is None else float(v) for c, v in zip(labels, values)}
     degenerate = sorted(t for t, r in rates.items() if not 0 < r < 1)
-    if len(train) == 0:
+    if n_train == 0:
         reason = "no training examples in the train split"
     elif degenerate:
         reason = "single-class tasks in train: " + ", ".join(f"{t} (positive rate {rates[t]:.3g})" for t in degenerate)
     else:
-        reason = f"every task has both classes among {len(train)} training examples"
+        reason = f"every task has both classes among {n_train} training examples"
     return dg.AssetCheckResult(
-        passed=not degenerate and len(train) > 0,
+        passed=not degenerate and n_train > 0,
         metadata={
             "reason": reason,
             "positive_rate": dg.MetadataValue.json(rates),

@@ -30,6 +30,7 @@ import numpy as np
 import pandas as pd
 
 from assets.training_data.tasks import EngagementTask, TaskSet
+from resources.warehouse import sql_literal
 
 SPLITS = ("train", "valid", "test")
 
@@ -185,23 +186,26 @@ def training_examples_sql(task_set: TaskSet, cutoffs: list[datetime]) -> str:
     """
 
 
-def label_balance(examples: pd.DataFrame, task_set: TaskSet) -> pd.DataFrame:
-    """Positive rate per task and split: the first thing to read before trusting an AUROC."""
-    rows = []
-    for task in task_set.tasks:
-        for split in SPLITS:
-            labels = examples.loc[examples["split"] == split, task.column]
-            rows.append(
-                {
-                    "task": task.name,
-                    "kind": task.kind,
-                    "split": split,
-                    "examples": len(labels),
-                    "labelled": int(labels.notna().sum()),  # next-session tasks exclude users who did not return
-                    "positives": int(labels.fillna(False).astype(bool).sum()),
-                    "positive_rate": float(labels.dropna().astype(float).mean())
-                    if labels.notna().any()
-                    else float("nan"),
-                }
-            )
-    return pd.DataFrame(rows)
+def label_balance(con: duckdb.DuckDBPyConnection, relation: str, task_set: TaskSet) -> pd.DataFrame:
+    """Positive rate per task and split: the first thing to read before trusting an AUROC.
+
+    One GROUP BY in DuckDB over `relation` (the examples table), so the step never holds the
+    examples in memory. `labelled` < `examples` where a label is excluded (next-session tasks of
+    users who did not return).
+    """
+    parts = [
+        f"""SELECT {sql_literal(task.name)} AS task, {sql_literal(task.kind)} AS kind, split,
+                   count(*) AS examples, count({task.column}) AS labelled,
+                   count_if({task.column}::BOOLEAN) AS positives, avg({task.column}::DOUBLE) AS positive_rate
+            FROM {relation} GROUP BY split"""
+        for task in task_set.tasks
+    ]
+    counted = con.sql(" UNION ALL ".join(parts)).df()
+    grid = pd.DataFrame(
+        [(t.name, t.kind, split) for t in task_set.tasks for split in SPLITS], columns=["task", "kind", "split"]
+    )
+    out = grid.merge(counted, on=["task", "kind", "split"], how="left")
+    for column in ("examples", "labelled", "positives"):
+        out[column] = out[column].fillna(0).astype(int)
+    out["positive_rate"] = out["positive_rate"].astype(float)
+    return out
