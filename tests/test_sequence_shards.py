@@ -155,3 +155,27 @@ def test_memory_of_the_training_step_is_bounded_by_its_bucket_and_batch(tmp_path
     )  # ~events_per_bucket, whatever the table size
     assert batch_small == batch_large == 32
     assert peak_large < 2 * peak_small, (peak_small, peak_large)
+
+
+def test_steps_holding_rows_in_memory_read_a_bounded_user_sample():
+    """`split_rows_sql` (conversion and aggregate models): a split 10x larger than the cap is read
+    as about the cap's rows, whole users only; a split under the cap is read in full."""
+    import duckdb
+
+    from assets.common.training import split_rows_sql
+
+    con = duckdb.connect()
+    read = {}
+    for n_users in (2_000, 20_000):
+        con.execute(
+            f"CREATE OR REPLACE TABLE samples AS SELECT 'u' || (i // 5) AS user_id, "
+            f"CASE WHEN (i // 5) % 10 < 8 THEN 'train' ELSE 'test' END AS split, i "
+            f"FROM range({n_users * 5}) t(i)"
+        )
+        query, expected, total = split_rows_sql(con, "samples", "train", max_rows=10_000)
+        rows = con.sql(query).df()
+        read[n_users] = len(rows)
+        assert total == n_users * 4 and expected == min(total, 10_000)
+        assert (rows.groupby("user_id").size() == 5).all()  # whole users
+    assert read[2_000] == 8_000  # under the cap: every row
+    assert 9_000 <= read[20_000] <= 11_000  # 10x the data, about the cap

@@ -25,6 +25,11 @@ class ModelTrainingConfig(dg.Config):
         description="Most training rows seen over all epochs (0: epochs alone). Bounds the step's cost "
         "at scale; the default run (~5k training rows x 12 epochs) stays below it.",
     )
+    max_rows_per_split: int = Field(
+        default=2_000_000,
+        description="Steps that hold their rows in memory read at most about this many per split: a "
+        "user-hash sample (whole users) when a split is larger. Bounds memory by config, not data size.",
+    )
 
     def train_config(self) -> TrainConfig:
         return TrainConfig(
@@ -37,6 +42,18 @@ class ModelTrainingConfig(dg.Config):
             num_threads=self.torch_threads,
             sample_budget=self.sample_budget or None,
         )
+
+
+def split_rows_sql(con, table: str, split: str, max_rows: int, columns: str = "*") -> tuple[str, int, int]:
+    """(query, rows it returns about, rows of the split) for one split of `table`: every row, or a
+    sample of whole users (md5 of user_id) of about `max_rows` when the split is larger."""
+    where = f"split = '{split}'"
+    (total,) = con.execute(f"SELECT count(*) FROM {table} WHERE {where}").fetchall()[0]
+    if max_rows <= 0 or total <= max_rows:
+        return f"SELECT {columns} FROM {table} WHERE {where}", total, total
+    permille = max(1, int(1_000_000 * max_rows / total))
+    bucket = "((('0x' || md5(CAST(user_id AS VARCHAR) || ':sample')[1:8])::UBIGINT) % 1000000)"
+    return f"SELECT {columns} FROM {table} WHERE {where} AND {bucket} < {permille}", max_rows, total
 
 
 #: How a training step reports an epoch in the Dagster run log; `trace-dagster run` parses it back

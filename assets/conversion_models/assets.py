@@ -7,6 +7,8 @@ MLflow as `mtlds`; every other model under its own name. Each writes its test-sp
 (`user_id`, `label_<task>`, `p_<task>`, `score`) for `evaluation_metrics`.
 """
 
+import json
+
 import dagster as dg
 import mlflow
 import numpy as np
@@ -14,9 +16,10 @@ import pandas as pd
 import torch
 from pydantic import Field
 
-from assets.common.training import ModelTrainingConfig, epoch_logger
+from assets.common.training import ModelTrainingConfig, epoch_logger, split_rows_sql
 from assets.model_registry.signatures import candidate_example, conversion_signature
 from assets.training_data.assets import funnel_examples, funnel_spec_for
+from assets.training_data.examples_sql import SPLITS
 from model_lib.conversion_service import ConversionModel
 from model_lib.funnel_samples import FunnelSpec, samples_to_tensors
 from model_lib.mtlds import AGGREGATIONS, MTLDSConfig, evaluate, predict
@@ -98,13 +101,17 @@ def build_conversion_model_asset(model_name: str) -> dg.AssetsDefinition:
         torch.set_num_threads(config.torch_threads)
         spec = funnel_spec_for(event_source)
         with warehouse.connect(read_only=True) as con:
-            samples = con.sql("SELECT * FROM funnel_examples").df()
+            # one frame per split, each at most about max_rows_per_split rows (whole users)
+            queries = {s: split_rows_sql(con, "funnel_examples", s, config.max_rows_per_split) for s in SPLITS}
+            splits = {s: con.sql(q).df() for s, (q, _, _) in queries.items()}
             item_stats = con.sql(item_statistics_sql(spec)).df().set_index("item_id")
             example_events = con.sql(
                 "SELECT * EXCLUDE (source_file, source_row, ingested_at) FROM sessionized_events "
                 "WHERE user_id = (SELECT min(user_id) FROM funnel_examples WHERE split = 'test') ORDER BY event_index"
             ).df()
-        splits = {s: samples[samples["split"] == s].reset_index(drop=True) for s in ("train", "valid", "test")}
+        sampled = {s: f"{len(splits[s])} of {total}" for s, (_, _, total) in queries.items() if len(splits[s]) < total}
+        if sampled:
+            context.log.info(f"splits larger than max_rows_per_split, user-hash samples: {sampled}")
         data = {s: samples_to_tensors(frame, spec) for s, frame in splits.items()}
         cfg = MTLDSConfig.from_spec(
             spec,
@@ -125,6 +132,7 @@ def build_conversion_model_asset(model_name: str) -> dg.AssetsDefinition:
                     **config.model_dump(),
                     "model": model_name,
                     "funnel": " < ".join(spec.funnel),
+                    "sampled_splits": json.dumps(sampled),
                     "extra_labels": ",".join(spec.extra_labels),
                     **{f"n_{s}": len(f) for s, f in splits.items()},
                 }

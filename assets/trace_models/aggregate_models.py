@@ -27,9 +27,9 @@ import pandas as pd
 import torch
 from pydantic import Field
 
-from assets.common.training import ModelTrainingConfig, epoch_logger
+from assets.common.training import ModelTrainingConfig, epoch_logger, split_rows_sql
 from assets.training_data.assets import read_tasks, training_examples
-from assets.training_data.examples_sql import history_events_sql
+from assets.training_data.examples_sql import SPLITS, history_events_sql
 from model_lib.aggregate_baselines import AGGREGATE_KINDS, predict, train_aggregate_model
 from model_lib.embedding_service import labels_tensor
 from model_lib.metrics import auprc, auroc
@@ -223,9 +223,12 @@ def build_aggregate_model_asset(kind: str) -> dg.AssetsDefinition:
     ) -> dg.Output[dict]:
         torch.set_num_threads(config.torch_threads)
         with warehouse.connect(read_only=True) as con:
-            examples = con.sql("SELECT * FROM training_examples ORDER BY example_id").df()
+            # every split, each at most about max_rows_per_split examples (whole users)
+            queries = [split_rows_sql(con, "training_examples", s, config.max_rows_per_split) for s in SPLITS]
+            examples_sql = "(" + " UNION ALL ".join(f"({query})" for query, _, _ in queries) + ")"
+            examples = con.sql(f"SELECT * FROM {examples_sql} ORDER BY example_id").df()
             tasks = read_tasks(con)
-            ids, names, features = aggregate_features(con, kind)
+            ids, names, features = aggregate_features(con, kind, examples_sql)
         if not np.array_equal(ids.to_numpy(), examples["example_id"].to_numpy()):
             raise dg.Failure(f"{kind}: the feature rows do not match training_examples")
         seen = tasks[tasks["kind"] == "seen"]

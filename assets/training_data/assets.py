@@ -184,7 +184,7 @@ def training_examples_labels_are_learnable(warehouse: DuckDBWarehouse) -> dg.Ass
         means = ", ".join(f'avg("{c}"::DOUBLE)' for c in labels)
         n_train, *values = con.execute(
             f"SELECT count(*){', ' if labels else ''}{means} FROM training_examples WHERE split = 'train'"
-        ).fetchone()
+        ).fetchall()[0]
     rates = {c.removeprefix("label_"): float("nan") if v is None else float(v) for c, v in zip(labels, values)}
     degenerate = sorted(t for t, r in rates.items() if not 0 < r < 1)
     if n_train == 0:
