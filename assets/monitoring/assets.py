@@ -52,7 +52,7 @@ GROUP = "monitoring"
 # every step process that loads the code location. Keep in sync with
 # reports.DEFAULT_DRIFT_SHARE_THRESHOLD (a test checks it). Values from bench/drift_calibration.py.
 DEFAULT_DRIFT_SHARE_THRESHOLD = 0.11
-DEFAULT_PREDICTION_DRIFT_SHARE = 0.25
+DEFAULT_PREDICTION_DRIFT_SHARE = 0.6  # 3 of 5 tasks: 0/20 stationary false alarms on both datasets
 MIN_EMBEDDING_ROWS = 4  # Evidently's embedding drift needs a few rows on each side
 OWNERS = ["team:ml-platform"]
 SESSION_COLUMNS_NOT_NEEDED = "source_file, source_row, ingested_at"
