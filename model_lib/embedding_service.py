@@ -199,7 +199,7 @@ class UserModel:
         padding is masked everywhere (attention keys, max pooling, LSTM lengths), so the numbers
         are the same, and a user with 50 events does not pay for ``max_len`` positions."""
         self._eval_mode()
-        length = max(int(batch["mask"].sum()), 1)  # an empty history keeps its one (padding) slot
+        length = max(int(batch["mask"].numpy().sum()), 1)  # an empty history keeps its one (padding) slot
         return self.model.embed({k: v[:, :length] for k, v in batch.items()}).numpy()
 
     def embed_latest(self, events: pd.DataFrame, batch_size: int = 2048, as_of=None) -> pd.DataFrame:

@@ -530,7 +530,7 @@ class SequenceEncoder:
                 cats = np.append(col.cat.categories.astype(str).to_numpy(dtype=object), MISSING)
                 cached = self._lut_cache[key] = (col.dtype, vocab.ids(cats))
             lut = cached[1]
-            codes = col.cat.codes.to_numpy()[frame_rows]
+            codes = col.array.codes[frame_rows]  # the Categorical's codes: no Series built
             return lut[np.where(codes < 0, len(lut) - 1, codes)]
         values = col.iloc[frame_rows].to_numpy(object) if isinstance(col, pd.Series) else col[frame_rows]
         return vocab.ids(_as_strings(pd.Series(values)) if vocab.hash_buckets else values)
