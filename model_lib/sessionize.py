@@ -13,7 +13,9 @@ columns (docs/ARCHITECTURE.md):
   (Monday = 0) are UTC.
 
 `tests/test_sessionize.py` checks equality with the SQL on the real data slices. Vectorised
-(one lexsort, no loop over users): a request of a few hundred events costs well under a millisecond.
+(one lexsort, no loop over users). The rule lives in `_session_columns` (numpy in, numpy out);
+`sessionize` wraps it in a frame for any number of users, `sessionize_user` returns arrays for
+one user's live request, where building a frame would cost more than the rule itself.
 """
 
 from __future__ import annotations
@@ -55,6 +57,13 @@ def parse_event_times(values: pd.Series | Iterable) -> pd.Series:
     `InvalidEventsError` naming the first bad value rather than returning NaT.
     """
     series = values if isinstance(values, pd.Series) else pd.Series(list(values))
+    return pd.Series(_event_times(series), index=series.index, name=series.name)
+
+
+def _event_times(series: pd.Series) -> np.ndarray:
+    """`parse_event_times` as a datetime64[us] array (what the sessionizers need)."""
+    if series.dtype == object and (plain := _parse_plain_utc(series.to_numpy())) is not None:
+        return plain  # what clients send, checked and parsed in numpy
     if isinstance(series.dtype, pd.DatetimeTZDtype):
         out = series.dt.tz_convert("UTC").dt.tz_localize(None)
     elif pd.api.types.is_datetime64_dtype(series.dtype):
@@ -66,7 +75,7 @@ def parse_event_times(values: pd.Series | Iterable) -> pd.Series:
         # epoch seconds: numbers, or strings that parse as one (vectorised; ISO strings give NaN)
         numbers = pd.to_numeric(pd.Series(values), errors="coerce").to_numpy(np.float64)
         numeric = ~np.isnan(numbers)
-        if not numeric.any():  # the common case: ISO-8601 strings (or datetimes) only
+        if not numeric.any():  # ISO-8601 strings (with zones, or of mixed widths) or datetimes only
             out = _parse_iso(pd.Series(values, index=series.index))
         else:
             out = pd.Series(pd.NaT, index=series.index, dtype="datetime64[us]")
@@ -80,7 +89,48 @@ def parse_event_times(values: pd.Series | Iterable) -> pd.Series:
         raise InvalidEventsError(
             f"event_time: {int(bad.sum())} value(s) are not ISO-8601 or Unix epoch seconds, first {first!r}"
         )
-    return out
+    return out.to_numpy()
+
+
+def _layout(width: int) -> np.ndarray:
+    """Bytes of a plain UTC time of `width` characters ('0' = any digit), e.g. width 20:
+    `0000-00-00T00:00:00Z`, width 24: `0000-00-00T00:00:00.000Z`."""
+    fraction = "." + "0" * (width - 21) if width > 20 else ""
+    return np.frombuffer(f"0000-00-00T00:00:00{fraction}Z".encode(), np.uint8)
+
+
+#: Widths of `YYYY-MM-DDTHH:MM:SS[.f{1,6}]Z` -> their layout.
+_PLAIN_UTC_LAYOUTS = {w: _layout(w) for w in (20, *range(22, 28))}
+
+
+def _parse_plain_utc(values: np.ndarray) -> np.ndarray | None:
+    """Strings `YYYY-MM-DDTHH:MM:SS[.ffffff]Z`, all of one width and years 1900..2199 (what a
+    client sends) -> datetime64[us], checked and parsed by numpy: on a 500-event request ~10x
+    faster than pandas' ISO-8601 parser. None for anything else (offsets, epoch seconds, mixed
+    widths, datetimes, bad values): `parse_event_times`' general path takes those, or names them.
+    """
+    if len(values) == 0:
+        return None
+    try:  # one row per string, if all are ASCII strings of one width
+        text = np.frombuffer(("\n".join(values) + "\n").encode("ascii"), np.uint8)
+    except (TypeError, UnicodeEncodeError):
+        return None
+    width = len(text) // len(values) - 1
+    layout = _PLAIN_UTC_LAYOUTS.get(width)
+    if layout is None or len(text) != len(values) * (width + 1):
+        return None
+    rows = text.reshape(len(values), width + 1)
+    body, ends = rows[:, :width], rows[:, width]
+    # uint8 arithmetic: bytes below '0' wrap around, so `< 10` means a digit
+    if not (ends == ord("\n")).all() or not np.where(layout == ord("0"), body - 48 < 10, body == layout).all():
+        return None
+    century = (rows[:, 0] - 48) * 10 + rows[:, 1] - 48
+    if not ((century >= 19) & (century <= 21)).all():
+        return None
+    try:  # numpy checks the ranges (month 13, February 30, hour 24 raise)
+        return np.ascontiguousarray(rows[:, : width - 1]).view(f"S{width - 1}").ravel().astype("datetime64[us]")
+    except ValueError:
+        return None
 
 
 def _parse_iso(values: pd.Series) -> pd.Series:
@@ -110,27 +160,68 @@ def _parse_one_by_one(text: pd.Series) -> pd.Series:
 def sessionize(events: pd.DataFrame, session_gap_seconds: float = DEFAULT_SESSION_GAP_SECONDS) -> pd.DataFrame:
     """Every input column (event_time as naive UTC), plus SESSION_COLUMNS, rows ordered by
     (user_id, event_index). Equal to `sessionize_sql` on the same rows."""
+    _check_required(events)
+    times = _event_times(events["event_time"])
+    users = events["user_id"].astype(str).to_numpy(dtype=object)
+    order, session = _session_columns(
+        pd.factorize(users, sort=True)[0], times, _tie_breaks(events), session_gap_seconds
+    )
+    ordered_users = users[order]
+    # one DataFrame construction (column-by-column assignment costs more than the arithmetic)
+    columns = {c: events[c].to_numpy()[order] for c in events.columns}
+    columns["event_time"] = times[order]
+    columns["user_id"] = ordered_users
+    columns["session_id"] = np.array(
+        [f"{u}:{s}" for u, s in zip(ordered_users, session["session_index"].tolist())], dtype=object
+    )
+    columns.update(session)
+    return pd.DataFrame(columns, copy=False)
+
+
+def sessionize_user(
+    events: pd.DataFrame, session_gap_seconds: float = DEFAULT_SESSION_GAP_SECONDS
+) -> dict[str, np.ndarray]:
+    """One user's raw events (a live request) -> `sessionize`'s columns as arrays in event order,
+    all but `session_id`: same rule, checks and errors, without the frame a request would
+    otherwise pay for. The caller guarantees that all rows have one `user_id`."""
+    _check_required(events)
+    times = _event_times(events["event_time"])
+    order, session = _session_columns(np.zeros(len(times), np.int64), times, _tie_breaks(events), session_gap_seconds)
+    return {**{c: events[c].to_numpy()[order] for c in events.columns}, "event_time": times[order], **session}
+
+
+def _check_required(events: pd.DataFrame) -> None:
     missing = [c for c in REQUIRED_COLUMNS if c not in events.columns]
     if missing:
         raise InvalidEventsError(
             f"events lack the required column(s) {missing}: canonical events need {list(REQUIRED_COLUMNS)}"
         )
-    if events["user_id"].isna().any():
-        raise InvalidEventsError(f"user_id: {int(events['user_id'].isna().sum())} missing value(s)")
-    if events["event_name"].isna().any():
-        raise InvalidEventsError(f"event_name: {int(events['event_name'].isna().sum())} missing value(s)")
-    times = parse_event_times(events["event_time"])
-    time_us = times.to_numpy("datetime64[us]").astype(np.int64)
-    users = events["user_id"].astype(str).to_numpy(dtype=object)
-    user_codes = pd.factorize(users, sort=True)[0]
+    for column in ("user_id", "event_name"):
+        absent = pd.isna(events[column].to_numpy())
+        if absent.any():
+            raise InvalidEventsError(f"{column}: {int(absent.sum())} missing value(s)")
 
-    keys: list[np.ndarray] = []  # tie-breaks after the time, most significant first
+
+def _tie_breaks(events: pd.DataFrame) -> list[np.ndarray]:
+    """Sort keys after the time, most significant first: the warehouse's, then the frame's order."""
+    keys: list[np.ndarray] = []
     if "source_file" in events.columns:
         keys.append(pd.factorize(events["source_file"].astype(str), sort=True)[0])
     if "source_row" in events.columns:
         keys.append(events["source_row"].to_numpy())
-    keys.append(np.arange(len(events)))  # then the frame's own order
-    order = np.lexsort((*keys[::-1], time_us, user_codes))  # the last key sorts first
+    keys.append(np.arange(len(events)))
+    return keys
+
+
+def _session_columns(
+    user_codes: np.ndarray, times: np.ndarray, tie_breaks: list[np.ndarray], session_gap_seconds: float
+) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """The rule itself, on arrays: (order, SESSION_COLUMNS but `session_id`, in sorted order).
+
+    Rows are sorted by (user code, time, tie-breaks); `times` is datetime64[us] (naive UTC).
+    """
+    time_us = times.astype(np.int64)
+    order = np.lexsort((*tie_breaks[::-1], time_us, user_codes))  # the last key sorts first
     n = len(order)
     user = user_codes[order]
     t = time_us[order]
@@ -150,24 +241,17 @@ def sessionize(events: pd.DataFrame, session_gap_seconds: float = DEFAULT_SESSIO
     since_start = (t - t[session_start]) / 1e6
 
     day = np.floor_divide(t, _US_PER_DAY)
-    session_index = session_index.astype(np.int32)
-    ordered_users = users[order]
-    # one DataFrame construction (column-by-column assignment costs more than the arithmetic)
-    columns = {c: events[c].to_numpy()[order] for c in events.columns}
-    columns["event_time"] = times.to_numpy()[order]
-    columns["user_id"] = ordered_users
-    columns["session_id"] = np.array([f"{u}:{s}" for u, s in zip(ordered_users, session_index.tolist())], dtype=object)
-    columns["session_index"] = session_index
-    columns["event_index"] = event_index.astype(np.int32)
-    columns["event_index_in_session"] = (np.arange(n) - session_start).astype(np.int32)
-    columns["seconds_since_prev_event"] = gap
-    columns["seconds_since_session_start"] = since_start
-    columns["log_seconds_since_prev_event"] = np.log(1.0 + gap)
-    columns["log_seconds_since_session_start"] = np.log(1.0 + since_start)
-    columns["hour_of_day"] = np.floor_divide(t - day * _US_PER_DAY, 3_600_000_000).astype(np.int32)
-    columns["day_of_week"] = ((day + _EPOCH_WEEKDAY) % 7).astype(np.int32)
-    out = pd.DataFrame(columns, copy=False)
-    return out
+    return order, {
+        "session_index": session_index.astype(np.int32),
+        "event_index": event_index.astype(np.int32),
+        "event_index_in_session": (np.arange(n) - session_start).astype(np.int32),
+        "seconds_since_prev_event": gap,
+        "seconds_since_session_start": since_start,
+        "log_seconds_since_prev_event": np.log(1.0 + gap),
+        "log_seconds_since_session_start": np.log(1.0 + since_start),
+        "hour_of_day": np.floor_divide(t - day * _US_PER_DAY, 3_600_000_000).astype(np.int32),
+        "day_of_week": ((day + _EPOCH_WEEKDAY) % 7).astype(np.int32),
+    }
 
 
 __all__ = [
@@ -177,4 +261,5 @@ __all__ = [
     "InvalidEventsError",
     "parse_event_times",
     "sessionize",
+    "sessionize_user",
 ]

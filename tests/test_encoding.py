@@ -6,7 +6,17 @@ import pytest
 import torch
 from trace_test_data import sessionize, tiny_events
 
-from model_lib.encoding import MISSING, OOV, PAD, TIME_FEATURES, EncoderConfig, SequenceEncoder, prepare_events
+from model_lib.encoding import (
+    MISSING,
+    OOV,
+    PAD,
+    TIME_FEATURES,
+    EncoderConfig,
+    SequenceEncoder,
+    Vocabulary,
+    _as_strings,
+    prepare_events,
+)
 
 T0 = pd.Timestamp("2026-01-05 08:00", tz="UTC")
 
@@ -175,11 +185,26 @@ def test_single_user_path_equals_the_batch_path(last_session_only):
     ex = examples(*[("u1", c) for c in cutoffs])
     enc = SequenceEncoder(EncoderConfig(max_len=4, last_session_only=last_session_only)).fit(ev, ex)
     batch = enc.transform(ev, ex)
+    arrays = {c: u1[c].to_numpy() for c in u1.columns}  # `sessionize_user`'s form: no frame
+    arrays["event_time"] = u1["event_time"].dt.tz_convert(None).to_numpy()
     for i, cutoff in enumerate(cutoffs):
         one = enc.transform_user(u1, cutoff.tz_convert(None))  # naive means UTC
         assert all(torch.equal(one[k][0], batch[k][i]) for k in batch), cutoff
+        one = enc.transform_user(arrays, cutoff)
+        assert all(torch.equal(one[k][0], batch[k][i]) for k in batch), cutoff
     assert not enc.transform_user(u1.iloc[:0], cutoffs[-1])["mask"].any()
     assert not enc.transform(ev.iloc[:0], ex)["mask"].any()
+
+
+def test_vocabulary_ids_of_raw_values_equal_those_of_their_strings():
+    """A request's raw values (None, NaN, numbers, numpy strings) get the ids of the strings
+    `_as_strings` makes of them, as the batch path looks them up."""
+    vocab = Vocabulary(["home", MISSING, "3", "1.5", "True"])
+    values = np.array(["home", None, np.nan, pd.NA, pd.NaT, 3, np.int64(3), 1.5, True, np.str_("home"), "x"], object)
+    expected = [2, 3, 3, 3, 3, 4, 4, 5, 6, 2, OOV]
+    assert vocab.ids(values).tolist() == expected
+    assert vocab.ids(_as_strings(pd.Series(values))).tolist() == expected
+    assert Vocabulary(["home"]).ids(np.array([None, "home"], object)).tolist() == [OOV, 2]  # no MISSING token
 
 
 def test_state_dict_round_trip_is_primitive_and_exact():

@@ -100,6 +100,96 @@ def test_bad_requests_raise_clear_errors(user_model, raw_events):
         user_model.score_events(request.drop(columns="user_id"))
 
 
+def _one_user_cases(raw: pd.DataFrame) -> dict[str, pd.DataFrame]:
+    """Requests of one user, each with something the fast path must get right."""
+    user = raw.groupby("user_id", observed=True).size().idxmax()  # longer than max_len, several sessions
+    full = client_request(raw, [user]).reset_index(drop=True)
+    utc = pd.to_datetime(full["event_time"], utc=True)
+    tie = full.head(6).copy()
+    tie["event_time"] = tie["event_time"].iloc[0]  # one instant: the request's order decides
+    tie["event_name"] = ["home", "search_results", "home", "help", "home", "search_results"]
+    return {
+        "simulated": full,
+        "one event": full.tail(1),
+        "out of order": full.sample(frac=1.0, random_state=2),
+        "ties in time": tie,
+        "attributes absent": full.drop(columns=["device", "category", "destination"]),
+        "seconds, Z": full.assign(event_time=utc.dt.strftime("%Y-%m-%dT%H:%M:%SZ")),
+        "offsets": full.assign(event_time=utc.dt.tz_convert("Asia/Kolkata").map(pd.Timestamp.isoformat)),
+        "epoch seconds": full.assign(event_time=utc.astype("int64") // 10**9),
+        "epoch strings": full.assign(event_time=(utc.astype("int64") // 10**9).astype(str)),
+        "mixed widths": full.assign(
+            event_time=[t.strftime("%Y-%m-%dT%H:%M:%S" + (".%fZ" if i % 2 else "Z")) for i, t in enumerate(utc)]
+        ),
+        "datetimes": full.assign(event_time=utc),
+        "non-string attributes": full.assign(device=np.where(np.arange(len(full)) % 3, full["device"], 7)),
+    }
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        "simulated",
+        "one event",
+        "out of order",
+        "ties in time",
+        "attributes absent",
+        "seconds, Z",
+        "offsets",
+        "epoch seconds",
+        "epoch strings",
+        "mixed widths",
+        "datetimes",
+        "non-string attributes",
+    ],
+)
+def test_one_user_fast_path_equals_the_general_path(user_model, raw_events, case, monkeypatch):
+    """A request of one user skips every DataFrame between request and answer (sessionize_user,
+    arrays into the encoder): same answer as the multi-user path and as `embed` on `sessionize`."""
+    import model_lib.embedding_service as service
+
+    request = _one_user_cases(raw_events)[case]
+    other = client_request(raw_events, [sorted(raw_events["user_id"].unique())[0]])
+    assert other["user_id"].iloc[0] < request["user_id"].iloc[0]  # the user of interest is row 1 below
+    both = pd.concat([other, request], ignore_index=True)
+    general = user_model.score_events(both).iloc[[1]].reset_index(drop=True)
+    earlier = (general["as_of"].iloc[0] - pd.Timedelta(minutes=30)).isoformat()
+    for as_of in (None, earlier):
+        expected = general if as_of is None else user_model.score_events(both, as_of=as_of).iloc[[1]]
+        with monkeypatch.context() as m:  # the fast path builds no sessionized frame
+            m.setattr(service, "sessionize", lambda *a, **k: pytest.fail("the general path was taken"))
+            fast = user_model.score_events(request, as_of=as_of)
+        pd.testing.assert_frame_equal(fast, expected.reset_index(drop=True), check_exact=False, rtol=0, atol=1e-6)
+    # and the training path: `embed` on the sessionized frame (absent attributes: missing) at the last event + 1 s
+    events = user_model.as_sessionized(request)
+    cutoff = pd.DataFrame({"user_id": events["user_id"].iloc[:1], "cutoff": events["event_time"].max()})
+    cutoff["cutoff"] += pd.Timedelta(seconds=1)
+    np.testing.assert_allclose(
+        general.filter(like="embedding_").to_numpy(), user_model.embed(events, cutoff), atol=1e-6
+    )
+
+
+@pytest.mark.parametrize(
+    "column, value, message",
+    [
+        ("event_time", "soon", "event_time"),
+        ("event_time", None, "event_time"),
+        ("event_time", "2024-02-30T10:00:00Z", "event_time"),  # the layout of the fast parser, not a date
+        ("event_name", None, "event_name"),
+        ("event_name", "no_such_page", "never seen in training"),
+    ],
+)
+def test_one_user_fast_path_raises_the_general_errors(user_model, raw_events, column, value, message):
+    request = client_request(raw_events, sorted(raw_events["user_id"].unique())[:1]).reset_index(drop=True)
+    bad = request.astype(object)
+    bad.loc[3, column] = value
+    with pytest.raises(InvalidEventsError, match=message) as fast:
+        user_model.score_events(bad)
+    with pytest.raises(InvalidEventsError, match=message) as general:
+        user_model.score_events(pd.concat([bad, bad.iloc[[0]].assign(user_id="zz")]))  # two users: general path
+    assert str(fast.value) == str(general.value)
+
+
 def test_candidate_features_equal_the_training_samples(raw_events):
     spec = FunnelSpec(("property_page", "checkout", "booking_confirmation"), horizon=None, drop_censored=False)
     samples = build_funnel_samples(raw_events, spec)

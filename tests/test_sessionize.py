@@ -13,7 +13,14 @@ import pandas as pd
 import pytest
 from helpers import SHARED_DATA, check_results, materialize_pipeline, pipeline_resources, query
 
-from model_lib.sessionize import SESSION_COLUMNS, InvalidEventsError, parse_event_times, sessionize
+from model_lib.sessionize import (
+    SESSION_COLUMNS,
+    InvalidEventsError,
+    _parse_plain_utc,
+    parse_event_times,
+    sessionize,
+    sessionize_user,
+)
 
 REAL = {
     "taobao": str(SHARED_DATA / "taobao_userbehavior" / "*.csv.gz"),
@@ -63,7 +70,9 @@ def test_request_order_breaks_ties_and_gaps_start_sessions():
     assert eight["day_of_week"] == 0  # a Monday
 
 
-@pytest.mark.parametrize("bad", ["yesterday", "2024-13-01T00:00:00", None])
+@pytest.mark.parametrize(
+    "bad", ["yesterday", "2024-13-01T00:00:00", None, "2024-02-30T00:00:00Z", "2024-01-01T24:00:00Z"]
+)
 def test_bad_times_are_named_not_dropped(bad):
     with pytest.raises(InvalidEventsError, match="event_time"):
         parse_event_times(pd.Series(["2024-01-01T00:00:00Z", bad], dtype=object))
@@ -72,3 +81,53 @@ def test_bad_times_are_named_not_dropped(bad):
 def test_missing_columns_are_named():
     with pytest.raises(InvalidEventsError, match="event_name"):
         sessionize(pd.DataFrame({"user_id": ["u"], "event_time": ["2024-01-01"]}))
+
+
+@pytest.mark.parametrize(
+    "times, plain",
+    [
+        (["2024-02-29T23:59:59Z", "1999-12-31T00:00:00Z"], True),  # what clients send: parsed by numpy
+        (["2024-01-01T10:00:00.5Z", "2024-01-01T10:00:00.1Z"], True),
+        (["2024-01-01T10:00:00.123456Z"], True),
+        (["2024-01-01T10:00:00.1234567Z"], False),  # nanoseconds, mixed widths, zones, epochs, ...
+        (["2024-01-01T10:00:00Z", "2024-01-01T10:00:00.5Z"], False),
+        (["2024-01-01T10:00:00+01:00"], False),
+        (["2024-01-01T10:00:00"], False),
+        (["2024-01-01 10:00:00Z"], False),
+        (["1704110400"], False),
+        (["1850-01-01T00:00:00Z"], False),
+    ],
+)
+def test_plain_utc_strings_parse_as_pandas_does(times, plain):
+    values = np.array(times, dtype=object)
+    assert (_parse_plain_utc(values) is not None) == plain
+
+    def naive_utc(text: str) -> pd.Timestamp:
+        t = pd.Timestamp(int(text), unit="s") if text.isdigit() else pd.Timestamp(text)
+        return (t.tz_convert(None) if t.tzinfo else t).floor("us")
+
+    index = [5 + i for i in range(len(times))]
+    parsed = parse_event_times(pd.Series(values, index=index, name="event_time"))
+    assert list(parsed.index) == index and str(parsed.dtype) == "datetime64[us]"
+    assert list(parsed) == [naive_utc(t) for t in times]
+
+
+def test_one_user_arrays_equal_the_frame():
+    t0 = pd.Timestamp("2024-03-01T10:00:00")
+    events = pd.DataFrame(
+        {
+            "user_id": "u",
+            "event_time": [f"{t0 + pd.Timedelta(minutes=m):%Y-%m-%dT%H:%M:%SZ}" for m in (200, 0, 0, 1, 0, 500)],
+            "event_name": ["a", "b", "c", "d", "e", "f"],
+            "source_file": ["f2", "f1", "f1", "f1", "f0", "f1"],
+            "source_row": [1, 9, 3, 4, 7, 2],
+            "device": ["x", None, "y", "x", "y", None],
+        }
+    )
+    for frame in (events, events.drop(columns=["source_file", "source_row"]), events.head(1)):
+        expected = sessionize(frame, session_gap_seconds=3600)
+        arrays = sessionize_user(frame, session_gap_seconds=3600)
+        assert list(arrays) == [c for c in expected.columns if c != "session_id"]
+        for column, values in arrays.items():
+            np.testing.assert_array_equal(values, expected[column].to_numpy(), err_msg=column)
+            assert values.dtype == expected[column].dtype, column
