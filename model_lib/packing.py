@@ -3,7 +3,7 @@
 A batch holds B sequences padded to L slots (events left-aligned, padding on the right:
 encoding.py). In the default run's data a history has ~25 events of L = 128 on average (the
 myopic views ~5), so a padded forward pass spends ~80% of its per-event work (embeddings, linear
-layers, norms, GELU) and ~90% of its attention work on padding whose results are masked away.
+layers, norms, GELU) and ~93% of its attention work on padding whose results are masked away.
 ``Packing`` lists where the real events are: per-event layers run on the packed events [N, D],
 and attention (or the LSTM) runs on groups of sequences of similar length, each padded only to
 the longest of its group (CPU PyTorch has no variable-length attention kernel; one group per
