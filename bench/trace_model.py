@@ -7,9 +7,14 @@ Measured side by side in one run, on simulated users (resources.event_sources.si
 pandas reference in bench/pandas_reference.py):
 
 - dense float32 matmul rate (GFLOP/s) on the training thread count: the ceiling for this model;
-- TRACE training throughput (sequences/s of forward + backward + AdamW on full-length
+- TRACE training throughput (sequences/s of forward + backward + clipping + AdamW on full-length
   sequences), and the same as a fraction of the matmul rate, using an analytic count of the
   model's FLOPs per sequence (``trace_flops_per_sequence``; training = 3 x forward);
+- the training loop the pipeline runs: ``training.fit`` over memory-mapped shards, on one thread
+  (each step of the default run has one), on examples cut like the default run's (every user
+  active in the 14 days before each of three weekly cutoffs, so most histories are far shorter
+  than max_len); its rate of useful FLOPs (real events only) against the one-thread matmul rate,
+  side by side with the same loop on the padded computation (``packed_events = False``);
 - single-user embedding latency on one thread, end to end (the user's events as a DataFrame ->
   encoder -> network -> embedding), p50 and p99 over many requests; target p99 < 5 ms;
 - batched embedding throughput (users/s, encoding included) on one thread and on all threads.
@@ -19,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -32,17 +38,19 @@ if __package__ in (None, ""):  # `python bench/x.py`: the repository root, as `p
 from bench.pandas_reference import sessionize_pandas
 from model_lib.embedding_service import UserModel
 from model_lib.encoding import EncoderConfig, SequenceEncoder, prepare_events
+from model_lib.sequence_shards import ShardedExamples, ShardWriter
 from model_lib.trace import TRACEConfig, count_parameters
 from model_lib.trace_baselines import build_model, make_config
-from model_lib.training import set_seed
+from model_lib.training import TrainConfig, fit, set_seed
 
 TASKS = ("task_0", "task_1", "task_2", "task_3", "task_4")
 
 
-def trace_flops_per_sequence(c: TRACEConfig) -> float:
-    """Forward FLOPs (2 per multiply-add) of one full-length sequence; embedding lookups,
-    norms and activations are ignored (they are memory-bound, not FLOPs)."""
-    L, D = c.max_len, c.d_model
+def trace_flops_per_sequence(c: TRACEConfig, length: int | None = None) -> float:
+    """Forward FLOPs (2 per multiply-add) of one sequence of ``length`` real events (default: a
+    full one, max_len); embedding lookups, norms and activations are ignored (they are
+    memory-bound, not FLOPs)."""
+    L, D = (c.max_len if length is None else length), c.d_model
     per_token_block = 2 * D * 3 * D + 2 * D * D + 2 * 2 * D * c.d_ff + 2 * 2 * L * D  # qkv, proj, ff, QK^T and AV
     per_token = 2 * c.n_time_features * D + c.n_layers * per_token_block
     return L * per_token + 2 * D * c.embedding_dim + 2 * c.embedding_dim * c.n_tasks
@@ -70,14 +78,16 @@ def simulated_events(n_users: int, seed: int) -> pd.DataFrame:
 
 
 def training_throughput(model, batch: dict, steps: int, threads: int) -> float:
+    """Sequences/s of the steps ``training.fit`` takes, on one batch held in memory."""
     torch.set_num_threads(threads)
     model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
 
     def step():
         loss = model.loss(batch)
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
 
     for _ in range(2):
@@ -86,6 +96,45 @@ def training_throughput(model, batch: dict, steps: int, threads: int) -> float:
     for _ in range(steps):
         step()
     return steps * len(batch["mask"]) / (time.perf_counter() - t)
+
+
+def pipeline_examples(events: pd.DataFrame, cutoff_days=(7, 14, 21), observation_days: int = 14) -> pd.DataFrame:
+    """(user_id, cutoff) like the default run's examples: every user with an event in the
+    observation window before each weekly cutoff (assets/training_data, simulator task set)."""
+    start = events["event_time"].min().normalize()
+    frames = []
+    for day in cutoff_days:
+        cutoff = start + pd.Timedelta(days=day)
+        window = events[events["event_time"].between(cutoff - pd.Timedelta(days=observation_days), cutoff, "left")]
+        users = window["user_id"].astype(str).unique()
+        frames.append(pd.DataFrame({"user_id": users, "cutoff": cutoff}))
+    return pd.concat(frames, ignore_index=True)
+
+
+def fit_throughput(
+    config, encoded: dict, root: Path, batch_size: int, packed: bool, seed: int, sample_budget: int | None = None
+) -> float:
+    """Sequences/s of one epoch of ``training.fit`` over shards of ``encoded`` (at most
+    ``sample_budget`` rows), one thread: the training pass of a pipeline step (shard reads,
+    forward, backward, clipping, AdamW)."""
+    n = len(encoded["mask"])
+    arrays = {k: v.numpy() for k, v in encoded.items()}
+    for split, rows in (("train", slice(0, n)), ("valid", slice(0, min(n, batch_size)))):
+        if not (root / split).exists():
+            writer = ShardWriter(root / split)
+            for start in range(rows.start, rows.stop, 2000):  # a few shards, as the pipeline's buckets
+                writer.write({k: v[start : min(start + 2000, rows.stop)] for k, v in arrays.items()})
+    set_seed(seed)
+    model = build_model("trace", config)
+    model.packed_events = packed
+    model.set_class_weights(encoded["labels"])
+    result = fit(
+        model,
+        ShardedExamples(root / "train"),
+        ShardedExamples(root / "valid"),
+        TrainConfig(epochs=1, batch_size=batch_size, num_threads=1, seed=seed, sample_budget=sample_budget),
+    )
+    return result.history[0].samples_per_second
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -155,6 +204,32 @@ def main(argv: list[str] | None = None) -> None:
         )
     real_len = encoded["mask"].sum(1).float()
     print(f"encode_examples_per_s={encode_per_s:.0f} (mean real length {real_len.mean():.1f} of {cfg.max_len})")
+
+    # --- the pipeline's training loop: training.fit over shards, one thread ------------------
+    cut = pipeline_examples(events)
+    pipe = encoder.transform(ev, cut)
+    pipe["labels"] = torch.from_numpy(np.random.default_rng(args.seed).random((len(cut), len(TASKS))) < 0.3).float()
+    lengths = pipe["mask"].sum(1).clamp(min=1)  # an empty history runs as one (padding) event
+    useful = float(np.mean([trace_flops_per_sequence(cfg, int(n)) for n in lengths]))
+    with tempfile.TemporaryDirectory() as tmp:
+        matmul_1 = matmul_gflops(1, seconds=0.5)
+        slow_budget = 4 * batch_size if args.quick else None  # the padded reference: a few batches in a quick run
+        rates = {
+            packed: fit_throughput(cfg, pipe, Path(tmp), batch_size, packed, args.seed, None if packed else slow_budget)
+            for packed in (True, False)
+        }
+        matmul_1 = (matmul_1 + matmul_gflops(1, seconds=0.5)) / 2
+    print(
+        f"fit_over_shards: {len(cut)} examples (3 weekly cutoffs), mean real length {lengths.float().mean():.1f} "
+        f"of {cfg.max_len}, batch {batch_size}, 1 thread, matmul {matmul_1:.1f} GFLOP/s around it"
+    )
+    for packed, name in ((True, "packed"), (False, "padded")):
+        gflops_fit = rates[packed] * 3 * useful / 1e9
+        print(
+            f"fit_sequences_per_s_{name}={rates[packed]:.0f} fit_useful_gflops_{name}={gflops_fit:.2f} "
+            f"fraction_of_matmul_1thread_{name}={gflops_fit / matmul_1:.3f}"
+        )
+    print(f"fit_speedup_packed_over_padded={rates[True] / rates[False]:.2f}")
 
     # --- batched embedding throughput (encoding included) -----------------------------------
     model.eval()

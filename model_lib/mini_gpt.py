@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from model_lib.packing import Packing
 from model_lib.trace import SequenceUserModel, attention_mask, weighted_multitask_bce
 
 
@@ -54,12 +55,15 @@ class CausalSelfAttention(nn.Module):
         self.qkv = nn.Linear(d_model, 3 * d_model)
         self.proj = nn.Linear(d_model, d_model)
 
-    def forward(self, x: Tensor) -> Tensor:
-        B, L, D = x.shape
-        q, k, v = self.qkv(x).split(D, dim=2)  # each [B, L, D]
-        q, k, v = (t.view(B, L, self.n_heads, D // self.n_heads).transpose(1, 2) for t in (q, k, v))  # [B, H, L, Dh]
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # [B, H, L, Dh]
-        return self.proj(y.transpose(1, 2).reshape(B, L, D))
+    def forward(self, x: Tensor, packing: Packing) -> Tensor:
+        D = x.shape[1]  # x [N, D]: packed events
+        ys = []
+        for qkv in packing.to_groups(self.qkv(x)):  # [B, L, 3D] per group, padding on the right
+            B, L, _ = qkv.shape
+            q, k, v = (t.view(B, L, self.n_heads, D // self.n_heads).transpose(1, 2) for t in qkv.split(D, dim=2))
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # [B, H, L, Dh]: never sees padding
+            ys.append(y.transpose(1, 2).reshape(B, L, D))
+        return self.proj(packing.from_groups(ys))  # [N, D]
 
 
 class CausalBlock(nn.Module):
@@ -71,9 +75,9 @@ class CausalBlock(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(d_model, d_ff), nn.GELU(), nn.Linear(d_ff, d_model))
         self.drop = nn.Dropout(dropout)
 
-    def forward(self, x: Tensor) -> Tensor:
-        x = x + self.drop(self.attn(self.ln1(x)))
-        return x + self.drop(self.mlp(self.ln2(x)))
+    def forward(self, x: Tensor, packing: Packing) -> Tensor:  # x [N, D]: packed events
+        x = x + packing.dropout(self.drop, self.attn(self.ln1(x), packing))
+        return x + packing.dropout(self.drop, self.mlp(self.ln2(x)))
 
 
 class MiniGPT(SequenceUserModel):
@@ -88,35 +92,39 @@ class MiniGPT(SequenceUserModel):
         self.pooled_dim = c.d_model
         self._init_heads(c.embedding_dim, c.n_tasks, c.class_weighting)
 
-    def hidden(self, batch: dict[str, Tensor]) -> Tensor:
-        """Causal hidden states [B, L, D]."""
-        pages = batch["cat_ids"][..., 0].long()  # [B, L]
-        positions = torch.arange(pages.shape[1], device=pages.device)  # [L], chronological
-        x = self.drop(self.wte(pages) + self.wpe(positions))  # [B, L, D]
+    def hidden(self, batch: dict[str, Tensor], packing: Packing) -> Tensor:
+        """Causal hidden states [N, D] of the events ``packing`` carries."""
+        B, L = packing.shape
+        pages = packing.pack(batch["cat_ids"][..., 0]).long()  # [N]
+        slots = torch.arange(L, device=packing.mask.device).expand(B, L)  # a slot is a chronological position
+        positions = packing.pack(slots)  # [N]
+        x = packing.dropout(self.drop, self.wte(pages) + self.wpe(positions))  # [N, D]
         for block in self.blocks:
-            x = block(x)
+            x = block(x, packing)
         return self.ln_f(x)
 
-    def _last_real(self, batch: dict[str, Tensor]) -> Tensor:
-        return attention_mask(batch["mask"]).sum(1) - 1  # [B] index of the most recent event
+    def _packing(self, batch: dict[str, Tensor]) -> Packing:
+        return Packing.of(attention_mask(batch["mask"]), packed=self.packed_events)
 
     def pool(self, batch: dict[str, Tensor]) -> Tensor:
-        h = self.hidden(batch)  # [B, L, D]
-        return h[torch.arange(h.shape[0]), self._last_real(batch)]  # [B, D]
+        packing = self._packing(batch)
+        return self.hidden(batch, packing)[packing.last()]  # [B, D]: at the most recent event
 
     def loss(self, batch: dict[str, Tensor]) -> Tensor:
-        h = self.hidden(batch)  # [B, L, D]
-        pooled = h[torch.arange(h.shape[0]), self._last_real(batch)]
-        logits = self.heads(F.gelu(self.shared(pooled)))  # [B, T]
+        packing = self._packing(batch)
+        h = self.hidden(batch, packing)  # [N, D]
+        logits = self.heads(F.gelu(self.shared(h[packing.last()])))  # [B, T]
         task_loss = weighted_multitask_bce(logits, batch["labels"].float(), self.class_weights)
         if self.config.lm_weight <= 0:
             return task_loss
-        pages = batch["cat_ids"][..., 0].long()
-        next_logits = h[:, :-1] @ self.wte.weight.T  # [B, L-1, V], head tied to the token embedding
-        target = pages[:, 1:].masked_fill(~batch["mask"][:, 1:], -100)  # padding is not a target
+        pages = batch["cat_ids"][..., 0].long()  # [B, L]
+        target = torch.full_like(pages, -100)  # the page after each slot; padding is not a target
+        target[:, :-1] = pages[:, 1:].masked_fill(~batch["mask"][:, 1:], -100)
+        target = packing.pack(target)  # [N]
         if not (target >= 0).any():
             return task_loss
-        lm_loss = F.cross_entropy(next_logits.reshape(-1, next_logits.shape[-1]), target.reshape(-1), ignore_index=-100)
+        next_logits = h @ self.wte.weight.T  # [N, V], head tied to the token embedding
+        lm_loss = F.cross_entropy(next_logits, target, ignore_index=-100)
         return task_loss + self.config.lm_weight * lm_loss
 
 

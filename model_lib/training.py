@@ -159,7 +159,10 @@ def fit(
         torch.set_num_threads(config.num_threads)
     set_seed(config.seed)
 
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
+    # fused: one kernel over all parameters instead of ~10 ops per tensor (same update, up to rounding)
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay, fused=True
+    )
     generator = torch.Generator().manual_seed(config.seed)
     result = FitResult()
     best_state = _clone_state(model)

@@ -1,0 +1,84 @@
+"""Packed events (model_lib/packing.py) compute what the padded batch computes: same outputs, same
+loss and gradients (dropout included) for a seed, up to float rounding, for every sequence model."""
+
+import copy
+
+import pytest
+import torch
+
+from model_lib.packing import Packing
+from model_lib.trace import attention_mask
+from model_lib.trace_baselines import MODEL_KINDS, build_model, get_kind
+
+torch.set_num_threads(1)
+B, L, C = 48, 40, 3
+
+
+def ragged_batch(seed=0):
+    """Left-aligned histories of every length from none to full, garbage in the padded slots."""
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(0, L + 1, (B,), generator=g)
+    lengths[:3], lengths[3], lengths[4] = L, 0, 1
+    mask = torch.arange(L) < lengths[:, None]  # [B, L]
+    return {
+        "cat_ids": torch.randint(2, 12, (B, L, C), dtype=torch.int32, generator=g),
+        "time_features": torch.randn(B, L, 7, generator=g),
+        "event_pos": (lengths[:, None] - 1 - torch.arange(L)).clamp(min=0).int(),
+        "session_pos": torch.randint(0, 6, (B, L), dtype=torch.int32, generator=g),
+        "mask": mask,
+        "labels": torch.randint(0, 2, (B, 5), generator=g).float(),
+    }
+
+
+def outputs(model, batch, packed):
+    """(eval logits, train loss, train gradients) with dropout drawn from seed 5."""
+    model = copy.deepcopy(model)
+    model.packed_events = packed
+    with torch.no_grad():
+        logits = model.eval()(batch)
+    torch.manual_seed(5)
+    loss = model.train().loss(batch)
+    loss.backward()
+    return logits, loss.detach(), [p.grad for p in model.parameters()]
+
+
+@pytest.mark.parametrize("kind", sorted(MODEL_KINDS))
+def test_packed_events_match_the_padded_computation(kind):
+    torch.manual_seed(0)
+    model = build_model(kind, get_kind(kind).config_class(vocab_sizes=(12, 12, 12), n_tasks=5, max_len=L))
+    batch = ragged_batch()
+    padded, packed = outputs(model, batch, packed=False), outputs(model, batch, packed=True)
+    torch.testing.assert_close(packed[0], padded[0], rtol=0, atol=1e-5)
+    torch.testing.assert_close(packed[1], padded[1], rtol=1e-6, atol=1e-6)  # same dropout masks
+    for got, want in zip(packed[2], padded[2]):
+        assert got is not None
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+
+
+def test_groups_hold_every_event_once_and_nothing_else():
+    mask = attention_mask(ragged_batch()["mask"])  # an empty history shows one slot, as the models see it
+    packing = Packing.of(mask)
+    n = int(mask.sum())
+    events = torch.arange(1, n + 1, dtype=torch.float32)[:, None]  # [N, 1]
+    groups = packing.to_groups(events)
+    assert len(groups) > 1 and sum(g.shape[0] for g in groups) == B
+    assert [length for _, length in packing.sizes] == sorted((length for _, length in packing.sizes), reverse=True)
+    for g, keys, (rows, length) in zip(groups, packing.keys, packing.sizes):
+        assert g.shape == (rows, length, 1)
+        real = g[..., 0] > 0  # the filler is 0
+        assert torch.equal(real, torch.ones_like(real) if keys is None else keys)
+        assert real[:, -1].any() and real[:, 0].all()  # padded to its longest row; no empty row
+    assert torch.equal(packing.from_groups(groups), events)
+    assert sorted(torch.cat([g[g > 0] for g in groups]).tolist()) == events[:, 0].tolist()
+    torch.testing.assert_close(
+        packing.pack(torch.where(mask[..., None], 1.0, 0.0)).sum(), torch.tensor(float(n))
+    )  # pack keeps the real events only
+
+
+def test_full_batches_and_the_reference_carry_every_slot():
+    full = torch.ones(4, 6, dtype=torch.bool)
+    assert Packing.of(full).index is None and Packing.of(full).keys == [None]
+    ragged = full.clone()
+    ragged[1, 3:] = False
+    reference = Packing.of(ragged, packed=False)
+    assert reference.index is None and torch.equal(reference.keys[0], ragged)
