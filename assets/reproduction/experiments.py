@@ -223,8 +223,9 @@ def run_funnel(
         values = per_user_ndcg_values(groups, depth, scores)
         ndcg_parts.append(pd.DataFrame({"user_id": np.asarray(user_index), "split": split, "ndcg": values}))
     info = {"fit_seconds": fit_seconds, "best_epoch": result.best_epoch, "n_train_examples": len(frames["train"])}
-    if cfg.aggregation == "linear" and hasattr(model, "aggregate"):
-        info["aggregation_weights"] = [round(float(w), 4) for w in model.aggregate.weights.detach()]
+    weights = getattr(getattr(model, "aggregate", None), "weights", None)  # None unless the model's operator is linear
+    if weights is not None:
+        info["aggregation_weights"] = [round(float(w), 4) for w in weights.detach()]
     return pd.concat(parts, ignore_index=True), pd.concat(ndcg_parts, ignore_index=True), info
 
 
