@@ -28,7 +28,7 @@ from pathlib import Path
 import pytest
 from helpers import REPO, query, small_run_config, tail
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(540)]
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]  # a hang guard: the machine may be shared
 
 LOCK_ERRORS = re.compile(r"could not set lock|database is locked|conflicting lock", re.IGNORECASE)
 SIMULATOR = {"simulator_n_users": 300, "simulator_days": 35}
