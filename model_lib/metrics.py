@@ -100,11 +100,66 @@ class GroupResampler:
 
     def replicates(self, n_boot: int, seed: int):
         """Yield ``n_boot`` row-index arrays, each the rows of a with-replacement sample of groups."""
-        rng = np.random.default_rng(seed)
         rows = np.arange(self.codes.size)
+        for weights in self.row_weights(n_boot, seed):
+            yield np.repeat(rows, weights)
+
+    def row_weights(self, n_boot: int, seed: int):
+        """The same replicates as ``replicates`` (same seed, same draws), as the number of times
+        each row is drawn: what ``SortedScores`` scores without copying or sorting."""
+        rng = np.random.default_rng(seed)
         for _ in range(n_boot):
             multiplicity = np.bincount(rng.integers(0, self.n_groups, self.n_groups), minlength=self.n_groups)
-            yield np.repeat(rows, multiplicity[self.codes])
+            yield multiplicity[self.codes]
+
+
+class SortedScores:
+    """One model's scores on one task, sorted once, then scored under any row weights in O(n).
+
+    A bootstrap replicate is a vector of row multiplicities, so scoring it needs no copy and no
+    sort: rows are grouped by distinct score (descending), and AUROC and average precision are
+    sums over the groups of the weighted positives and negatives. Equal to ``auroc``/``auprc`` of
+    the rows repeated by their weights (rows with a NaN label are dropped, as there). What makes
+    the evaluation's bootstrap linear in the test set instead of n log n per replicate.
+    """
+
+    def __init__(self, y_true, y_score):
+        y_true = np.asarray(y_true, dtype=np.float64).ravel()
+        y_score = np.asarray(y_score, dtype=np.float64).ravel()
+        if y_true.shape != y_score.shape:
+            raise ValueError(f"y_true and y_score differ in length: {y_true.shape} vs {y_score.shape}")
+        labelled = np.flatnonzero(~np.isnan(y_true))
+        order = labelled[np.argsort(-y_score[labelled], kind="mergesort")]
+        self.rows = order  # original row of each sorted position
+        self.positive = (y_true[order] > 0).astype(np.float64)
+        score = y_score[order]
+        self.group_starts = np.r_[0, np.flatnonzero(np.diff(score)) + 1] if score.size else np.zeros(0, int)
+
+    def _groups(self, weights) -> tuple[np.ndarray, np.ndarray]:
+        """(weighted positives, weighted negatives) per distinct score, highest score first."""
+        w = np.ones(self.rows.size) if weights is None else np.asarray(weights, dtype=np.float64)[self.rows]
+        pos = np.add.reduceat(w * self.positive, self.group_starts)
+        return pos, np.add.reduceat(w, self.group_starts) - pos
+
+    def auroc(self, weights=None) -> float:
+        if self.rows.size == 0:
+            return float("nan")
+        pos, neg = self._groups(weights)
+        n_pos, n_neg = pos.sum(), neg.sum()
+        if n_pos == 0 or n_neg == 0:
+            return float("nan")
+        below = n_neg - np.cumsum(neg)  # negatives scored strictly lower than each group
+        return float(((pos * below).sum() + 0.5 * (pos * neg).sum()) / (n_pos * n_neg))
+
+    def auprc(self, weights=None) -> float:
+        if self.rows.size == 0:
+            return float("nan")
+        pos, neg = self._groups(weights)
+        true_pos, drawn = np.cumsum(pos), np.cumsum(pos + neg)
+        if true_pos[-1] == 0:
+            return float("nan")
+        precision = np.divide(true_pos, drawn, out=np.zeros_like(true_pos), where=drawn > 0)
+        return float(np.sum(pos / true_pos[-1] * precision))
 
 
 def _drop_missing(y_true, groups, *scores) -> tuple[np.ndarray, np.ndarray | None, list[np.ndarray]]:
@@ -261,6 +316,7 @@ def ndcg_at_k(true_relevance: np.ndarray, scores: np.ndarray, k: int | None = No
 __all__ = [
     "GroupResampler",
     "SeedSummary",
+    "SortedScores",
     "auprc",
     "auroc",
     "bootstrap_ci",

@@ -162,3 +162,28 @@ def test_seed_summary_and_uplift_across_seeds_and_users():
     # one seed each: the paired user bootstrap
     one = seeds_uplift_ci(auroc, y, [s], [base[0]], groups=users, n_boot=100)
     assert one[0] == pytest.approx(paired_bootstrap_uplift_ci(auroc, y, s, base[0], n_boot=100, groups=users)[0])
+
+
+def test_sorted_scores_under_weights_equal_the_metrics_of_repeated_rows():
+    """The evaluation's bootstrap scores a replicate as row weights on scores sorted once: it must
+    give what the metrics give on the rows repeated (ties, NaN labels, empty classes included)."""
+    from model_lib.metrics import GroupResampler, SortedScores
+
+    rng = np.random.default_rng(7)
+    n = 600
+    y = (rng.random(n) < 0.2).astype(float)
+    y[rng.random(n) < 0.1] = np.nan  # missing labels are dropped by both
+    score = np.round(rng.random(n) + 0.5 * np.nan_to_num(y), 1)  # coarse: many ties
+    groups = rng.integers(0, 150, n)
+    ranked = SortedScores(y, score)
+    assert ranked.auroc() == pytest.approx(auroc(y, score), abs=1e-12)
+    assert ranked.auprc() == pytest.approx(auprc(y, score), abs=1e-12)
+    resampler = GroupResampler(groups, n)
+    for idx, w in zip(resampler.replicates(25, 3), resampler.row_weights(25, 3), strict=True):
+        assert np.array_equal(np.bincount(idx, minlength=n), w)
+        assert ranked.auroc(w) == pytest.approx(auroc(y[idx], score[idx]), abs=1e-12)
+        assert ranked.auprc(w) == pytest.approx(auprc(y[idx], score[idx]), abs=1e-12)
+    only_negatives = np.zeros(n)
+    only_negatives[:300] = 1.0
+    assert np.isnan(SortedScores(y * 0, score).auroc()) and np.isnan(SortedScores(y * 0, score).auprc())
+    assert np.isnan(SortedScores(y, score).auroc(only_negatives * (y == 0)))  # a replicate with one class

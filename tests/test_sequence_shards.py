@@ -105,6 +105,36 @@ def test_bucketed_encoder_and_shards_equal_the_in_memory_path(small_split, tmp_p
         assert torch.allclose(got[k].float(), reference[k].float(), atol=1e-5), k
 
 
+def test_training_split_is_a_sample_of_whole_users_when_capped(small_split, tmp_path):
+    """A step on a sample budget encodes about that many training examples (whole users, the same
+    ones on every run); valid and test stay whole."""
+    events, train, valid, test = small_split
+    warehouse_of(events, {"train": train, "valid": valid, "test": test}, tmp_path / "w.duckdb")
+    cap = len(train) // 3
+
+    def shards(root, max_train_examples):
+        return write_sequence_shards(
+            Connect(tmp_path / "w.duckdb"),
+            "trace",
+            list(TASKS),
+            tmp_path / root,
+            EncoderConfig(max_len=16),
+            3000,
+            max_train_examples=max_train_examples,
+        )
+
+    whole, capped, again = shards("all", 0), shards("cap", cap), shards("again", cap)
+    assert len(whole.splits["train"]) == whole.n_train_examples == len(train)
+    assert 0.6 * cap <= len(capped.splits["train"]) <= 1.4 * cap and capped.n_train_examples == len(train)
+    ids = sorted(capped.ids("train").column("example_id").tolist())
+    assert ids == sorted(again.ids("train").column("example_id").tolist())  # stable sample
+    users = {i.split("@")[0] for i in ids}
+    per_user = train.assign(example_id=train["user_id"] + "@" + train["cutoff"].astype(str))
+    assert sorted(per_user.loc[per_user["user_id"].isin(users), "example_id"]) == ids  # every example of a kept user
+    for split in ("valid", "test"):
+        assert len(capped.splits[split]) == len(whole.splits[split])
+
+
 class RecordingModel(torch.nn.Module):
     """Counts the rows of every batch it is given: the unit in which a step's memory grows."""
 

@@ -31,6 +31,12 @@ class ModelTrainingConfig(dg.Config):
         "user-hash sample (whole users) when a split is larger. Bounds memory by config, not data size.",
     )
 
+    def max_train_rows(self) -> int:
+        """Training rows worth reading (0: all): no more than the sample budget can use, nor
+        than `max_rows_per_split`."""
+        caps = [n for n in (self.sample_budget, self.max_rows_per_split) if n > 0]
+        return min(caps) if caps else 0
+
     def train_config(self) -> TrainConfig:
         return TrainConfig(
             epochs=self.epochs,
@@ -44,16 +50,21 @@ class ModelTrainingConfig(dg.Config):
         )
 
 
+def user_sample_sql(share: float, column: str = "user_id") -> str:
+    """A condition true for a stable sample of about ``share`` of the users (whole users; md5, so
+    the same users on every run and DuckDB version, independent of the user-hash buckets)."""
+    permille = max(1, int(1_000_000 * share))
+    return f"((('0x' || md5(CAST({column} AS VARCHAR) || ':sample')[1:8])::UBIGINT) % 1000000) < {permille}"
+
+
 def split_rows_sql(con, table: str, split: str, max_rows: int, columns: str = "*") -> tuple[str, int, int]:
     """(query, rows it returns about, rows of the split) for one split of `table`: every row, or a
-    sample of whole users (md5 of user_id) of about `max_rows` when the split is larger."""
+    sample of whole users (`user_sample_sql`) of about `max_rows` when the split is larger."""
     where = f"split = '{split}'"
     (total,) = con.execute(f"SELECT count(*) FROM {table} WHERE {where}").fetchall()[0]
     if max_rows <= 0 or total <= max_rows:
         return f"SELECT {columns} FROM {table} WHERE {where}", total, total
-    permille = max(1, int(1_000_000 * max_rows / total))
-    bucket = "((('0x' || md5(CAST(user_id AS VARCHAR) || ':sample')[1:8])::UBIGINT) % 1000000)"
-    return f"SELECT {columns} FROM {table} WHERE {where} AND {bucket} < {permille}", max_rows, total
+    return f"SELECT {columns} FROM {table} WHERE {where} AND {user_sample_sql(max_rows / total)}", max_rows, total
 
 
 #: How a training step reports an epoch in the Dagster run log; `trace-dagster run` parses it back

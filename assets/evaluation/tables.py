@@ -26,7 +26,7 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from assets.common.metadata import markdown_table
-from model_lib.metrics import GroupResampler, auprc, auroc, uplift_pct
+from model_lib.metrics import GroupResampler, SortedScores, auprc, auroc, uplift_pct
 from model_lib.mtlds import funnel_depth, per_user_ndcg
 
 TRACE_METRICS = {"auroc": auroc, "auprc": auprc}
@@ -134,13 +134,15 @@ def bootstrap_metrics(
     if not first:
         return {}
     n = len(next(iter(first.values()))[0])
-    replicates = list(GroupResampler(groups, n).replicates(n_boot, seed))
-    return {
-        (model, task, name): np.array([fn(y[idx], s[idx]) for idx in replicates])
-        for model, per_task in scores.items()
-        for task, (y, s) in per_task.items()
-        for name, fn in TRACE_METRICS.items()
-    }
+    weights = list(GroupResampler(groups, n).row_weights(n_boot, seed))
+    out = {}
+    for model, per_task in scores.items():
+        for task, (y, s) in per_task.items():
+            ranked = SortedScores(y, s)  # sorted once; each replicate is a weighted sum, O(n)
+            for name in TRACE_METRICS:
+                score = getattr(ranked, name)
+                out[(model, task, name)] = np.array([score(w) for w in weights])
+    return out
 
 
 def _uplift(value, baseline):

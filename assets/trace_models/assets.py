@@ -10,8 +10,8 @@ executor; each pins torch to `torch_threads` so two of them share the two cores 
 
 Each asset writes, under `TRACE_DAGSTER_HOME/models/<model>/<dagster run id>/`:
 - `model.pt`: the model_lib artifact (config + vocabularies + weights, `weights_only` loadable);
-- `predictions.parquet`: `example_id`, `split`, `p_<task>` for every seen task, every example;
-- `embeddings.parquet`: `example_id`, `split`, `embedding`, every example (probes need train too);
+- `predictions.parquet`: `example_id`, `split`, `p_<task>` for every seen task, valid and test examples;
+- `embeddings.parquet`: `example_id`, `split`, `embedding`, valid and test examples (probes fit on valid);
 and returns their paths with the registered MLflow version for the evaluation downstream.
 """
 
@@ -29,7 +29,7 @@ from pydantic import Field
 
 from assets.common.training import ModelTrainingConfig, epoch_logger
 from assets.model_registry.signatures import raw_event_example, trace_signature, trained_session_gap
-from assets.trace_models.sequence_data import SPLITS, SequenceShards, write_sequence_shards
+from assets.trace_models.sequence_data import SequenceShards, write_sequence_shards
 from assets.training_data.assets import read_tasks, training_examples
 from model_lib.embedding_service import UserModel
 from model_lib.encoding import EncoderConfig, attribute_rules_for
@@ -106,14 +106,16 @@ def read_example_events(warehouse: DuckDBWarehouse, user_ids: list[str]) -> pd.D
 
 @torch.inference_mode()
 def write_model_outputs(model: UserModel, data: SequenceShards, seen: pd.DataFrame, out_dir, batch_size: int = 2048):
-    """Stream predictions and embeddings of every example to parquet, shard by shard; returns
-    (test labels [N, T], test probabilities [N, T]) for the test metrics."""
+    """Stream predictions and embeddings of the valid and test examples (what evaluation reads:
+    probes fit on valid, everything is scored on test) to parquet, shard by shard; returns
+    (test labels [N, T], test probabilities [N, T]) for the test metrics. Training examples are
+    left out: nothing reads them, and at scale they would be most of the step's scoring."""
     model.model.eval()
     tasks = list(seen["task"])
     writers: dict[str, pq.ParquetWriter] = {}
     test_labels, test_probs = [], []
     try:
-        for split in SPLITS:
+        for split in ("valid", "test"):
             for batch in data.ids(split).batches(batch_size):
                 ids = batch.pop("example_id")  # numpy strings
                 embeddings = model.model.embed(batch)  # [B, E]
@@ -189,11 +191,17 @@ def build_sequence_model_asset(kind: str) -> dg.AssetsDefinition:
             shard_root,
             EncoderConfig(max_len=config.max_len, attributes=attribute_rules_of(tasks)),
             config.events_per_bucket,
+            max_train_examples=config.max_train_rows(),
         )
         train, valid = data.splits["train"], data.splits["valid"]
+        sampled = (
+            f" (a user sample of the {data.n_train_examples}: sample budget / max_rows_per_split)"
+            if len(train) < data.n_train_examples
+            else ""
+        )
         context.log.info(
             f"{kind}: {data.n_events} events of example users encoded in {data.buckets} user-hash bucket(s): "
-            f"{len(train)} train / {len(valid)} valid / {len(data.splits['test'])} test examples on disk"
+            f"{len(train)} train{sampled} / {len(valid)} valid / {len(data.splits['test'])} test examples on disk"
         )
         tags = {
             "dagster.run_id": context.run.run_id,
@@ -289,6 +297,7 @@ def build_sequence_model_asset(kind: str) -> dg.AssetsDefinition:
                     pd.Series(test_metrics).round(4).rename("value").to_frame().to_markdown()
                 ),
                 "train_examples": len(train),
+                "train_examples_in_warehouse": data.n_train_examples,
                 "samples_seen": sum(r.samples for r in fit_result.history),
                 "user_hash_buckets": data.buckets,
             },

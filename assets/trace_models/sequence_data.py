@@ -21,6 +21,7 @@ import duckdb
 import pandas as pd
 import pyarrow as pa
 
+from assets.common.training import user_sample_sql
 from model_lib.embedding_service import labels_tensor
 from model_lib.encoding import EncoderConfig, SequenceEncoder
 from model_lib.sequence_shards import ShardedExamples, ShardWriter
@@ -47,20 +48,26 @@ def bucket_count(con: duckdb.DuckDBPyConnection, events_per_bucket: int) -> int:
 
 
 def read_bucket(
-    con: duckdb.DuckDBPyConnection, bucket: int, buckets: int, splits: tuple[str, ...] = SPLITS
+    con: duckdb.DuckDBPyConnection,
+    bucket: int,
+    buckets: int,
+    splits: tuple[str, ...] = SPLITS,
+    train_sample: str = "true",
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(events, examples) of the example users in one bucket, read as Arrow record batches."""
-    in_bucket = f"{user_bucket_sql('user_id', buckets)} = {int(bucket)}"
+    """(events, examples) of the example users in one bucket, read as Arrow record batches; of
+    the training users, only those meeting ``train_sample`` (a SQL condition on `user_id`)."""
     split_list = ", ".join(f"'{s}'" for s in splits)
-    examples = _arrow_frame(
-        con, f"SELECT * FROM training_examples WHERE {in_bucket} AND split IN ({split_list}) ORDER BY example_id"
+    wanted = (
+        f"{user_bucket_sql('user_id', buckets)} = {int(bucket)} "
+        f"AND split IN ({split_list}) AND (split <> 'train' OR ({train_sample}))"
     )
+    examples = _arrow_frame(con, f"SELECT * FROM training_examples WHERE {wanted} ORDER BY example_id")
     events = _arrow_frame(
         con,
         f"""
         SELECT * EXCLUDE (source_file, source_row, ingested_at) FROM sessionized_events
-        WHERE {in_bucket}
-          AND user_id IN (SELECT DISTINCT user_id FROM training_examples WHERE {in_bucket})
+        WHERE {user_bucket_sql("user_id", buckets)} = {int(bucket)}
+          AND user_id IN (SELECT DISTINCT user_id FROM training_examples WHERE {wanted})
           AND event_time < (SELECT max(cutoff) FROM training_examples)
         ORDER BY user_id, event_index""",
     )
@@ -82,6 +89,7 @@ class SequenceShards:
     root: Path
     buckets: int
     n_events: int
+    n_train_examples: int  # of the warehouse's training split; the shards may hold a sample of them
 
     def ids(self, split: str) -> ShardedExamples:
         """The same shards with their example ids (for predictions and embeddings tables)."""
@@ -95,21 +103,30 @@ def write_sequence_shards(
     root: Path,
     encoder_config: EncoderConfig,
     events_per_bucket: int = 2_000_000,
+    max_train_examples: int = 0,
 ) -> SequenceShards:
     """Fit the encoder on the training examples, bucket by bucket, then write one shard per
     bucket and split under ``root/<split>/``: ``cat_ids``, ``time_features``, ``event_pos``,
     ``session_pos``, ``mask``, ``labels`` (float32, NaN = missing) and ``example_id``.
 
     ``connect`` opens a read-only warehouse connection; one is opened per bucket read, so that no
-    lock is held while encoding (a writer elsewhere in the graph waits only for a read)."""
+    lock is held while encoding (a writer elsewhere in the graph waits only for a read).
+
+    ``max_train_examples`` (0: all) keeps the training split to a stable sample of whole users of
+    about that many examples (`user_sample_sql`): a step that trains on a sample budget has no use
+    for more, and encoding them would grow the step with the data. Valid and test stay whole."""
     with connect() as con:
         buckets = bucket_count(con, events_per_bucket)
+        (n_train,) = con.execute("SELECT count(*) FROM training_examples WHERE split = 'train'").fetchall()[0]
+    train_sample = "true"
+    if 0 < max_train_examples < n_train:
+        train_sample = user_sample_sql(max_train_examples / n_train)
     encoder = SequenceEncoder(encoder_config_for(kind, encoder_config))
 
     def train_parts() -> Iterator[tuple[pd.DataFrame, pd.DataFrame]]:
         for b in range(buckets):
             with connect() as con:
-                events, examples = read_bucket(con, b, buckets, ("train",))
+                events, examples = read_bucket(con, b, buckets, ("train",), train_sample)
             if len(examples):
                 yield events, examples
 
@@ -118,7 +135,7 @@ def write_sequence_shards(
     n_events = 0
     for b in range(buckets):
         with connect() as con:
-            events, examples = read_bucket(con, b, buckets)
+            events, examples = read_bucket(con, b, buckets, SPLITS, train_sample)
         n_events += len(events)
         for split in SPLITS:
             part = examples[examples["split"] == split].reset_index(drop=True)
@@ -134,7 +151,7 @@ def write_sequence_shards(
             )
         del events, examples
     return SequenceShards(
-        encoder, {s: ShardedExamples(root / s, keys=MODEL_KEYS) for s in SPLITS}, root, buckets, n_events
+        encoder, {s: ShardedExamples(root / s, keys=MODEL_KEYS) for s in SPLITS}, root, buckets, n_events, n_train
     )
 
 
