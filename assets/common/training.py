@@ -37,6 +37,10 @@ class ModelTrainingConfig(dg.Config):
         caps = [n for n in (self.sample_budget, self.max_rows_per_split) if n > 0]
         return min(caps) if caps else 0
 
+    def max_split_rows(self, split: str) -> int:
+        """Rows worth reading of one split (0: all)."""
+        return self.max_train_rows() if split == "train" else self.max_rows_per_split
+
     def train_config(self) -> TrainConfig:
         return TrainConfig(
             epochs=self.epochs,

@@ -101,8 +101,9 @@ def build_conversion_model_asset(model_name: str) -> dg.AssetsDefinition:
         torch.set_num_threads(config.torch_threads)
         spec = funnel_spec_for(event_source)
         with warehouse.connect(read_only=True) as con:
-            # one frame per split, each at most about max_rows_per_split rows (whole users)
-            queries = {s: split_rows_sql(con, "funnel_examples", s, config.max_rows_per_split) for s in SPLITS}
+            # one frame per split, each at most about max_rows_per_split rows (whole users); training
+            # no more than the sample budget can use
+            queries = {s: split_rows_sql(con, "funnel_examples", s, config.max_split_rows(s)) for s in SPLITS}
             splits = {s: con.sql(q).df() for s, (q, _, _) in queries.items()}
             item_stats = con.sql(item_statistics_sql(spec)).df().set_index("item_id")
             example_events = con.sql(

@@ -223,8 +223,9 @@ def build_aggregate_model_asset(kind: str) -> dg.AssetsDefinition:
     ) -> dg.Output[dict]:
         torch.set_num_threads(config.torch_threads)
         with warehouse.connect(read_only=True) as con:
-            # every split, each at most about max_rows_per_split examples (whole users)
-            queries = [split_rows_sql(con, "training_examples", s, config.max_rows_per_split) for s in SPLITS]
+            # every split, each at most about max_rows_per_split examples (whole users); training
+            # no more than the sample budget can use
+            queries = [split_rows_sql(con, "training_examples", s, config.max_split_rows(s)) for s in SPLITS]
             examples_sql = "(" + " UNION ALL ".join(f"({query})" for query, _, _ in queries) + ")"
             examples = con.sql(f"SELECT * FROM {examples_sql} ORDER BY example_id").df()
             tasks = read_tasks(con)
