@@ -39,6 +39,15 @@ def quote_ident(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
 
 
+def user_hash_sql(column: str, modulus: int, salt: str | None = None) -> str:
+    """A stable bucket in [0, modulus) of a user id: the first 32 bits of its md5 (DuckDB's
+    hash() may change across versions). A ``salt`` gives an independent hash per use (splits,
+    samples), so that a sample is not a split. Python twin for tests:
+    ``int(hashlib.md5(f"{user_id}:{salt}".encode()).hexdigest()[:8], 16) % modulus``."""
+    value = f"CAST({column} AS VARCHAR)" + ("" if salt is None else f" || ':{salt}'")
+    return f"((('0x' || md5({value})[1:8])::UBIGINT) % {int(modulus)})"
+
+
 def utc_now() -> datetime:
     """Naive UTC timestamp: the warehouse stores every TIMESTAMP in UTC without a zone."""
     return datetime.now(UTC).replace(tzinfo=None)

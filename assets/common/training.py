@@ -8,6 +8,7 @@ import mlflow
 from pydantic import Field
 
 from model_lib.training import EpochReport, TrainConfig
+from resources.warehouse import user_hash_sql
 
 
 class ModelTrainingConfig(dg.Config):
@@ -57,8 +58,7 @@ class ModelTrainingConfig(dg.Config):
 def user_sample_sql(share: float, column: str = "user_id") -> str:
     """A condition true for a stable sample of about ``share`` of the users (whole users; md5, so
     the same users on every run and DuckDB version, independent of the user-hash buckets)."""
-    permille = max(1, int(1_000_000 * share))
-    return f"((('0x' || md5(CAST({column} AS VARCHAR) || ':sample')[1:8])::UBIGINT) % 1000000) < {permille}"
+    return f"{user_hash_sql(column, 1_000_000, salt='sample')} < {max(1, int(1_000_000 * share))}"
 
 
 def split_rows_sql(con, table: str, split: str, max_rows: int, columns: str = "*") -> tuple[str, int, int]:

@@ -26,6 +26,7 @@ from model_lib.embedding_service import labels_tensor
 from model_lib.encoding import EncoderConfig, SequenceEncoder
 from model_lib.sequence_shards import ShardedExamples, ShardWriter
 from model_lib.trace_baselines import encoder_config_for
+from resources.warehouse import user_hash_sql
 
 SPLITS = ("train", "valid", "test")
 ARROW_BATCH_ROWS = 262_144
@@ -33,8 +34,8 @@ MODEL_KEYS = ("cat_ids", "time_features", "event_pos", "session_pos", "mask", "l
 
 
 def user_bucket_sql(column: str, buckets: int) -> str:
-    """A stable bucket in [0, buckets) of a user id (md5: DuckDB's hash() is not stable across versions)."""
-    return f"((('0x' || md5(CAST({column} AS VARCHAR))[1:8])::UBIGINT) % {int(buckets)})"
+    """The bucket in [0, buckets) of a user id that its events and examples are read in (`user_hash_sql`)."""
+    return user_hash_sql(column, buckets)
 
 
 def bucket_count(con: duckdb.DuckDBPyConnection, events_per_bucket: int) -> int:

@@ -30,17 +30,14 @@ import numpy as np
 import pandas as pd
 
 from assets.training_data.tasks import EngagementTask, TaskSet
-from resources.warehouse import sql_literal
+from resources.warehouse import sql_literal, user_hash_sql
 
 SPLITS = ("train", "valid", "test")
 
 
 def user_split_bucket_sql(user_column: str, seed: int) -> str:
-    """A stable bucket in [0, 10000) per user: md5, not DuckDB's hash(), which may change across versions.
-
-    Python twin for tests: int(hashlib.md5(f"{user_id}:{seed}".encode()).hexdigest()[:8], 16) % 10000.
-    """
-    return f"(('0x' || md5({user_column} || ':{int(seed)}')[1:8])::UBIGINT % 10000)"
+    """A stable bucket in [0, 10000) per user, salted by the split seed (`user_hash_sql`)."""
+    return user_hash_sql(user_column, 10_000, salt=str(int(seed)))
 
 
 def user_splits_sql(seed: int, valid_share: float, test_share: float) -> str:
