@@ -268,20 +268,27 @@ def seeds_uplift_ci(
     y, model, base = y[keep], model[:, keep], base[:, keep]
     groups = None if groups is None else np.asarray(groups).ravel()[keep]
 
-    def mean_metric(rows_scores: np.ndarray, idx: np.ndarray, which: np.ndarray) -> float:
-        return float(np.nanmean([metric_fn(y[idx], rows_scores[s, idx]) for s in which]))
-
-    every_row = np.arange(y.size)
-    point = uplift_pct(
-        mean_metric(model, every_row, np.arange(len(model))), mean_metric(base, every_row, np.arange(len(base)))
-    )
-    rng = np.random.default_rng(seed)
     resampler = GroupResampler(groups, y.size)
+    weighted = {auroc: "auroc", auprc: "auprc"}.get(metric_fn)
+    if weighted:  # sorted once per seed; a replicate is row weights (SortedScores), no sort
+        fns_m = [getattr(SortedScores(y, s), weighted) for s in model]
+        fns_b = [getattr(SortedScores(y, s), weighted) for s in base]
+        replicates = resampler.row_weights(n_boot, seed + 1)
+    else:
+        fns_m = [lambda w, s=s: metric_fn(y if w is None else y[w], s if w is None else s[w]) for s in model]
+        fns_b = [lambda w, s=s: metric_fn(y if w is None else y[w], s if w is None else s[w]) for s in base]
+        replicates = resampler.replicates(n_boot, seed + 1)
+
+    def mean_metric(fns, rows, which) -> float:
+        return float(np.nanmean([fns[s](rows) for s in which]))
+
+    point = uplift_pct(mean_metric(fns_m, None, range(len(model))), mean_metric(fns_b, None, range(len(base))))
+    rng = np.random.default_rng(seed)
     samples = []
-    for idx in resampler.replicates(n_boot, seed + 1):
+    for rows in replicates:  # the same draws either way: weights are the indices' counts
         seeds_m = rng.integers(0, len(model), len(model)) if len(model) > 1 else np.zeros(1, int)
         seeds_b = rng.integers(0, len(base), len(base)) if len(base) > 1 else np.zeros(1, int)
-        samples.append(uplift_pct(mean_metric(model, idx, seeds_m), mean_metric(base, idx, seeds_b)))
+        samples.append(uplift_pct(mean_metric(fns_m, rows, seeds_m), mean_metric(fns_b, rows, seeds_b)))
     low, high = _percentile_interval(samples, alpha)
     return point, low, high
 

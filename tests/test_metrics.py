@@ -187,3 +187,19 @@ def test_sorted_scores_under_weights_equal_the_metrics_of_repeated_rows():
     only_negatives[:300] = 1.0
     assert np.isnan(SortedScores(y * 0, score).auroc()) and np.isnan(SortedScores(y * 0, score).auprc())
     assert np.isnan(SortedScores(y, score).auroc(only_negatives * (y == 0)))  # a replicate with one class
+
+
+def test_seeds_uplift_ci_is_the_same_with_sorted_scores_as_with_row_copies():
+    """The fast path (AUROC/AUPRC scored as weights) must give the interval of the plain one."""
+    from model_lib.metrics import seeds_uplift_ci
+
+    rng = np.random.default_rng(11)
+    n = 400
+    y = (rng.random(n) < 0.3).astype(float)
+    groups = rng.integers(0, 120, n)
+    model = [np.round(0.4 * y + rng.random(n), 2) for _ in range(3)]
+    base = [np.round(0.2 * y + rng.random(n), 2) for _ in range(3)]
+    for fn in (auroc, auprc):
+        fast = seeds_uplift_ci(fn, y, model, base, groups, n_boot=60, seed=4)
+        plain = seeds_uplift_ci(lambda a, b, fn=fn: fn(a, b), y, model, base, groups, n_boot=60, seed=4)
+        assert fast == pytest.approx(plain, abs=1e-9)
