@@ -269,6 +269,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--sample-budget", type=int, default=50_000, help="training rows per model step")
     parser.add_argument("--max-concurrent", type=int, default=1, help="steps at once (1: figures per step)")
     parser.add_argument("--root", default="", help="folder for the per-size homes (default: a tmp dir)")
+    parser.add_argument(
+        "--reuse",
+        action="store_true",
+        help="read the figures of sizes that already succeeded under --root instead of running them again",
+    )
     parser.add_argument("--child-events", type=parse_size, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--child-home", default="", help=argparse.SUPPRESS)
     parser.add_argument("--child-out", default="", help=argparse.SUPPRESS)
@@ -291,6 +296,12 @@ def main(argv: list[str] | None = None) -> None:
     results = []
     for size in sizes:
         home, out = root / f"events_{size:.0e}", root / f"events_{size:.0e}.json"
+        if args.reuse and out.exists():
+            figures = json.loads(out.read_text())
+            if figures.get("success"):
+                print(f"size {size:.0e}: figures of an earlier run reused ({out})", flush=True)
+                results.append(figures)
+                continue
         print(f"size {size:.0e}: running ...", flush=True)
         command = [
             sys.executable,

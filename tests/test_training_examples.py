@@ -264,3 +264,24 @@ def test_the_test_helper_follows_the_same_two_rules_as_the_pipeline():
         assert ((expected == got) | (pd.isna(expected) & pd.isna(got))).all(), (task, expected, got)
     assert (helper["history_end"].dt.tz_localize(None) == sql["history_end"]).all()
     assert helper.loc["erin", "booking_14d"] == 0 and pd.isna(helper.loc["frank", "search_next_session"])
+
+
+def test_training_examples_built_by_user_bucket_equal_the_whole_build(tmp_path):
+    """At scale the table is built one user-hash bucket at a time (DuckDB's working set bounded by
+    config): it must be the same table, row for row, in the same order."""
+    from assets.training_data.examples_sql import bucketed_training_examples_sql
+    from resources.event_sources.simulator import SimulatorConfig, simulate_events
+    from tests.trace_test_data import sessionize
+
+    events = sessionize(simulate_events(SimulatorConfig(n_users=120, days=35, seed=0)))
+    c = duckdb.connect()
+    c.execute("SET TimeZone = 'UTC'")
+    c.register("sessionized_frame", events.assign(event_time=events["event_time"].dt.tz_localize(None)))
+    c.execute("CREATE TABLE sessionized_events AS SELECT * FROM sessionized_frame")
+    c.execute(f"CREATE TABLE user_splits AS {user_splits_sql(0, 0.2, 0.2)}")
+    cutoffs = cutoff_times(c, SIMULATOR_TASKS)
+    whole = c.sql(training_examples_sql(SIMULATOR_TASKS, cutoffs)).df()
+    bucketed = c.sql(bucketed_training_examples_sql(c, SIMULATOR_TASKS, cutoffs, 4, tmp_path / "staging")).df()
+    assert len(list((tmp_path / "staging").glob("bucket-*.parquet"))) == 4
+    assert len(whole) > 100
+    pd.testing.assert_frame_equal(bucketed, whole)

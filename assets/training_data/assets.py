@@ -5,6 +5,9 @@ One user split serves both model families, so the test users of TRACE and of MTL
 people and no user's history crosses from training into evaluation.
 """
 
+import math
+import shutil
+
 import dagster as dg
 import pandas as pd
 from pydantic import Field
@@ -13,6 +16,7 @@ from assets.common.metadata import warehouse_table_metadata
 from assets.training_data.columns import FUNNEL_EXAMPLES_COLUMNS, TRAINING_EXAMPLES_COLUMNS, USER_SPLITS_COLUMNS
 from assets.training_data.examples_sql import (
     SPLITS,
+    bucketed_training_examples_sql,
     cutoff_times,
     label_balance,
     training_examples_sql,
@@ -38,6 +42,11 @@ class ExamplesConfig(dg.Config):
     tasks_file: str = Field(
         default="",
         description="JSON task set (see assets/tasks.py); empty: the default tasks of the event format.",
+    )
+    events_per_bucket: int = Field(
+        default=2_000_000,
+        description="Events of the users built at once (one user-hash bucket): bounds DuckDB's working set "
+        "by config, not by the data size.",
     )
 
 
@@ -130,7 +139,20 @@ def training_examples(
     task_set = task_set_for(event_source, config.tasks_file)
     with warehouse.connect() as con:
         cutoffs = cutoff_times(con, task_set)
-        rows = warehouse.replace_table(con, "training_examples", training_examples_sql(task_set, cutoffs))
+        (n_events,) = con.execute("SELECT count(*) FROM sessionized_events").fetchall()[0]
+        buckets = max(1, math.ceil(n_events / max(1, config.events_per_bucket)))
+        if buckets == 1:
+            query = training_examples_sql(task_set, cutoffs)
+        else:
+            staging = warehouse.paths.tmp_dir / f"training_examples-{context.run.run_id}"
+            shutil.rmtree(staging, ignore_errors=True)
+            query = bucketed_training_examples_sql(con, task_set, cutoffs, buckets, staging)
+        try:
+            rows = warehouse.replace_table(con, "training_examples", query)
+        finally:
+            if buckets > 1:
+                shutil.rmtree(staging, ignore_errors=True)
+        context.log.info(f"training_examples: {rows} rows from {n_events} events in {buckets} user-hash bucket(s)")
         con.register("task_frame", task_frame(task_set, event_format_of(event_source)))
         warehouse.replace_table(con, "training_tasks", "SELECT * FROM task_frame")
         balance = label_balance(con, "training_examples", task_set)

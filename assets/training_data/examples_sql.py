@@ -24,6 +24,7 @@ helpers (tests/trace_test_data.py) all follow them:
 from __future__ import annotations
 
 from datetime import datetime, timedelta
+from pathlib import Path
 
 import duckdb
 import numpy as np
@@ -96,10 +97,11 @@ def _label_select(tasks: tuple[EngagementTask, ...]) -> str:
     return ",\n               ".join(f"CAST(({t.label_sql}) AS BOOLEAN) AS {t.column}" for t in tasks)
 
 
-def training_examples_sql(task_set: TaskSet, cutoffs: list[datetime]) -> str:
+def training_examples_sql(task_set: TaskSet, cutoffs: list[datetime], events: str = "sessionized_events") -> str:
     """One row per (user, cutoff) with the user active in the observation window before the cutoff.
 
-    Reads `sessionized_events` and `user_splits`. History is every session that ended before the
+    Reads `events` (`sessionized_events`, or a relation of some users' rows of it: every join is
+    within a user, so users can be built apart) and `user_splits`. History is every session that ended before the
     cutoff (events before `history_end`); labels come from the sessions that start in
     [cutoff, cutoff + horizon) (their events in that window), or from the first of them for
     `next_session` tasks (NULL if there is none). See the module docstring for both rules.
@@ -130,7 +132,7 @@ def training_examples_sql(task_set: TaskSet, cutoffs: list[datetime]) -> str:
     WITH cutoffs(cutoff) AS (VALUES {values}),
     sessions AS (
         SELECT user_id, session_id, min(event_time) AS session_start, max(event_time) AS session_end
-        FROM sessionized_events GROUP BY ALL
+        FROM {events} GROUP BY ALL
     ),
     in_progress AS (  -- the session (at most one per user) that straddles a cutoff: neither side
         SELECT s.user_id, c.cutoff, min(s.session_start) AS session_start
@@ -142,7 +144,7 @@ def training_examples_sql(task_set: TaskSet, cutoffs: list[datetime]) -> str:
                count(*) AS n_history_events,
                count(DISTINCT e.session_id) AS n_history_sessions,
                max(e.event_time) AS last_event_time
-        FROM sessionized_events e JOIN cutoffs c ON e.event_time < c.cutoff
+        FROM {events} e JOIN cutoffs c ON e.event_time < c.cutoff
         LEFT JOIN in_progress p ON p.user_id = e.user_id AND p.cutoff = c.cutoff
         WHERE e.event_time < coalesce(p.session_start, c.cutoff)
         GROUP BY e.user_id, c.cutoff, p.session_start
@@ -150,18 +152,18 @@ def training_examples_sql(task_set: TaskSet, cutoffs: list[datetime]) -> str:
     ),
     first_seen_category AS (
         SELECT user_id, category, min(event_time) AS first_seen
-        FROM sessionized_events WHERE category IS NOT NULL GROUP BY ALL
+        FROM {events} WHERE category IS NOT NULL GROUP BY ALL
     ),
     first_seen_item AS (
         SELECT user_id, item_id, min(event_time) AS first_seen
-        FROM sessionized_events WHERE item_id IS NOT NULL GROUP BY ALL
+        FROM {events} WHERE item_id IS NOT NULL GROUP BY ALL
     ),
     future AS (
         SELECT e.*, x.cutoff,
                coalesce(fc.first_seen < x.history_end, false) AS category_seen_before,
                coalesce(fi.first_seen < x.history_end, false) AS item_seen_before
         FROM examples x
-        JOIN sessionized_events e
+        JOIN {events} e
           ON e.user_id = x.user_id AND e.event_time >= x.cutoff AND e.event_time < x.cutoff + {horizon}
         JOIN sessions s ON s.session_id = e.session_id AND s.session_start >= x.cutoff
         LEFT JOIN first_seen_category fc ON fc.user_id = e.user_id AND fc.category = e.category
@@ -181,6 +183,24 @@ def training_examples_sql(task_set: TaskSet, cutoffs: list[datetime]) -> str:
     {"".join(joins)}
     ORDER BY x.cutoff, x.user_id
     """
+
+
+def bucketed_training_examples_sql(
+    con: duckdb.DuckDBPyConnection, task_set: TaskSet, cutoffs: list[datetime], buckets: int, staging: Path
+) -> str:
+    """The rows of `training_examples_sql`, built one user-hash bucket at a time into parquet
+    files under ``staging``; returns the query that reads them back in the table's order.
+
+    Why: the query joins every event of its users several ways (sessions, history, labels, first
+    sightings of items); over all users at 1e7 events that outgrows DuckDB's memory limit in
+    operators that do not spill. A bucket's working set is ~1/``buckets`` of it."""
+    staging.mkdir(parents=True, exist_ok=True)
+    bucket = user_hash_sql("user_id", buckets, salt="examples")
+    for b in range(buckets):
+        events = f"(SELECT * FROM sessionized_events WHERE {bucket} = {b})"
+        target = sql_literal(str(staging / f"bucket-{b:04d}.parquet"))
+        con.execute(f"COPY ({training_examples_sql(task_set, cutoffs, events)}) TO {target} (FORMAT parquet)")
+    return f"SELECT * FROM read_parquet({sql_literal(str(staging / 'bucket-*.parquet'))}) ORDER BY cutoff, user_id"
 
 
 def label_balance(con: duckdb.DuckDBPyConnection, relation: str, task_set: TaskSet) -> pd.DataFrame:
