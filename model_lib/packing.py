@@ -134,7 +134,8 @@ class Packing:
         for group, keys in zip(self.to_groups(x), self.keys):  # [rows, length, D]
             if keys is not None:
                 group = group.masked_fill(~keys.unsqueeze(-1), float("-inf"))
-            pooled.append(group.max(dim=1).values)  # [rows, D]
+            # amax: the same values without the argmax (whose gradient `max` routes to one of tied maxima)
+            pooled.append(group.max(dim=1).values if torch.is_grad_enabled() else group.amax(dim=1))  # [rows, D]
         pooled = pooled[0] if len(pooled) == 1 else torch.cat(pooled)  # [B, D], rows in the groups' order
         return pooled if self.rows is None else torch.empty_like(pooled).index_copy(0, self.rows, pooled)
 
