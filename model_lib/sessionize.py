@@ -92,14 +92,17 @@ def _event_times(series: pd.Series) -> np.ndarray:
     return out.to_numpy()
 
 
-def _layout(width: int) -> np.ndarray:
-    """Bytes of a plain UTC time of `width` characters ('0' = any digit), e.g. width 20:
-    `0000-00-00T00:00:00Z`, width 24: `0000-00-00T00:00:00.000Z`."""
+def _layout(width: int) -> tuple[np.ndarray, np.ndarray]:
+    """A row of `_parse_plain_utc` (a plain UTC time of `width` characters, then a newline) as
+    (base, span) bytes: a row is valid where every `byte - base` (uint8, wrapping around) is below
+    `span`, i.e. digits where the layout has '0' (base '0', span 10), the exact separator elsewhere
+    (span 1). E.g. width 20: `0000-00-00T00:00:00Z`, width 24: `0000-00-00T00:00:00.000Z`."""
     fraction = "." + "0" * (width - 21) if width > 20 else ""
-    return np.frombuffer(f"0000-00-00T00:00:00{fraction}Z".encode(), np.uint8)
+    layout = np.frombuffer(f"0000-00-00T00:00:00{fraction}Z\n".encode(), np.uint8)
+    return layout, np.where(layout == ord("0"), 10, 1).astype(np.uint8)
 
 
-#: Widths of `YYYY-MM-DDTHH:MM:SS[.f{1,6}]Z` -> their layout.
+#: Widths of `YYYY-MM-DDTHH:MM:SS[.f{1,6}]Z` -> their layout (base, span).
 _PLAIN_UTC_LAYOUTS = {w: _layout(w) for w in (20, *range(22, 28))}
 
 
@@ -120,9 +123,8 @@ def _parse_plain_utc(values: np.ndarray) -> np.ndarray | None:
     if layout is None or len(text) != len(values) * (width + 1):
         return None
     rows = text.reshape(len(values), width + 1)
-    body, ends = rows[:, :width], rows[:, width]
-    # uint8 arithmetic: bytes below '0' wrap around, so `< 10` means a digit
-    if not (ends == ord("\n")).all() or not np.where(layout == ord("0"), body - 48 < 10, body == layout).all():
+    base, span = layout
+    if not ((rows - base) < span).all():  # uint8: bytes below the base wrap around, above the span
         return None
     century = (rows[:, 0] - 48) * 10 + rows[:, 1] - 48
     if not ((century >= 19) & (century <= 21)).all():
@@ -197,9 +199,22 @@ def _check_required(events: pd.DataFrame) -> None:
             f"events lack the required column(s) {missing}: canonical events need {list(REQUIRED_COLUMNS)}"
         )
     for column in ("user_id", "event_name"):
-        absent = pd.isna(events[column].to_numpy())
-        if absent.any():
-            raise InvalidEventsError(f"{column}: {int(absent.sum())} missing value(s)")
+        values = events[column].to_numpy()
+        if _may_have_missing(values) and (absent := int(pd.isna(values).sum())):
+            raise InvalidEventsError(f"{column}: {absent} missing value(s)")
+
+
+def _may_have_missing(values: np.ndarray) -> bool:
+    """False when no value of a column can be missing, decided on its distinct values when it
+    holds hashable objects (a request's strings: one user id, a handful of event names), which
+    costs less than `pd.isna` on every row; True otherwise, or when it has any."""
+    if values.dtype != object:
+        return True
+    try:
+        distinct = set(values)
+    except TypeError:  # unhashable values: every row is checked
+        return True
+    return bool(pd.isna(np.fromiter(distinct, object, len(distinct))).any())
 
 
 def _tie_breaks(events: pd.DataFrame) -> list[np.ndarray]:
