@@ -219,7 +219,9 @@ class UserModel:
         run on the embedding tensor in the same pass (what `_probabilities` computes from it)."""
         self._eval_mode()
         length = max(int(batch["mask"].numpy().sum()), 1)  # an empty history keeps its one (padding) slot
-        embedding = self.model.embed({k: v[:, :length] for k, v in batch.items()})
+        if length < batch["mask"].shape[1]:
+            batch = {k: v[:, :length] for k, v in batch.items()}
+        embedding = self.model.embed(batch)
         proba = torch.sigmoid(self.model.heads(embedding)).numpy() if heads else None
         return embedding.numpy(), proba
 

@@ -188,7 +188,7 @@ def sessionize_user(
     otherwise pay for. The caller guarantees that all rows have one `user_id`."""
     _check_required(events)
     times = _event_times(events["event_time"])
-    order, session = _session_columns(np.zeros(len(times), np.int64), times, _tie_breaks(events), session_gap_seconds)
+    order, session = _session_columns(None, times, _tie_breaks(events), session_gap_seconds)
     return {**{c: events[c].to_numpy()[order] for c in events.columns}, "event_time": times[order], **session}
 
 
@@ -229,22 +229,28 @@ def _tie_breaks(events: pd.DataFrame) -> list[np.ndarray]:
 
 
 def _session_columns(
-    user_codes: np.ndarray, times: np.ndarray, tie_breaks: list[np.ndarray], session_gap_seconds: float
+    user_codes: np.ndarray | None, times: np.ndarray, tie_breaks: list[np.ndarray], session_gap_seconds: float
 ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """The rule itself, on arrays: (order, SESSION_COLUMNS but `session_id`, in sorted order).
 
     Rows are sorted by (user code, time, tie-breaks); `times` is datetime64[us] (naive UTC).
+    `user_codes` None: all rows are one user's (a live request: its only user boundary is row 0).
     """
     time_us = times.astype(np.int64)
-    order = np.lexsort((*tie_breaks[::-1], time_us, user_codes))  # the last key sorts first
-    n = len(order)
-    user = user_codes[order]
+    n = len(time_us)
+    positions = np.arange(n)
+    if user_codes is None:
+        order = np.lexsort((*tie_breaks[::-1], time_us))  # the last key sorts first
+        first_of_user = positions == 0
+        user_start = np.zeros(n, np.int64)
+    else:
+        order = np.lexsort((*tie_breaks[::-1], time_us, user_codes))
+        user = user_codes[order]
+        first_of_user = np.ones(n, bool)
+        first_of_user[1:] = user[1:] != user[:-1]
+        user_start = np.maximum.accumulate(np.where(first_of_user, positions, 0)) if n else np.zeros(0, np.int64)
     t = time_us[order]
-
-    first_of_user = np.ones(n, bool)
-    first_of_user[1:] = user[1:] != user[:-1]
-    user_start = np.maximum.accumulate(np.where(first_of_user, np.arange(n), 0)) if n else np.zeros(0, np.int64)
-    event_index = np.arange(n) - user_start
+    event_index = positions - user_start
 
     gap_us = np.zeros(n, np.int64)
     gap_us[1:] = t[1:] - t[:-1]
@@ -252,14 +258,14 @@ def _session_columns(
     starts = first_of_user | (gap > float(session_gap_seconds))
     session_count = np.cumsum(starts)
     session_index = session_count - session_count[user_start]  # 0 at each user's first event
-    session_start = np.maximum.accumulate(np.where(starts, np.arange(n), 0)) if n else np.zeros(0, np.int64)
+    session_start = np.maximum.accumulate(np.where(starts, positions, 0)) if n else np.zeros(0, np.int64)
     since_start = (t - t[session_start]) / 1e6
 
     day = np.floor_divide(t, _US_PER_DAY)
     return order, {
         "session_index": session_index.astype(np.int32),
         "event_index": event_index.astype(np.int32),
-        "event_index_in_session": (np.arange(n) - session_start).astype(np.int32),
+        "event_index_in_session": (positions - session_start).astype(np.int32),
         "seconds_since_prev_event": gap,
         "seconds_since_session_start": since_start,
         "log_seconds_since_prev_event": np.log(1.0 + gap),

@@ -40,6 +40,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -138,8 +139,9 @@ class SelfAttention(nn.Module):
         """Projections [B, L, 3D] of a group of sequences -> attention outputs [B, L, D]; ``keys``
         [B, L]: the real events (None: every slot is one, no mask at all)."""
         B, L, D = qkv.shape[0], qkv.shape[1], qkv.shape[2] // 3
-        q, k, v = (t.view(B, L, self.n_heads, D // self.n_heads).transpose(1, 2) for t in qkv.split(D, dim=2))
-        # [B, H, L, Dh]; every query may attend to every real event of its sequence
+        # [3, B, H, L, Dh] as views (two calls: each tensor op costs a served request ~0.01-0.04 ms)
+        q, k, v = qkv.view(B, L, 3, self.n_heads, D // self.n_heads).permute(2, 0, 3, 1, 4)
+        # every query may attend to every real event of its sequence
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=None if keys is None else keys[:, None, None, :])
         return y.transpose(1, 2).reshape(B, L, D)
 
@@ -203,12 +205,12 @@ class EventEmbedding(nn.Module):
         self.time = nn.Linear(n_time_features, d_model) if n_time_features else None
         self.event_pos = positions(max_len, d_model) if max_len else None
         self.session_pos = positions(max_sessions, d_model) if max_sessions else None
-        self._fused_ids: tuple | None = None  # `_lookup_fused`'s constant index tensors
+        self._fused: tuple | None = None  # `_lookup_fused`'s (table versions, sizes, first rows, stacked table)
 
     def forward(self, batch: dict[str, Tensor], packing: Packing) -> Tensor:
         """Vectors [N, D] of the events ``packing`` carries (padded inputs [B, L, ...])."""
-        if not torch.is_grad_enabled():
-            return self._lookup_fused(batch, packing) + self._time(batch, packing)
+        if not torch.is_grad_enabled() and len(self.categorical):
+            return self._lookup_fused(batch, packing)
         ids = packing.pack(batch["cat_ids"])  # [N, C]
         x = sum(emb(ids[:, c]) for c, emb in enumerate(self.categorical))  # [N, D]
         if self.time is not None:
@@ -219,8 +221,8 @@ class EventEmbedding(nn.Module):
             x = x + self.session_pos(packing.pack(batch["session_pos"]))
         return x
 
-    def _time(self, batch: dict[str, Tensor], packing: Packing) -> Tensor | float:
-        return 0.0 if self.time is None else self.time(packing.pack(batch["time_features"]))
+    def _time(self, batch: dict[str, Tensor], packing: Packing) -> Tensor:
+        return self.time(packing.pack(batch["time_features"]))
 
     def _tables(self) -> list[tuple[str, Tensor]]:
         """(input key, table) of every lookup, in the order ``forward`` adds them."""
@@ -231,26 +233,45 @@ class EventEmbedding(nn.Module):
         return tables
 
     def _lookup_fused(self, batch: dict[str, Tensor], packing: Packing) -> Tensor:
-        """The sum of all lookups in inference (no autograd: a padding_idx row would get no
-        gradient, a concatenated table would give it one): one gather from the tables stacked
-        end to end instead of one lookup and one addition per table (the per-call overhead, not
-        the arithmetic, is what a served user's sequence pays). Same ids, same rows, same sum up
-        to float rounding; an id outside its table raises, as ``nn.Embedding`` does."""
+        """``forward`` in inference (no autograd: a padding_idx row would get no gradient, a
+        concatenated table would give it one) in two tensor calls instead of one lookup and one
+        addition per table (the per-call overhead, not the arithmetic, is what a served user's
+        sequence pays): one embedding_bag over the tables stacked end to end, the time
+        projection's bias folded into the first table (every event sums exactly one of its rows),
+        then the time projection added by one addmm. Same rows, same sum up to float rounding;
+        an id outside its table raises, as ``nn.Embedding`` does. The ids are shifted into the
+        stacked table in numpy (a few small arrays: cheaper than as tensors, as in
+        ``Packing.of``); the stacked table is kept until a table or the bias changes."""
         tables = self._tables()
-        cat = batch["cat_ids"]
-        columns = [cat] + [batch[key].unsqueeze(-1) for key, _ in tables[len(self.categorical) :]]
-        ids = packing.pack(torch.cat(columns, -1) if len(columns) > 1 else cat)  # [N, K]
-        sizes = tuple(t.shape[0] for _, t in tables)
+        state = _versions([t for _, t in tables] + ([self.time.bias] if self.time is not None else []))
+        if state is None or self._fused is None or self._fused[0] != state:
+            sizes = np.array([t.shape[0] for _, t in tables])
+            stacked = torch.cat([t for _, t in tables])
+            if self.time is not None:
+                stacked[: sizes[0]] += self.time.bias
+            self._fused = (state, sizes, np.cumsum(sizes) - sizes, stacked)
+        _, sizes, starts, table = self._fused
+        keys = dict.fromkeys(key for key, _ in tables)  # cat_ids [B, L, C], then the positions [B, L]
+        columns = [batch[key].cpu().numpy().reshape(*batch[key].shape[:2], -1) for key in keys]
+        ids = packing.pack(torch.from_numpy(np.concatenate(columns, axis=-1))).numpy()  # [N, K]
+        if ids.size and (ids.min() < 0 or (ids.max(axis=0) >= sizes).any()):
+            raise IndexError(f"an embedding id is outside its table (table sizes {sizes.tolist()})")
         n, k = ids.shape
-        if self._fused_ids is None or self._fused_ids[0] != sizes or len(self._fused_ids[3]) < n:
-            starts = [sum(sizes[:j]) for j in range(len(sizes))]  # first row of each table
-            bags = torch.arange(0, max(n, 128) * k, k)  # where each event's bag starts: kept, sliced
-            self._fused_ids = (sizes, torch.tensor(sizes), torch.tensor(starts), bags)
-        _, limits, starts, bags = self._fused_ids
-        if n and not bool(((ids >= 0) & (ids < limits)).all()):
-            raise IndexError(f"an embedding id is outside its table (table sizes {list(sizes)})")
-        table = torch.cat([t for _, t in tables])
-        return F.embedding_bag((ids + starts).view(-1), table, bags[:n], mode="sum")  # [N, D]
+        shifted, bags = (torch.from_numpy(a).to(table.device) for a in ((ids + starts).ravel(), np.arange(0, n * k, k)))
+        x = F.embedding_bag(shifted, table, bags, mode="sum")  # [N, D]: bag i = event i's K rows (+ the bias)
+        if self.time is None:
+            return x
+        return torch.addmm(x, packing.pack(batch["time_features"]), self.time.weight.t())
+
+
+def _versions(tensors: list[Tensor]) -> tuple | None:
+    """What identifies the values of tensors: (storage, version counter) each, which every in-place
+    update (an optimiser step, ``load_state_dict``) bumps. None when one has no counter (made in
+    inference mode): then nothing may be cached from them."""
+    try:
+        return tuple((t.data_ptr(), t._version) for t in tensors)
+    except RuntimeError:
+        return None
 
 
 class SequenceUserModel(nn.Module):
@@ -316,7 +337,8 @@ class TRACE(SequenceUserModel):
 
     def pool(self, batch: dict[str, Tensor]) -> Tensor:
         mask = batch["mask"]
-        if self.packed_events and not self.training and not torch.is_grad_enabled() and bool(mask.all()):
+        # (the mask checked in numpy: as a request's first tensor op, `all` costs it ~0.05 ms)
+        if self.packed_events and not self.training and not torch.is_grad_enabled() and mask.cpu().numpy().all():
             return self._infer_unpadded(batch)
         packing = Packing.of(attention_mask(mask), packed=self.packed_events)
         x = packing.dropout(self.drop, self.embedding(batch, packing))  # [N, D]: the real events
@@ -330,7 +352,7 @@ class TRACE(SequenceUserModel):
         the packed path's bookkeeping (per-call overhead is most of a served request's forward);
         tests/test_packing.py checks it against the padded computation."""
         B, L = batch["mask"].shape
-        x = self.embedding(batch, Packing.of(batch["mask"]))  # every slot carried: index None
+        x = self.embedding(batch, Packing.unpadded(batch["mask"]))  # every slot carried: index None
         for block in self.blocks:
             x = block.infer_unpadded(x, B, L)
         return self.ln_f(x).view(B, L, -1).amax(dim=1)  # [B, D]
