@@ -157,3 +157,50 @@ def test_the_stacked_lookup_rejects_an_id_outside_its_table(key, index, value):
         model(batch)
     with pytest.raises(IndexError):
         model(batch)  # autograd mode: nn.Embedding's own check
+
+
+def test_the_stacked_table_follows_every_change_of_the_weights():
+    """The stacked table (and the time bias folded into it) is kept between calls: an optimiser
+    step, a loaded state dict or an in-place edit of one table must show in the next answer."""
+    torch.manual_seed(0)
+    model = build_model("trace", get_kind("trace").config_class(vocab_sizes=(12, 12, 12), max_len=L)).eval()
+    batch = without_padding(2)
+
+    def both():
+        with torch.no_grad():
+            lean = model(batch)
+        return lean, model(batch).detach()  # autograd mode: one lookup per table, no cache
+
+    first = both()
+    torch.testing.assert_close(*first, rtol=0, atol=1e-5)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    model.loss({**batch, "labels": torch.ones(2, 5)}).backward()
+    optimizer.step()
+    with torch.no_grad():
+        model.embedding.categorical[2].weight[5] += torch.randn(32)  # (a constant shift: LayerNorm removes it)
+        model.embedding.session_pos.weight.mul_(2.0)
+    stepped = both()
+    torch.testing.assert_close(*stepped, rtol=0, atol=1e-5)
+    assert not torch.allclose(stepped[0], first[0])
+    fresh = build_model("trace", get_kind("trace").config_class(vocab_sizes=(12, 12, 12), max_len=L)).eval()
+    model.load_state_dict(fresh.state_dict())
+    loaded = both()
+    torch.testing.assert_close(*loaded, rtol=0, atol=1e-5)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded[0], fresh(batch), rtol=0, atol=0)
+
+
+def test_a_network_built_in_inference_mode_is_looked_up_uncached():
+    with torch.inference_mode():  # its tensors have no version counter: nothing is cached from them
+        torch.manual_seed(0)
+        model = build_model("trace", get_kind("trace").config_class(vocab_sizes=(12, 12, 12), max_len=L)).eval()
+        batch = without_padding(1)
+        lean = model(batch)
+        assert model.embedding._fused[0] is None
+        with torch.no_grad():
+            model.embedding.categorical[0].weight.add_(torch.randn(12, 32))
+        assert not torch.allclose(model(batch), lean)
+    reference = copy.deepcopy(model)
+    reference.packed_events = False
+    with torch.no_grad():
+        torch.testing.assert_close(model(batch), reference(batch), rtol=0, atol=1e-5)
