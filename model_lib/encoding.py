@@ -491,8 +491,11 @@ class SequenceEncoder:
         mask = w.mask
         n, max_len = mask.shape
         cat = np.zeros((n, max_len, len(self.columns)), dtype=np.int32)
-        used = np.unique(w.rows[mask])  # only rows some example sees (serving frames hold more)
-        if len(used):
+        if n == 1:  # one example (a served user): its window is the sorted rows [start, end), left-aligned
+            frame_rows = ev.order[w.start[0] : max(w.start[0], w.end[0])]
+            for j, c in enumerate(self.columns):
+                cat[0, : len(frame_rows), j] = self._column_ids(c, ev.frame[c], frame_rows)
+        elif len(used := np.unique(w.rows[mask])):  # only rows some example sees (serving frames hold more)
             compact = np.minimum(np.searchsorted(used, w.rows), len(used) - 1)
             frame_rows = ev.order[used]
             for j, c in enumerate(self.columns):

@@ -61,7 +61,7 @@ class Packing:
         if not packed:  # the padded computation: every slot carried, padding masked as keys
             return cls(mask, None, None, [(B, L)], None, None, [mask])
         if bool(mask.all()):  # nothing to leave out (the full-length case)
-            return cls(mask, None, None, [(B, L)], None, None, [None])
+            return cls.unpadded(mask)
         # index arithmetic in numpy: a few dozen ops on small arrays, ~10x cheaper than as tensors
         m = mask.cpu().numpy()
         lengths = m.sum(1)  # [B]
@@ -84,6 +84,11 @@ class Packing:
 
         keys = [None if v.all() else tensor(v.reshape(size)) for v, size in zip(groups, sizes)]
         return cls(mask, tensor(np.flatnonzero(m)), tensor(order), sizes, tensor(gather), tensor(scatter), keys)
+
+    @classmethod
+    def unpadded(cls, mask: Tensor) -> Packing:
+        """Of a mask [B, L] known to be all True: every slot carried, one group, no key mask."""
+        return cls(mask, None, None, [tuple(mask.shape)], None, None, [None])
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -134,7 +139,8 @@ class Packing:
         for group, keys in zip(self.to_groups(x), self.keys):  # [rows, length, D]
             if keys is not None:
                 group = group.masked_fill(~keys.unsqueeze(-1), float("-inf"))
-            pooled.append(group.max(dim=1).values)  # [rows, D]
+            # amax: the same values without the argmax (whose gradient `max` routes to one of tied maxima)
+            pooled.append(group.max(dim=1).values if torch.is_grad_enabled() else group.amax(dim=1))  # [rows, D]
         pooled = pooled[0] if len(pooled) == 1 else torch.cat(pooled)  # [B, D], rows in the groups' order
         return pooled if self.rows is None else torch.empty_like(pooled).index_copy(0, self.rows, pooled)
 

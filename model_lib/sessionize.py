@@ -92,14 +92,17 @@ def _event_times(series: pd.Series) -> np.ndarray:
     return out.to_numpy()
 
 
-def _layout(width: int) -> np.ndarray:
-    """Bytes of a plain UTC time of `width` characters ('0' = any digit), e.g. width 20:
-    `0000-00-00T00:00:00Z`, width 24: `0000-00-00T00:00:00.000Z`."""
+def _layout(width: int) -> tuple[np.ndarray, np.ndarray]:
+    """A row of `_parse_plain_utc` (a plain UTC time of `width` characters, then a newline) as
+    (base, span) bytes: a row is valid where every `byte - base` (uint8, wrapping around) is below
+    `span`, i.e. digits where the layout has '0' (base '0', span 10), the exact separator elsewhere
+    (span 1). E.g. width 20: `0000-00-00T00:00:00Z`, width 24: `0000-00-00T00:00:00.000Z`."""
     fraction = "." + "0" * (width - 21) if width > 20 else ""
-    return np.frombuffer(f"0000-00-00T00:00:00{fraction}Z".encode(), np.uint8)
+    layout = np.frombuffer(f"0000-00-00T00:00:00{fraction}Z\n".encode(), np.uint8)
+    return layout, np.where(layout == ord("0"), 10, 1).astype(np.uint8)
 
 
-#: Widths of `YYYY-MM-DDTHH:MM:SS[.f{1,6}]Z` -> their layout.
+#: Widths of `YYYY-MM-DDTHH:MM:SS[.f{1,6}]Z` -> their layout (base, span).
 _PLAIN_UTC_LAYOUTS = {w: _layout(w) for w in (20, *range(22, 28))}
 
 
@@ -120,9 +123,8 @@ def _parse_plain_utc(values: np.ndarray) -> np.ndarray | None:
     if layout is None or len(text) != len(values) * (width + 1):
         return None
     rows = text.reshape(len(values), width + 1)
-    body, ends = rows[:, :width], rows[:, width]
-    # uint8 arithmetic: bytes below '0' wrap around, so `< 10` means a digit
-    if not (ends == ord("\n")).all() or not np.where(layout == ord("0"), body - 48 < 10, body == layout).all():
+    base, span = layout
+    if not ((rows - base) < span).all():  # uint8: bytes below the base wrap around, above the span
         return None
     century = (rows[:, 0] - 48) * 10 + rows[:, 1] - 48
     if not ((century >= 19) & (century <= 21)).all():
@@ -186,7 +188,7 @@ def sessionize_user(
     otherwise pay for. The caller guarantees that all rows have one `user_id`."""
     _check_required(events)
     times = _event_times(events["event_time"])
-    order, session = _session_columns(np.zeros(len(times), np.int64), times, _tie_breaks(events), session_gap_seconds)
+    order, session = _session_columns(None, times, _tie_breaks(events), session_gap_seconds)
     return {**{c: events[c].to_numpy()[order] for c in events.columns}, "event_time": times[order], **session}
 
 
@@ -197,9 +199,22 @@ def _check_required(events: pd.DataFrame) -> None:
             f"events lack the required column(s) {missing}: canonical events need {list(REQUIRED_COLUMNS)}"
         )
     for column in ("user_id", "event_name"):
-        absent = pd.isna(events[column].to_numpy())
-        if absent.any():
-            raise InvalidEventsError(f"{column}: {int(absent.sum())} missing value(s)")
+        values = events[column].to_numpy()
+        if _may_have_missing(values) and (absent := int(pd.isna(values).sum())):
+            raise InvalidEventsError(f"{column}: {absent} missing value(s)")
+
+
+def _may_have_missing(values: np.ndarray) -> bool:
+    """False when no value of a column can be missing, decided on its distinct values when it
+    holds hashable objects (a request's strings: one user id, a handful of event names), which
+    costs less than `pd.isna` on every row; True otherwise, or when it has any."""
+    if values.dtype != object:
+        return True
+    try:
+        distinct = set(values)
+    except TypeError:  # unhashable values: every row is checked
+        return True
+    return bool(pd.isna(np.fromiter(distinct, object, len(distinct))).any())
 
 
 def _tie_breaks(events: pd.DataFrame) -> list[np.ndarray]:
@@ -214,22 +229,28 @@ def _tie_breaks(events: pd.DataFrame) -> list[np.ndarray]:
 
 
 def _session_columns(
-    user_codes: np.ndarray, times: np.ndarray, tie_breaks: list[np.ndarray], session_gap_seconds: float
+    user_codes: np.ndarray | None, times: np.ndarray, tie_breaks: list[np.ndarray], session_gap_seconds: float
 ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """The rule itself, on arrays: (order, SESSION_COLUMNS but `session_id`, in sorted order).
 
     Rows are sorted by (user code, time, tie-breaks); `times` is datetime64[us] (naive UTC).
+    `user_codes` None: all rows are one user's (a live request: its only user boundary is row 0).
     """
     time_us = times.astype(np.int64)
-    order = np.lexsort((*tie_breaks[::-1], time_us, user_codes))  # the last key sorts first
-    n = len(order)
-    user = user_codes[order]
+    n = len(time_us)
+    positions = np.arange(n)
+    if user_codes is None:
+        order = np.lexsort((*tie_breaks[::-1], time_us))  # the last key sorts first
+        first_of_user = positions == 0
+        user_start = np.zeros(n, np.int64)
+    else:
+        order = np.lexsort((*tie_breaks[::-1], time_us, user_codes))
+        user = user_codes[order]
+        first_of_user = np.ones(n, bool)
+        first_of_user[1:] = user[1:] != user[:-1]
+        user_start = np.maximum.accumulate(np.where(first_of_user, positions, 0)) if n else np.zeros(0, np.int64)
     t = time_us[order]
-
-    first_of_user = np.ones(n, bool)
-    first_of_user[1:] = user[1:] != user[:-1]
-    user_start = np.maximum.accumulate(np.where(first_of_user, np.arange(n), 0)) if n else np.zeros(0, np.int64)
-    event_index = np.arange(n) - user_start
+    event_index = positions - user_start
 
     gap_us = np.zeros(n, np.int64)
     gap_us[1:] = t[1:] - t[:-1]
@@ -237,14 +258,14 @@ def _session_columns(
     starts = first_of_user | (gap > float(session_gap_seconds))
     session_count = np.cumsum(starts)
     session_index = session_count - session_count[user_start]  # 0 at each user's first event
-    session_start = np.maximum.accumulate(np.where(starts, np.arange(n), 0)) if n else np.zeros(0, np.int64)
+    session_start = np.maximum.accumulate(np.where(starts, positions, 0)) if n else np.zeros(0, np.int64)
     since_start = (t - t[session_start]) / 1e6
 
     day = np.floor_divide(t, _US_PER_DAY)
     return order, {
         "session_index": session_index.astype(np.int32),
         "event_index": event_index.astype(np.int32),
-        "event_index_in_session": (np.arange(n) - session_start).astype(np.int32),
+        "event_index_in_session": (positions - session_start).astype(np.int32),
         "seconds_since_prev_event": gap,
         "seconds_since_session_start": since_start,
         "log_seconds_since_prev_event": np.log(1.0 + gap),

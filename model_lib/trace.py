@@ -40,6 +40,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -103,6 +104,8 @@ def weighted_multitask_bce(logits: Tensor, labels: Tensor, class_weights: Tensor
 def attention_mask(mask: Tensor) -> Tensor:
     """Padding mask [B, L] with an all-padding row (a user with no history) given one visible
     slot, so attention never softmaxes over nothing; that slot holds PAD ids and zeros."""
+    if bool(mask.all()):  # nothing to reveal (a served user's trimmed sequence, full-length histories)
+        return mask
     empty = ~mask.any(dim=1, keepdim=True)  # [B, 1]
     first = torch.zeros_like(mask)
     first[:, 0] = True
@@ -128,16 +131,19 @@ class SelfAttention(nn.Module):
         self.qkv = nn.Linear(d_model, 3 * d_model)
         self.proj = nn.Linear(d_model, d_model)
 
-    def forward(self, x: Tensor, packing: Packing) -> Tensor:
-        D = x.shape[1]  # x [N, D]: packed events
-        ys = []
-        for qkv, keys in zip(packing.to_groups(self.qkv(x)), packing.keys):  # qkv [B, L, 3D] per group
-            B, L, _ = qkv.shape
-            q, k, v = (t.view(B, L, self.n_heads, D // self.n_heads).transpose(1, 2) for t in qkv.split(D, dim=2))
-            # [B, H, L, Dh]; every query may attend to every real event of its sequence
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=None if keys is None else keys[:, None, None, :])
-            ys.append(y.transpose(1, 2).reshape(B, L, D))
-        return self.proj(packing.from_groups(ys))  # [N, D]
+    def forward(self, x: Tensor, packing: Packing) -> Tensor:  # x [N, D]: packed events
+        groups = packing.to_groups(self.qkv(x))  # qkv [B, L, 3D] per group
+        return self.proj(packing.from_groups([self.attend(qkv, keys) for qkv, keys in zip(groups, packing.keys)]))
+
+    def attend(self, qkv: Tensor, keys: Tensor | None) -> Tensor:
+        """Projections [B, L, 3D] of a group of sequences -> attention outputs [B, L, D]; ``keys``
+        [B, L]: the real events (None: every slot is one, no mask at all)."""
+        B, L, D = qkv.shape[0], qkv.shape[1], qkv.shape[2] // 3
+        # [3, B, H, L, Dh] as views (two calls: each tensor op costs a served request ~0.01-0.04 ms)
+        q, k, v = qkv.view(B, L, 3, self.n_heads, D // self.n_heads).permute(2, 0, 3, 1, 4)
+        # every query may attend to every real event of its sequence
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=None if keys is None else keys[:, None, None, :])
+        return y.transpose(1, 2).reshape(B, L, D)
 
 
 class Block(nn.Module):
@@ -154,6 +160,12 @@ class Block(nn.Module):
     def forward(self, x: Tensor, packing: Packing) -> Tensor:  # x [N, D]: packed events
         x = x + packing.dropout(self.drop, self.attn(self.ln1(x), packing))
         return x + packing.dropout(self.drop, self.ff(self.ln2(x)))
+
+    def infer_unpadded(self, x: Tensor, B: int, L: int) -> Tensor:
+        """``forward`` in eval mode on B sequences of L real events each (x [B * L, D]): no
+        dropout, no packing to build or undo, attention without a mask."""
+        x = x + self.attn.proj(self.attn.attend(self.attn.qkv(self.ln1(x)).view(B, L, -1), None).view(B * L, -1))
+        return x + self.ff(self.ln2(x))
 
 
 class FixedPositions(nn.Module):
@@ -193,18 +205,73 @@ class EventEmbedding(nn.Module):
         self.time = nn.Linear(n_time_features, d_model) if n_time_features else None
         self.event_pos = positions(max_len, d_model) if max_len else None
         self.session_pos = positions(max_sessions, d_model) if max_sessions else None
+        self._fused: tuple | None = None  # `_lookup_fused`'s (table versions, sizes, first rows, stacked table)
 
     def forward(self, batch: dict[str, Tensor], packing: Packing) -> Tensor:
         """Vectors [N, D] of the events ``packing`` carries (padded inputs [B, L, ...])."""
+        if not torch.is_grad_enabled() and len(self.categorical):
+            return self._lookup_fused(batch, packing)
         ids = packing.pack(batch["cat_ids"])  # [N, C]
         x = sum(emb(ids[:, c]) for c, emb in enumerate(self.categorical))  # [N, D]
         if self.time is not None:
-            x = x + self.time(packing.pack(batch["time_features"]))
+            x = x + self._time(batch, packing)
         if self.event_pos is not None:
             x = x + self.event_pos(packing.pack(batch["event_pos"]))
         if self.session_pos is not None:
             x = x + self.session_pos(packing.pack(batch["session_pos"]))
         return x
+
+    def _time(self, batch: dict[str, Tensor], packing: Packing) -> Tensor:
+        return self.time(packing.pack(batch["time_features"]))
+
+    def _tables(self) -> list[tuple[str, Tensor]]:
+        """(input key, table) of every lookup, in the order ``forward`` adds them."""
+        tables = [("cat_ids", emb.weight) for emb in self.categorical]
+        for key, positions in (("event_pos", self.event_pos), ("session_pos", self.session_pos)):
+            if positions is not None:
+                tables.append((key, positions.weight if isinstance(positions, nn.Embedding) else positions.table))
+        return tables
+
+    def _lookup_fused(self, batch: dict[str, Tensor], packing: Packing) -> Tensor:
+        """``forward`` in inference (no autograd: a padding_idx row would get no gradient, a
+        concatenated table would give it one) in two tensor calls instead of one lookup and one
+        addition per table (the per-call overhead, not the arithmetic, is what a served user's
+        sequence pays): one embedding_bag over the tables stacked end to end, the time
+        projection's bias folded into the first table (every event sums exactly one of its rows),
+        then the time projection added by one addmm. Same rows, same sum up to float rounding;
+        an id outside its table raises, as ``nn.Embedding`` does. The ids are shifted into the
+        stacked table in numpy (a few small arrays: cheaper than as tensors, as in
+        ``Packing.of``); the stacked table is kept until a table or the bias changes."""
+        tables = self._tables()
+        state = _versions([t for _, t in tables] + ([self.time.bias] if self.time is not None else []))
+        if state is None or self._fused is None or self._fused[0] != state:
+            sizes = np.array([t.shape[0] for _, t in tables])
+            stacked = torch.cat([t for _, t in tables])
+            if self.time is not None:
+                stacked[: sizes[0]] += self.time.bias
+            self._fused = (state, sizes, np.cumsum(sizes) - sizes, stacked)
+        _, sizes, starts, table = self._fused
+        keys = dict.fromkeys(key for key, _ in tables)  # cat_ids [B, L, C], then the positions [B, L]
+        columns = [batch[key].cpu().numpy().reshape(*batch[key].shape[:2], -1) for key in keys]
+        ids = packing.pack(torch.from_numpy(np.concatenate(columns, axis=-1))).numpy()  # [N, K]
+        if ids.size and (ids.min() < 0 or (ids.max(axis=0) >= sizes).any()):
+            raise IndexError(f"an embedding id is outside its table (table sizes {sizes.tolist()})")
+        n, k = ids.shape
+        shifted, bags = (torch.from_numpy(a).to(table.device) for a in ((ids + starts).ravel(), np.arange(0, n * k, k)))
+        x = F.embedding_bag(shifted, table, bags, mode="sum")  # [N, D]: bag i = event i's K rows (+ the bias)
+        if self.time is None:
+            return x
+        return torch.addmm(x, packing.pack(batch["time_features"]), self.time.weight.t())
+
+
+def _versions(tensors: list[Tensor]) -> tuple | None:
+    """What identifies the values of tensors: (storage, version counter) each, which every in-place
+    update (an optimiser step, ``load_state_dict``) bumps. None when one has no counter (made in
+    inference mode): then nothing may be cached from them."""
+    try:
+        return tuple((t.data_ptr(), t._version) for t in tensors)
+    except RuntimeError:
+        return None
 
 
 class SequenceUserModel(nn.Module):
@@ -269,11 +336,26 @@ class TRACE(SequenceUserModel):
         self._init_heads(c.embedding_dim, c.n_tasks, c.class_weighting)
 
     def pool(self, batch: dict[str, Tensor]) -> Tensor:
-        packing = Packing.of(attention_mask(batch["mask"]), packed=self.packed_events)
+        mask = batch["mask"]
+        # (the mask checked in numpy: as a request's first tensor op, `all` costs it ~0.05 ms)
+        if self.packed_events and not self.training and not torch.is_grad_enabled() and mask.cpu().numpy().all():
+            return self._infer_unpadded(batch)
+        packing = Packing.of(attention_mask(mask), packed=self.packed_events)
         x = packing.dropout(self.drop, self.embedding(batch, packing))  # [N, D]: the real events
         for block in self.blocks:
             x = block(x, packing)
         return packing.max_pool(self.ln_f(x))  # [B, D]
+
+    def _infer_unpadded(self, batch: dict[str, Tensor]) -> Tensor:
+        """``pool`` in inference of a batch without padding: a served user's sequence (trimmed to
+        its events by ``UserModel``) or full-length histories. The same layers, called without
+        the packed path's bookkeeping (per-call overhead is most of a served request's forward);
+        tests/test_packing.py checks it against the padded computation."""
+        B, L = batch["mask"].shape
+        x = self.embedding(batch, Packing.unpadded(batch["mask"]))  # every slot carried: index None
+        for block in self.blocks:
+            x = block.infer_unpadded(x, B, L)
+        return self.ln_f(x).view(B, L, -1).amax(dim=1)  # [B, D]
 
 
 def count_parameters(model: nn.Module) -> int:

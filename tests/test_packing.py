@@ -82,3 +82,125 @@ def test_full_batches_and_the_reference_carry_every_slot():
     ragged[1, 3:] = False
     reference = Packing.of(ragged, packed=False)
     assert reference.index is None and torch.equal(reference.keys[0], ragged)
+
+
+def without_padding(rows: int, seed=1):
+    """Histories that fill all L slots (a served user's sequence once trimmed to its events)."""
+    batch = ragged_batch(seed)
+    full = {k: v[:rows].clone() for k, v in batch.items()}
+    full["mask"] = torch.ones(rows, L, dtype=torch.bool)
+    full["event_pos"] = (L - 1 - torch.arange(L, dtype=torch.int32)).expand(rows, L).contiguous()
+    return full
+
+
+def with_empty_slots(batch, extra: int):
+    """The same histories in a batch of L + extra slots, the extra ones padding (PAD ids, zeros)."""
+    out = {}
+    for k, v in batch.items():
+        if k == "labels":
+            out[k] = v
+        else:
+            out[k] = torch.cat([v, torch.zeros(v.shape[0], extra, *v.shape[2:], dtype=v.dtype)], dim=1)
+    return out
+
+
+@pytest.mark.parametrize("rows", [1, 5])
+@pytest.mark.parametrize(
+    "kind, overrides",
+    [(k, {}) for k in sorted(MODEL_KINDS)]
+    + [
+        ("trace", {"position_encoding": "sinusoidal"}),
+        ("trace", {"use_event_positions": False}),
+        ("trace", {"use_session_positions": False, "n_layers": 2}),
+    ],
+)
+def test_inference_without_padding_matches_the_padded_computation(kind, overrides, rows, monkeypatch):
+    """Inference on a batch without padding takes the lean route (TRACE: `_infer_unpadded`, no
+    packing and no attention mask; every EventEmbedding: one lookup in the stacked tables): the
+    numbers of the padded reference, of the same histories among padding slots (the packed
+    route), and of autograd mode (one lookup per table)."""
+    from model_lib.trace import TRACE
+
+    torch.manual_seed(0)
+    config = get_kind(kind).config_class(vocab_sizes=(12, 12, 12), n_tasks=5, max_len=L + 3, **overrides)
+    model = build_model(kind, config).eval()
+    reference = copy.deepcopy(model)
+    reference.packed_events = False
+    batch = without_padding(rows)
+    lean_calls = []
+    if isinstance(model, TRACE):
+        lean = TRACE._infer_unpadded
+        monkeypatch.setattr(TRACE, "_infer_unpadded", lambda self, b: lean_calls.append(1) or lean(self, b))
+    with torch.no_grad():
+        got = model(batch)
+        assert len(lean_calls) == isinstance(model, TRACE)  # the lean route was taken where there is one
+        padded = reference(batch)
+        among_padding = model(with_empty_slots(batch, 3))
+    assert len(lean_calls) == isinstance(model, TRACE)  # ... and only there: padding takes the packed route
+    with torch.enable_grad():
+        autograd = model(batch).detach()
+    for want in (padded, among_padding, autograd):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "key, index, value", [("cat_ids", (0, 2, 1), 12), ("cat_ids", (0, 0, 0), -1), ("session_pos", (0, 4), 32)]
+)
+def test_the_stacked_lookup_rejects_an_id_outside_its_table(key, index, value):
+    """One lookup in the tables stacked end to end must not read a neighbouring table's row for an
+    id too large for its own: it raises, as the per-table lookups do."""
+    torch.manual_seed(0)
+    model = build_model("trace", get_kind("trace").config_class(vocab_sizes=(12, 12, 12), max_len=L)).eval()
+    batch = without_padding(1)
+    batch[key][index] = value
+    with torch.no_grad(), pytest.raises(IndexError):
+        model(batch)
+    with pytest.raises(IndexError):
+        model(batch)  # autograd mode: nn.Embedding's own check
+
+
+def test_the_stacked_table_follows_every_change_of_the_weights():
+    """The stacked table (and the time bias folded into it) is kept between calls: an optimiser
+    step, a loaded state dict or an in-place edit of one table must show in the next answer."""
+    torch.manual_seed(0)
+    model = build_model("trace", get_kind("trace").config_class(vocab_sizes=(12, 12, 12), max_len=L)).eval()
+    batch = without_padding(2)
+
+    def both():
+        with torch.no_grad():
+            lean = model(batch)
+        return lean, model(batch).detach()  # autograd mode: one lookup per table, no cache
+
+    first = both()
+    torch.testing.assert_close(*first, rtol=0, atol=1e-5)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    model.loss({**batch, "labels": torch.ones(2, 5)}).backward()
+    optimizer.step()
+    with torch.no_grad():
+        model.embedding.categorical[2].weight[5] += torch.randn(32)  # (a constant shift: LayerNorm removes it)
+        model.embedding.session_pos.weight.mul_(2.0)
+    stepped = both()
+    torch.testing.assert_close(*stepped, rtol=0, atol=1e-5)
+    assert not torch.allclose(stepped[0], first[0])
+    fresh = build_model("trace", get_kind("trace").config_class(vocab_sizes=(12, 12, 12), max_len=L)).eval()
+    model.load_state_dict(fresh.state_dict())
+    loaded = both()
+    torch.testing.assert_close(*loaded, rtol=0, atol=1e-5)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded[0], fresh(batch), rtol=0, atol=0)
+
+
+def test_a_network_built_in_inference_mode_is_looked_up_uncached():
+    with torch.inference_mode():  # its tensors have no version counter: nothing is cached from them
+        torch.manual_seed(0)
+        model = build_model("trace", get_kind("trace").config_class(vocab_sizes=(12, 12, 12), max_len=L)).eval()
+        batch = without_padding(1)
+        lean = model(batch)
+        assert model.embedding._fused[0] is None
+        with torch.no_grad():
+            model.embedding.categorical[0].weight.add_(torch.randn(12, 32))
+        assert not torch.allclose(model(batch), lean)
+    reference = copy.deepcopy(model)
+    reference.packed_events = False
+    with torch.no_grad():
+        torch.testing.assert_close(model(batch), reference(batch), rtol=0, atol=1e-5)

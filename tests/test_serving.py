@@ -278,3 +278,46 @@ def test_item_statistics_sql_equals_the_reference(raw_events):
     expected = item_statistics(raw_events, spec)
     assert len(by_sql) > 10 and by_sql["item_prior_booking_confirmation"].sum() > 0
     pd.testing.assert_frame_equal(by_sql, expected, check_dtype=False, check_names=False)
+
+
+@pytest.mark.parametrize("rows", [0, 1, 3])
+def test_answer_frame_from_blocks_equals_the_public_constructor(rows):
+    """`score_events`' answer is built from its three blocks; the frame is the one the public
+    constructor builds from its columns (dtypes, names, index, values), and stays usable."""
+    from model_lib.embedding_service import _answer_columns, _answer_frame, _answer_frame_from_columns
+
+    columns = _answer_columns(4, ("p_a", "p_b"))
+    users = np.array([f"u{i}" for i in range(rows)], dtype=object)
+    cutoff = (np.datetime64("2025-01-01T00:00:00", "us") + np.arange(rows) * np.timedelta64(90, "s")).astype(
+        "datetime64[us]"
+    )
+    numbers = np.random.default_rng(0).random((rows, 6)).astype(np.float32)
+    fast = _answer_frame(columns, users.copy(), cutoff.copy(), numbers.copy())
+    public = _answer_frame_from_columns(columns, users, cutoff, numbers)
+    pd.testing.assert_frame_equal(fast, public, check_exact=True)
+    assert list(fast.dtypes.astype(str)) == ["object", "datetime64[us]"] + ["float32"] * 6
+    assert fast.to_json(orient="records") == public.to_json(orient="records")
+    pd.testing.assert_frame_equal(pd.concat([fast, fast]), pd.concat([public, public]))
+    fast.loc[:, "p_a"] = 0.5  # its own memory: writable, nothing else changes
+    assert (fast["p_a"] == 0.5).all() and np.array_equal(public["p_a"].to_numpy(), numbers[:, 4])
+
+
+def test_answer_without_pandas_block_api_is_the_same(user_model, raw_events, monkeypatch):
+    """With another pandas' internals (no block API), the answer goes through the public constructor."""
+    import model_lib.embedding_service as service
+
+    request = client_request(raw_events, sorted(raw_events["user_id"].unique())[:1])
+    fast = user_model.score_events(request)
+    monkeypatch.setattr(service, "_make_block", None)
+    pd.testing.assert_frame_equal(user_model.score_events(request), fast, check_exact=True)
+
+
+def test_a_request_after_training_mode_is_scored_in_eval_mode(user_model, raw_events):
+    """`_eval_mode` keeps the network's module list: a network (or one of its blocks) put back in
+    training mode between requests is scored in eval mode again (no dropout: the same answer)."""
+    request = client_request(raw_events, sorted(raw_events["user_id"].unique())[:1])
+    first = user_model.score_events(request)
+    for module in (user_model.model, user_model.model.blocks[0]):
+        module.train()
+        pd.testing.assert_frame_equal(user_model.score_events(request), first, check_exact=True)
+        assert not any(m.training for m in user_model.model.modules())

@@ -112,6 +112,20 @@ def test_plain_utc_strings_parse_as_pandas_does(times, plain):
     assert list(parsed) == [naive_utc(t) for t in times]
 
 
+@pytest.mark.parametrize(
+    "times",
+    [
+        ["2024-0X-01T10:00:00Z"],  # a letter where a digit goes
+        ["2024/01/01T10:00:00Z"],  # another separator
+        ["2024-01-01T10:00:00Z", "2024-01-01T10:00:00\n"],  # a newline where the zone goes
+        ["2024-01-01T10:00:00.12Z", "2024-01-01T10:00:00,12Z"],  # a comma for the point
+        ["2024-01-01T10:00:00Z", "2024-01-01T10:00:0\n\nZ"],  # rows of the right total length
+    ],
+)
+def test_the_plain_utc_parser_leaves_anything_off_its_layout(times):
+    assert _parse_plain_utc(np.array(times, dtype=object)) is None
+
+
 def test_one_user_arrays_equal_the_frame():
     t0 = pd.Timestamp("2024-03-01T10:00:00")
     events = pd.DataFrame(
@@ -131,3 +145,23 @@ def test_one_user_arrays_equal_the_frame():
         for column, values in arrays.items():
             np.testing.assert_array_equal(values, expected[column].to_numpy(), err_msg=column)
             assert values.dtype == expected[column].dtype, column
+
+
+@pytest.mark.parametrize("missing", [None, float("nan"), pd.NA, pd.NaT])
+@pytest.mark.parametrize("column", ["user_id", "event_name"])
+def test_missing_values_are_counted_in_any_form(column, missing):
+    events = pd.DataFrame(
+        {"user_id": "u", "event_time": ["2024-01-01T00:00:00Z"] * 4, "event_name": ["a", "b", "a", "c"]}, dtype=object
+    )
+    events.loc[[1, 3], column] = missing
+    for sessionizer in (sessionize, sessionize_user):
+        with pytest.raises(InvalidEventsError, match=f"{column}: 2 missing value"):
+            sessionizer(events)
+
+
+def test_unhashable_values_are_checked_row_by_row():
+    from model_lib.sessionize import _may_have_missing
+
+    assert _may_have_missing(np.array([["a"], None], dtype=object))
+    assert not _may_have_missing(np.array(["a", "b", "a"], dtype=object))
+    assert _may_have_missing(np.arange(3))  # not objects: pd.isna decides
