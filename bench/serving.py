@@ -69,7 +69,7 @@ def build_model(raw: pd.DataFrame):
 def user_request(raw: pd.DataFrame, n_events: int) -> pd.DataFrame:
     """One user's most recent `n_events` raw events as a client sends them (the user with the
     longest history, tiled back in time if even that one is shorter)."""
-    sizes = raw.groupby("user_id").size()
+    sizes = raw.groupby("user_id", observed=True).size()
     user = sizes.idxmax()
     events = raw[raw["user_id"] == user].sort_values("event_time")
     while len(events) < n_events:
@@ -192,8 +192,13 @@ def main(argv: list[str] | None = None) -> None:
             for n in SIZES:
                 http_p50, model_p50 = results[(n, "http")][0], results[(n, "model")][0]
                 print(f"events={n} http_over_model_p50={http_p50 / model_p50:.1f}x")
-            p99 = results[(SIZES[-1], "model")][1]
-            print(f"target: in-process p99 at {SIZES[-1]} events < 5 ms: p99_ms={p99:.2f} met={p99 < 5}")
+            # the target covers every user with up to 500 events: the worst p99 of those sizes
+            worst = max((n for n in SIZES if n <= 500), key=lambda n: results[(n, "model")][1])
+            p99 = results[(worst, "model")][1]
+            print(
+                f"target: in-process p99 for users with up to 500 events < 5 ms: worst p99_ms={p99:.2f} "
+                f"(at {worst} events) met={p99 < 5}"
+            )
         finally:
             process.terminate()
             process.wait(timeout=20)
