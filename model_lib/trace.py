@@ -205,7 +205,6 @@ class EventEmbedding(nn.Module):
         self.time = nn.Linear(n_time_features, d_model) if n_time_features else None
         self.event_pos = positions(max_len, d_model) if max_len else None
         self.session_pos = positions(max_sessions, d_model) if max_sessions else None
-        self._fused: tuple | None = None  # `_lookup_fused`'s (table versions, sizes, first rows, stacked table)
 
     def forward(self, batch: dict[str, Tensor], packing: Packing) -> Tensor:
         """Vectors [N, D] of the events ``packing`` carries (padded inputs [B, L, ...])."""
@@ -241,16 +240,16 @@ class EventEmbedding(nn.Module):
         then the time projection added by one addmm. Same rows, same sum up to float rounding;
         an id outside its table raises, as ``nn.Embedding`` does. The ids are shifted into the
         stacked table in numpy (a few small arrays: cheaper than as tensors, as in
-        ``Packing.of``); the stacked table is kept until a table or the bias changes."""
+        ``Packing.of``). The stacked table is built on every call, never kept: a fused optimiser
+        step (`torch.optim.AdamW(fused=True)`, what training uses) updates the weights without
+        bumping their version counters, so no cheap test can tell that a kept copy went stale (a
+        kept table once made every validation loss after the first epoch wrong)."""
         tables = self._tables()
-        state = _versions([t for _, t in tables] + ([self.time.bias] if self.time is not None else []))
-        if state is None or self._fused is None or self._fused[0] != state:
-            sizes = np.array([t.shape[0] for _, t in tables])
-            stacked = torch.cat([t for _, t in tables])
-            if self.time is not None:
-                stacked[: sizes[0]] += self.time.bias
-            self._fused = (state, sizes, np.cumsum(sizes) - sizes, stacked)
-        _, sizes, starts, table = self._fused
+        sizes = np.array([t.shape[0] for _, t in tables])
+        starts = np.cumsum(sizes) - sizes
+        table = torch.cat([t for _, t in tables])
+        if self.time is not None:
+            table[: sizes[0]] += self.time.bias
         keys = dict.fromkeys(key for key, _ in tables)  # cat_ids [B, L, C], then the positions [B, L]
         columns = [batch[key].cpu().numpy().reshape(*batch[key].shape[:2], -1) for key in keys]
         ids = packing.pack(torch.from_numpy(np.concatenate(columns, axis=-1))).numpy()  # [N, K]
@@ -262,16 +261,6 @@ class EventEmbedding(nn.Module):
         if self.time is None:
             return x
         return torch.addmm(x, packing.pack(batch["time_features"]), self.time.weight.t())
-
-
-def _versions(tensors: list[Tensor]) -> tuple | None:
-    """What identifies the values of tensors: (storage, version counter) each, which every in-place
-    update (an optimiser step, ``load_state_dict``) bumps. None when one has no counter (made in
-    inference mode): then nothing may be cached from them."""
-    try:
-        return tuple((t.data_ptr(), t._version) for t in tensors)
-    except RuntimeError:
-        return None
 
 
 class SequenceUserModel(nn.Module):

@@ -160,8 +160,9 @@ def test_the_stacked_lookup_rejects_an_id_outside_its_table(key, index, value):
 
 
 def test_the_stacked_table_follows_every_change_of_the_weights():
-    """The stacked table (and the time bias folded into it) is kept between calls: an optimiser
-    step, a loaded state dict or an in-place edit of one table must show in the next answer."""
+    """The inference lookup stacks the tables (and folds the time bias in): an optimiser step
+    (fused AdamW too, which bumps no version counter), a loaded state dict or an in-place edit of
+    one table must show in the next answer."""
     torch.manual_seed(0)
     model = build_model("trace", get_kind("trace").config_class(vocab_sizes=(12, 12, 12), max_len=L)).eval()
     batch = without_padding(2)
@@ -182,6 +183,12 @@ def test_the_stacked_table_follows_every_change_of_the_weights():
     stepped = both()
     torch.testing.assert_close(*stepped, rtol=0, atol=1e-5)
     assert not torch.allclose(stepped[0], first[0])
+    fused = torch.optim.AdamW(model.parameters(), lr=0.5, fused=True)  # what model_lib.training uses
+    model.loss({**batch, "labels": torch.ones(2, 5)}).backward()
+    fused.step()
+    after_fused = both()
+    torch.testing.assert_close(*after_fused, rtol=1e-5, atol=1e-5)  # larger weights: relative rounding
+    assert not torch.allclose(after_fused[0], stepped[0])
     fresh = build_model("trace", get_kind("trace").config_class(vocab_sizes=(12, 12, 12), max_len=L)).eval()
     model.load_state_dict(fresh.state_dict())
     loaded = both()
@@ -196,7 +203,6 @@ def test_a_network_built_in_inference_mode_is_looked_up_uncached():
         model = build_model("trace", get_kind("trace").config_class(vocab_sizes=(12, 12, 12), max_len=L)).eval()
         batch = without_padding(1)
         lean = model(batch)
-        assert model.embedding._fused[0] is None
         with torch.no_grad():
             model.embedding.categorical[0].weight.add_(torch.randn(12, 32))
         assert not torch.allclose(model(batch), lean)
