@@ -213,15 +213,12 @@ class EventEmbedding(nn.Module):
         ids = packing.pack(batch["cat_ids"])  # [N, C]
         x = sum(emb(ids[:, c]) for c, emb in enumerate(self.categorical))  # [N, D]
         if self.time is not None:
-            x = x + self._time(batch, packing)
+            x = x + self.time(packing.pack(batch["time_features"]))
         if self.event_pos is not None:
             x = x + self.event_pos(packing.pack(batch["event_pos"]))
         if self.session_pos is not None:
             x = x + self.session_pos(packing.pack(batch["session_pos"]))
         return x
-
-    def _time(self, batch: dict[str, Tensor], packing: Packing) -> Tensor:
-        return self.time(packing.pack(batch["time_features"]))
 
     def _tables(self) -> list[tuple[str, Tensor]]:
         """(input key, table) of every lookup, in the order ``forward`` adds them."""
