@@ -275,8 +275,11 @@ def seeds_uplift_ci(
         fns_b = [getattr(SortedScores(y, s), weighted) for s in base]
         replicates = resampler.row_weights(n_boot, seed + 1)
     else:
-        fns_m = [lambda w, s=s: metric_fn(y if w is None else y[w], s if w is None else s[w]) for s in model]
-        fns_b = [lambda w, s=s: metric_fn(y if w is None else y[w], s if w is None else s[w]) for s in base]
+
+        def on_rows(scores: np.ndarray):  # rows: None (all) or a replicate's row indices
+            return lambda rows: metric_fn(y if rows is None else y[rows], scores if rows is None else scores[rows])
+
+        fns_m, fns_b = [on_rows(s) for s in model], [on_rows(s) for s in base]
         replicates = resampler.replicates(n_boot, seed + 1)
 
     def mean_metric(fns, rows, which) -> float:
