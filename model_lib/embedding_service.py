@@ -147,6 +147,13 @@ class UserModel:
         return cls(kind, model, encoder), result
 
     # ------------------------------------------------------------------ inference
+    def freeze(self) -> UserModel:
+        """Fixed for serving (what the registered model does on load): see
+        `SequenceUserModel.freeze`. Results are unchanged; a request no longer copies the
+        embedding tables."""
+        self.model.freeze()
+        return self
+
     def _eval_mode(self) -> None:
         """The network in eval mode (no dropout). `eval()` walks and sets every module (~0.15 ms,
         a tenth of a request's forward): skipped when all already are, as after the first call.

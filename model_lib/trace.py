@@ -205,6 +205,9 @@ class EventEmbedding(nn.Module):
         self.time = nn.Linear(n_time_features, d_model) if n_time_features else None
         self.event_pos = positions(max_len, d_model) if max_len else None
         self.session_pos = positions(max_sessions, d_model) if max_sessions else None
+        # (stacked table, table sizes, row offsets) while frozen for serving (`freeze`), else None
+        self._frozen: tuple[Tensor, np.ndarray, np.ndarray] | None = None
+        self.register_load_state_dict_post_hook(lambda module, _keys: module.unfreeze())
 
     def forward(self, batch: dict[str, Tensor], packing: Packing) -> Tensor:
         """Vectors [N, D] of the events ``packing`` carries (padded inputs [B, L, ...])."""
@@ -220,6 +223,25 @@ class EventEmbedding(nn.Module):
             x = x + self.session_pos(packing.pack(batch["session_pos"]))
         return x
 
+    def freeze(self) -> None:
+        """Stack the lookup tables once, for serving: a served request then skips the copy of
+        every table that `_lookup_fused` otherwise makes per call (most of its cost: the tables
+        hold the whole vocabulary). The weights stop requiring gradients, and `train()`, `unfreeze`
+        and a loaded state dict drop the stacked copy, so it cannot go stale behind an optimiser
+        (see `_lookup_fused`)."""
+        self.eval()
+        self.requires_grad_(False)
+        with torch.no_grad():
+            self._frozen = self._stacked_table()
+
+    def unfreeze(self) -> None:
+        self._frozen = None
+
+    def train(self, mode: bool = True):
+        if mode:
+            self.unfreeze()
+        return super().train(mode)
+
     def _tables(self) -> list[tuple[str, Tensor]]:
         """(input key, table) of every lookup, in the order ``forward`` adds them."""
         tables = [("cat_ids", emb.weight) for emb in self.categorical]
@@ -227,6 +249,16 @@ class EventEmbedding(nn.Module):
             if positions is not None:
                 tables.append((key, positions.weight if isinstance(positions, nn.Embedding) else positions.table))
         return tables
+
+    def _stacked_table(self) -> tuple[Tensor, np.ndarray, np.ndarray]:
+        """(every table stacked end to end [sum of sizes, D], table sizes, row offsets), the time
+        projection's bias folded into the first table."""
+        tables = self._tables()
+        sizes = np.array([t.shape[0] for _, t in tables])
+        table = torch.cat([t for _, t in tables])
+        if self.time is not None:
+            table[: sizes[0]] += self.time.bias
+        return table, sizes, np.cumsum(sizes) - sizes
 
     def _lookup_fused(self, batch: dict[str, Tensor], packing: Packing) -> Tensor:
         """``forward`` in inference (no autograd: a padding_idx row would get no gradient, a
@@ -237,17 +269,13 @@ class EventEmbedding(nn.Module):
         then the time projection added by one addmm. Same rows, same sum up to float rounding;
         an id outside its table raises, as ``nn.Embedding`` does. The ids are shifted into the
         stacked table in numpy (a few small arrays: cheaper than as tensors, as in
-        ``Packing.of``). The stacked table is built on every call, never kept: a fused optimiser
-        step (`torch.optim.AdamW(fused=True)`, what training uses) updates the weights without
-        bumping their version counters, so no cheap test can tell that a kept copy went stale (a
-        kept table once made every validation loss after the first epoch wrong)."""
-        tables = self._tables()
-        sizes = np.array([t.shape[0] for _, t in tables])
-        starts = np.cumsum(sizes) - sizes
-        table = torch.cat([t for _, t in tables])
-        if self.time is not None:
-            table[: sizes[0]] += self.time.bias
-        keys = dict.fromkeys(key for key, _ in tables)  # cat_ids [B, L, C], then the positions [B, L]
+        ``Packing.of``). The stacked table is built on every call unless the module is frozen for
+        serving (`freeze`): a fused optimiser step (`torch.optim.AdamW(fused=True)`, what training
+        uses) updates the weights without bumping their version counters, so no cheap test can
+        tell that a copy kept otherwise went stale (a kept table once made every validation loss
+        after the first epoch wrong)."""
+        table, sizes, starts = self._frozen or self._stacked_table()
+        keys = dict.fromkeys(key for key, _ in self._tables())  # cat_ids [B, L, C], then the positions [B, L]
         columns = [batch[key].cpu().numpy().reshape(*batch[key].shape[:2], -1) for key in keys]
         ids = packing.pack(torch.from_numpy(np.concatenate(columns, axis=-1))).numpy()  # [N, K]
         if ids.size and (ids.min() < 0 or (ids.max(axis=0) >= sizes).any()):
@@ -287,6 +315,16 @@ class SequenceUserModel(nn.Module):
 
     def pool(self, batch: dict[str, Tensor]) -> Tensor:  # [B, H]
         raise NotImplementedError
+
+    def freeze(self) -> None:
+        """Fixed for serving: eval mode, no gradients, lookup tables stacked once
+        (`EventEmbedding.freeze`). `train()` makes it trainable-shaped again (tables unstacked);
+        the weights then still need `requires_grad_(True)` to learn."""
+        self.eval()
+        self.requires_grad_(False)
+        for module in self.modules():
+            if isinstance(module, EventEmbedding):
+                module.freeze()
 
     def embed(self, batch: dict[str, Tensor]) -> Tensor:
         """User embedding [B, E]: the output of the shared dense layer."""

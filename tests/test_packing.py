@@ -210,3 +210,32 @@ def test_a_network_built_in_inference_mode_is_looked_up_uncached():
     reference.packed_events = False
     with torch.no_grad():
         torch.testing.assert_close(model(batch), reference(batch), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", sorted(MODEL_KINDS))
+def test_a_network_frozen_for_serving_answers_the_same_and_cannot_go_stale(kind):
+    """`freeze` (what the registered model does on load) keeps one stacked table: the answers are
+    those of the unfrozen network, nothing can train it while frozen, and a loaded state dict or
+    `train()` drops the table, so the next answer follows the new weights."""
+    torch.manual_seed(0)
+    config = get_kind(kind).config_class(vocab_sizes=(12, 12, 12), max_len=L)
+    model = build_model(kind, config).eval()
+    batch = ragged_batch(1)
+    with torch.no_grad():
+        before = model(batch)
+        model.freeze()
+        torch.testing.assert_close(model(batch), before, rtol=0, atol=0)
+    assert not any(p.requires_grad for p in model.parameters())
+    fresh = build_model(kind, config).eval()
+    model.load_state_dict(fresh.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(model(batch), fresh(batch), rtol=0, atol=0)
+        model.freeze()
+    model.train().requires_grad_(True)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.5, fused=True)
+    model.loss(batch).backward()
+    optimizer.step()
+    with torch.no_grad():
+        after = model.eval()(batch)
+    reference = model(batch).detach()  # autograd mode: one lookup per table, nothing kept
+    torch.testing.assert_close(after, reference, rtol=1e-5, atol=1e-5)

@@ -368,6 +368,7 @@ SERVE_SCRIPT = textwrap.dedent("""
         "embed_vs_table": float(np.abs(embedded - stored).max()),
         "served_vs_embed_at_last_event": float(np.abs(served_vectors - at_last_event).max()),
         "finite": bool(np.isfinite(served_vectors).all() and np.isfinite(embedded).all()),
+        "frozen": not any(p.requires_grad for p in model.model.parameters()),
     }))
 """)
 
@@ -391,6 +392,7 @@ def test_registered_trace_serves_from_a_fresh_process(pipeline, client, tmp_path
     assert out["served_rows"] == out["served_users"] == out["event_users"] > 0
     assert out["served_columns"] == ["user_id", "as_of", "embedding_0"]  # then embedding_*, p_<task>
     assert out["embed_shape"][0] == out["event_users"] and out["finite"]
+    assert out["frozen"]  # fixed for serving on load (`UserModel.freeze`), same vectors as below
     # The registry's model is the one `user_embeddings` used: the same vectors at the same cutoff
     # (the table's `as_of`, one second after the last event of anyone). `predict` embeds each user
     # as of one second after *their own* last event; the encoder's recency feature (time from each

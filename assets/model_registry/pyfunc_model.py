@@ -101,7 +101,9 @@ class ArtifactModel(mlflow.pyfunc.PythonModel):
         self.config = config
         loader = resolve_import_path(config["loader"])
         self.model = loader(context.artifacts[MODEL_ARTIFACT_KEY])
-        if hasattr(self.model, "eval"):  # torch modules: dropout off for inference
+        if hasattr(self.model, "freeze"):  # fixed for serving (e.g. `UserModel.freeze`)
+            self.model.freeze()
+        elif hasattr(self.model, "eval"):  # torch modules: dropout off for inference
             self.model.eval()
         adapter = config.get("input_adapter")
         self._input_adapter = resolve_import_path(adapter) if adapter else None
