@@ -147,3 +147,29 @@ def test_sequence_baselines_learn_their_planted_signal(planted, kind, learns):
     if kind == "myopic_last_page":  # one page: the last session's cart (3 pages back) is out of view
         assert score["last_session_cart"] < 0.65, score
         assert model.encoder.config.max_events == 1
+
+
+def test_single_task_trace_learns_each_task_with_its_own_network(planted):
+    """`trace_single_task` (reproduction job): one TRACE per seen task, scored by its own network;
+    an unseen task gets a probe on the concatenated embeddings, fitted on validation users."""
+    from types import SimpleNamespace
+
+    from assets.reproduction.experiments import Variant, run_single_task
+
+    events, examples = planted
+    dataset = SimpleNamespace(
+        events=events, examples=examples, seen=["trait", "last_page_checkout"], unseen=["last_session_cart"]
+    )
+    config = TrainConfig(epochs=12, batch_size=64, learning_rate=3e-3, patience=3, num_threads=1)
+    rows, info = run_single_task(dataset, Variant("trace_single_task", "trace_single_task"), 0, config, max_len=24)
+    test_users = set(examples.loc[examples["split"] == "test", "user_id"])
+    assert set(rows["user_id"]) == test_users and len(info["best_epoch"]) == 2  # one fit per seen task
+    score = {t: auroc(part["y"], part["score"]) for t, part in rows.groupby("task")}
+    assert dict(rows.groupby("task")["task_kind"].first()) == {
+        "trait": "seen",
+        "last_page_checkout": "seen",
+        "last_session_cart": "unseen",
+    }
+    assert score["trait"] > 0.8 and score["last_page_checkout"] > 0.8, score
+    probe = rows.loc[rows["task"] == "last_session_cart", "score"]  # (neither network needs the cart: ~0.58)
+    assert len(probe) == len(test_users) and probe.between(0, 1).all()

@@ -24,7 +24,14 @@ from pydantic import Field
 
 import assets.reproduction.report as report_module
 from assets.reproduction.datasets import ReproductionDataset, build_dataset
-from assets.reproduction.experiments import EXTRA_MODELS, Variant, funnel_samples, run_funnel, run_sequence
+from assets.reproduction.experiments import (
+    EXTRA_MODELS,
+    SINGLE_TASK,
+    Variant,
+    funnel_samples,
+    run_funnel,
+    sequence_runner,
+)
 from assets.reproduction.report import (
     ablation_rows,
     funnel_figures,
@@ -157,7 +164,7 @@ def runs_dir(paths: TraceDagsterPaths) -> Path:
 def _available(name: str) -> bool:
     from model_lib.trace_baselines import MODEL_KINDS
 
-    return name in MODEL_KINDS or name in EXTRA_MODELS
+    return name in MODEL_KINDS or name in EXTRA_MODELS or name == SINGLE_TASK
 
 
 def _tag(frame: pd.DataFrame, **columns) -> pd.DataFrame:
@@ -181,7 +188,7 @@ class Runner:
             if variant.name in EXTRA_MODELS and variant.kind == variant.name:
                 rows, info = EXTRA_MODELS[variant.name](ds, seed)
             else:
-                rows, info = run_sequence(ds, variant, seed, self.train_config, self.max_len)
+                rows, info = sequence_runner(variant)(ds, variant, seed, self.train_config, self.max_len)
             self._record(ds, variant, seed, n_train_users, rows, info, started, label)
 
     def funnel(self, ds: ReproductionDataset, samples: pd.DataFrame, variant: Variant, seeds: int):

@@ -36,7 +36,7 @@ from model_lib.encoding import EncoderConfig, attribute_rules_for
 from model_lib.metrics import auprc, auroc
 from resources.mlflow_tracking import MLflowTracking
 from resources.paths import TraceDagsterPaths
-from resources.warehouse import DuckDBWarehouse, sql_literal
+from resources.warehouse import DuckDBWarehouse
 
 SEQUENCE_MODELS = ("trace", "myopic", "vanilla_transformer", "lstm", "mini_gpt", "myopic_last_page")
 GROUP = "trace_models"
@@ -64,27 +64,6 @@ class SequenceTrainingConfig(ModelTrainingConfig):
         description="Worker processes of PyTorch DistributedDataParallel (gloo on CPU, NCCL on GPU), "
         "started the torchrun way; 1 trains in the step's own process.",
     )
-
-
-def load_sequence_inputs(
-    warehouse: DuckDBWarehouse, split: str | None = None
-) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
-    """(examples, events of the example users before the last cutoff, tasks) in pandas, of one
-    split's users if given (promotion needs only the test users).
-
-    For callers that compare models on every example at once; training reads the same data
-    bucket by bucket (`sequence_data.py`).
-    """
-    where = "" if split is None else f"WHERE split = {sql_literal(split)}"
-    with warehouse.connect(read_only=True) as con:
-        examples = con.sql(f"SELECT * FROM training_examples {where} ORDER BY example_id").df()
-        tasks = read_tasks(con)
-        events = con.sql(f"""
-            SELECT * EXCLUDE (source_file, source_row, ingested_at) FROM sessionized_events
-            WHERE user_id IN (SELECT DISTINCT user_id FROM training_examples {where})
-              AND event_time < (SELECT max(cutoff) FROM training_examples)
-            ORDER BY user_id, event_index""").df()
-    return examples, events, tasks
 
 
 def attribute_rules_of(tasks: pd.DataFrame):
