@@ -27,6 +27,7 @@ from assets.reproduction.datasets import ReproductionDataset, build_dataset
 from assets.reproduction.experiments import (
     EXTRA_MODELS,
     SINGLE_TASK,
+    WIDE_DEEP,
     Variant,
     funnel_samples,
     run_funnel,
@@ -72,6 +73,7 @@ MAIN_MODELS = [
     "mini_gpt",
     "myopic_last_page",
     "trace_single_task",
+    "trace_wide_deep",
 ]
 # What a ~30 min run on two shared cores affords (the costlier ones: set `models`).
 SMALL_MODELS = ["trace", "myopic", "vanilla_transformer", "st_agg", "st_cohort", "myopic_last_page"]
@@ -164,7 +166,7 @@ def runs_dir(paths: TraceDagsterPaths) -> Path:
 def _available(name: str) -> bool:
     from model_lib.trace_baselines import MODEL_KINDS
 
-    return name in MODEL_KINDS or name in EXTRA_MODELS or name == SINGLE_TASK
+    return name in MODEL_KINDS or name in EXTRA_MODELS or name in (SINGLE_TASK, WIDE_DEEP)
 
 
 def _tag(frame: pd.DataFrame, **columns) -> pd.DataFrame:

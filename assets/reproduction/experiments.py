@@ -9,7 +9,8 @@ comparison afterwards (statistics.py). Two families:
   ``UserModel.train``; seen tasks are scored by its heads, unseen tasks by a logistic probe on
   the frozen embeddings fitted on the *validation* users and scored on the test users (the test
   users never choose anything).
-  ``run_single_task`` is the same with one network per seen task (``trace_single_task``).
+  ``run_single_task`` is the same with one network per seen task (``trace_single_task``);
+  ``run_wide_deep`` adds the ``st_agg`` features to TRACE's embedding (``trace_wide_deep``).
 - MTLDS family (``run_funnel``): a ``model_lib.mtlds_baselines`` model with ``MTLDSConfig``
   overrides on the funnel samples; rows per (test sample, task) plus the aggregated score
   against purchase (``score_vs_<last stage>``), ESMM's cart probability against the label it
@@ -137,9 +138,48 @@ def run_single_task(
     return pd.concat(parts, ignore_index=True), info
 
 
+WIDE_DEEP = "trace_wide_deep"
+
+
+def run_wide_deep(
+    dataset: ReproductionDataset, variant: Variant, seed: int, train_config: TrainConfig, max_len: int = 128
+) -> tuple[pd.DataFrame, dict]:
+    """`trace_wide_deep`: TRACE as published (the deep part) beside the `st_agg` features (the
+    wide part). Two-stage, not joint: the network is trained exactly as `trace` is (same seed:
+    the same network); then per task, seen and unseen alike, a logistic regression on
+    [TRACE embedding, st_agg features] is fitted on the validation users (the training users'
+    embeddings are in-sample) and scored on the test users. Does the sequence add anything to
+    the aggregates, or the aggregates to the sequence?"""
+    ex = dataset.examples
+    train, valid, test = (ex[ex["split"] == s].reset_index(drop=True) for s in ("train", "valid", "test"))
+    started = time.perf_counter()
+    model, fit_result = UserModel.train(
+        "trace",
+        dataset.events,
+        train,
+        valid,
+        [f"label_{t}" for t in dataset.seen],
+        encoder_config=EncoderConfig(max_len=max_len),
+        model_overrides=variant.overrides,
+        train_config=replace(train_config, seed=seed),
+    )
+    fit_seconds = time.perf_counter() - started
+    wide = aggregate_matrix(dataset, "st_agg")
+    split = ex["split"].to_numpy()
+    x_valid = np.concatenate([model.embed(dataset.events, valid), wide[split == "valid"]], axis=1)
+    x_test = np.concatenate([model.embed(dataset.events, test), wide[split == "test"]], axis=1)
+    parts = [
+        _score_frame(test, task, kind, _probe_scores(x_valid, _labels(valid, task), x_test, seed))
+        for kind, tasks in (("seen", dataset.seen), ("unseen", dataset.unseen))
+        for task in tasks
+    ]
+    info = {"fit_seconds": fit_seconds, "best_epoch": fit_result.best_epoch, "n_train_examples": len(train)}
+    return pd.concat(parts, ignore_index=True), info
+
+
 def sequence_runner(variant: Variant) -> Callable[..., tuple[pd.DataFrame, dict]]:
-    """`run_single_task` for `trace_single_task`, else `run_sequence` (same signature)."""
-    return run_single_task if variant.kind == SINGLE_TASK else run_sequence
+    """The runner of a TRACE-family variant: `run_sequence` unless its kind has its own (same signature)."""
+    return {SINGLE_TASK: run_single_task, WIDE_DEEP: run_wide_deep}.get(variant.kind, run_sequence)
 
 
 def _score_frame(frame: pd.DataFrame, task: str, kind: str, score: np.ndarray, split: str = "test") -> pd.DataFrame:
@@ -162,25 +202,34 @@ def _score_frame(frame: pd.DataFrame, task: str, kind: str, score: np.ndarray, s
 EXTRA_MODELS: dict[str, Callable[[ReproductionDataset, int], tuple[pd.DataFrame, dict]]] = {}
 
 
+def aggregate_matrix(dataset: ReproductionDataset, kind: str, with_names: bool = False):
+    """The pipeline's DuckDB aggregate features (`st_agg` / `st_cohort`) of the dataset's
+    warehouse, one row per row of ``dataset.examples`` (float32 [N, F]; with their names first
+    if ``with_names``)."""
+    import duckdb
+
+    from assets.trace_models.aggregate_models import aggregate_features
+
+    with duckdb.connect(str(dataset.warehouse_path), read_only=True) as con:
+        ids, names, features = aggregate_features(con, kind)
+    pos = pd.Index(ids.astype(str)).get_indexer(dataset.examples["example_id"].astype(str))
+    if (pos < 0).any():
+        raise ValueError(f"{kind}: {int((pos < 0).sum())} examples have no aggregate features")
+    return (names, features[pos]) if with_names else features[pos]
+
+
 def aggregate_runner(kind: str) -> Callable[[ReproductionDataset, int], tuple[pd.DataFrame, dict]]:
     """`st_agg` / `st_cohort`: the pipeline's DuckDB features of the dataset's warehouse and its
     per-task logistic regressions, with the pipeline's own training settings; unseen tasks by a
     probe on the standardised features (the same protocol as the sequence models)."""
 
     def run(dataset: ReproductionDataset, seed: int) -> tuple[pd.DataFrame, dict]:
-        import duckdb
-
-        from assets.trace_models.aggregate_models import AggregateTrainingConfig, aggregate_features
+        from assets.trace_models.aggregate_models import AggregateTrainingConfig
         from model_lib.aggregate_baselines import predict as predict_aggregate
         from model_lib.aggregate_baselines import train_aggregate_model
 
-        with duckdb.connect(str(dataset.warehouse_path), read_only=True) as con:
-            ids, names, features = aggregate_features(con, kind)
+        names, x = aggregate_matrix(dataset, kind, with_names=True)
         ex = dataset.examples
-        pos = pd.Index(ids.astype(str)).get_indexer(ex["example_id"].astype(str))
-        if (pos < 0).any():
-            raise ValueError(f"{kind}: {int((pos < 0).sum())} examples have no aggregate features")
-        x = features[pos]
         label_columns = [f"label_{t}" for t in dataset.seen]
         labels = labels_tensor(ex, label_columns).numpy()
         split = ex["split"].to_numpy()
@@ -284,4 +333,5 @@ __all__ = [
     "run_funnel",
     "run_sequence",
     "run_single_task",
+    "run_wide_deep",
 ]
