@@ -22,9 +22,11 @@ partitioned COPY costs more). Both write the raw columns only, not the ten sessi
 so they stay below what sessionization writes. The DuckDB path also times an incremental run
 after a late delivery touching 1% of the users, which rebuilds only their user buckets.
 
-Figures (2 cores shared with two niced training runs and other tests, load 5-7; 2026-11-30):
-10^6 events, sessionization 2.32 s = 1.00x the per-bucket floor, 1.45x the one-file floor
-(the window SQL before: 4.71x the one-file floor); 10^7 events, 28.4 s = 0.61x / 0.80x.
+Figures (2 cores shared with two niced training runs and other sessions' tests, load 4-7,
+2026-11-30; one run each, same-code runs varied up to 1.6x): 10^6 events, sessionization
+1.00x and 1.23x the per-bucket floor, 1.45x and 1.64x the one-file floor (the window SQL
+before: 4.71x the one-file floor); 10^7 events, 0.61x and 1.11x / 0.80x and 1.52x (before:
+3.50x the one-file floor). docs/ARCHITECTURE.md has the profile.
 """
 
 from __future__ import annotations
