@@ -284,27 +284,28 @@ def sorted_session_columns(
     if n and not first_of_user[0] and carry is None:
         raise ValueError("row 0 continues a user's journey but there is no carry from a previous batch")
     positions = np.arange(n)
-    previous_us = np.empty(n, np.int64)
-    previous_us[1:] = time_us[:-1]
-    if n:
-        previous_us[0] = carry.time_us if carry is not None else time_us[0]
-    gap = np.where(first_of_user, 0.0, (time_us - previous_us) / 1e6)
+    gap_us = np.zeros(n, np.int64)
+    gap_us[1:] = time_us[1:] - time_us[:-1]
+    if n and carry is not None:
+        gap_us[0] = time_us[0] - carry.time_us
+    gap = np.where(first_of_user, 0.0, gap_us / 1e6)
     starts = first_of_user | (gap > float(session_gap_seconds))
-    # Rows before the batch's first user (or session) start continue the carried one: its start
-    # sits at a virtual position before row 0, so that `position - start` goes on counting.
-    user_floor = -1 - carry.event_index if carry is not None else -1
-    session_floor = -1 - carry.event_index_in_session if carry is not None else -1
-    user_start = np.maximum.accumulate(np.where(first_of_user, positions, user_floor)) if n else positions
-    session_start = np.maximum.accumulate(np.where(starts, positions, session_floor)) if n else positions
     session_count = np.cumsum(starts)
-    carried_user, carried_session = user_start < 0, session_start < 0
-    # 0 at each user's first event (a start, counted in session_count); carried rows go on from the carry
-    session_index = session_count - np.where(
-        carried_user, -(carry.session_index if carry is not None else 0), session_count[np.maximum(user_start, 0)]
-    )
-    start_us = np.where(
-        carried_session, carry.session_start_us if carry is not None else 0, time_us[np.maximum(session_start, 0)]
-    )
+    if carry is None:  # one call for all rows (a request, a frame): every user starts in the batch
+        user_start = np.maximum.accumulate(np.where(first_of_user, positions, 0)) if n else positions
+        session_start = np.maximum.accumulate(np.where(starts, positions, 0)) if n else positions
+        session_index = session_count - session_count[user_start]  # 0 at each user's first event
+        start_us = time_us[session_start]
+    else:
+        # Rows before the batch's first user (or session) start continue the carried one: its
+        # start sits at a virtual position before row 0, so that `position - start` goes on counting.
+        user_start = np.maximum.accumulate(np.where(first_of_user, positions, -1 - carry.event_index))
+        session_start = np.maximum.accumulate(np.where(starts, positions, -1 - carry.event_index_in_session))
+        carried_user, carried_session = user_start < 0, session_start < 0
+        session_index = session_count - np.where(
+            carried_user, -carry.session_index, session_count[np.maximum(user_start, 0)]
+        )
+        start_us = np.where(carried_session, carry.session_start_us, time_us[np.maximum(session_start, 0)])
     since_start = (time_us - start_us) / 1e6
 
     day = np.floor_divide(time_us, _US_PER_DAY)
