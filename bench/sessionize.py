@@ -23,10 +23,10 @@ so they stay below what sessionization writes. The DuckDB path also times an inc
 after a late delivery touching 1% of the users, which rebuilds only their user buckets.
 
 Figures (2 cores shared with two niced training runs and other sessions' tests, load 4-7,
-2026-11-30; one run each, same-code runs varied up to 1.6x): 10^6 events, sessionization
-1.00x and 1.23x the per-bucket floor, 1.45x and 1.64x the one-file floor (the window SQL
-before: 4.71x the one-file floor); 10^7 events, 0.61x and 1.11x / 0.80x and 1.52x (before:
-3.50x the one-file floor). docs/ARCHITECTURE.md has the profile.
+2026-11-30; one run each, same-code runs varied up to 2x): 10^6 events, sessionization
+1.00x, 1.23x, 1.30x the per-bucket floor, 1.45x, 1.64x, 1.86x the one-file floor (the window
+SQL before: 4.71x the one-file floor); 10^7 events, 0.61x and 1.11x / 0.80x and 1.52x
+(before: 3.50x the one-file floor). docs/ARCHITECTURE.md has the profile.
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ batches through the rule (`model_lib.sessionize.sorted_session_columns`, numpy, 
 models cut requests with; it carries its state across batch borders) and written by pyarrow, one
 parquet file per bucket as the sorted stream reaches it. It replaced window SQL that sorted the
 rows twice (`lag`, then the running counts) and wrote through a partitioned COPY: 3.5-4.7x a
-plain DuckDB sort to one parquet file, now 0.8-1.6x that and 0.6-1.2x the same sort written per
+plain DuckDB sort to one parquet file, now 0.8-1.9x that and 0.6-1.3x the same sort written per
 bucket (bench/sessionize.py, on a shared machine). Memory is DuckDB's sort (which spills beyond
 `memory_limit`) and a few batches, whatever the data size.
 
