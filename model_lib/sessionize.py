@@ -1,9 +1,10 @@
-"""Raw canonical events -> sessionized events, in numpy: the served model's twin of the SQL.
+"""Raw canonical events -> sessionized events, in numpy: the rule, for the warehouse and for serving.
 
 A served model receives raw events (contract.md's canonical format) and must cut them into
-sessions exactly as `sessionized_events` (DuckDB window SQL, `assets/ingestion/sessionized_events.py`)
-did for its training data, or it would see inputs it was never trained on. Same rule, same
-columns (docs/ARCHITECTURE.md):
+sessions exactly as `sessionized_events` (`assets/ingestion/sessionized_events.py`) did for its
+training data, or it would see inputs it was never trained on. Both run the same code:
+`sorted_session_columns`, on rows already sorted by user and time, with a carry so that the
+warehouse can stream any number of sorted batches through it. Same columns (docs/ARCHITECTURE.md):
 
 - a user's events are ordered by `event_time`, then `source_file`, then `source_row` when the
   frame has them (the warehouse's tie-break), else by their order in the frame (a request's);
@@ -12,15 +13,17 @@ columns (docs/ARCHITECTURE.md):
 - positions are 0-based; `log_*` is `ln(1 + seconds)`; `hour_of_day` and `day_of_week`
   (Monday = 0) are UTC.
 
-`tests/test_sessionize.py` checks equality with the SQL on the real data slices. Vectorised
-(one lexsort, no loop over users). The rule lives in `_session_columns` (numpy in, numpy out);
-`sessionize` wraps it in a frame for any number of users, `sessionize_user` returns arrays for
-one user's live request, where building a frame would cost more than the rule itself.
+`tests/test_sessionize.py` checks that a request's sort (one lexsort here) gives the warehouse's
+rows on the real data slices; `tests/test_sessionization.py` checks the warehouse against the
+window SQL it replaced and against `bench/pandas_reference.py`. Vectorised (no loop over users).
+`sessionize` wraps the rule in a frame for any number of users, `sessionize_user` returns arrays
+for one user's live request, where building a frame would cost more than the rule itself.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
@@ -161,7 +164,7 @@ def _parse_one_by_one(text: pd.Series) -> pd.Series:
 
 def sessionize(events: pd.DataFrame, session_gap_seconds: float = DEFAULT_SESSION_GAP_SECONDS) -> pd.DataFrame:
     """Every input column (event_time as naive UTC), plus SESSION_COLUMNS, rows ordered by
-    (user_id, event_index). Equal to `sessionize_sql` on the same rows."""
+    (user_id, event_index). Equal to `sessionized_events` on the same rows."""
     _check_required(events)
     times = _event_times(events["event_time"])
     users = events["user_id"].astype(str).to_numpy(dtype=object)
@@ -231,48 +234,102 @@ def _tie_breaks(events: pd.DataFrame) -> list[np.ndarray]:
 def _session_columns(
     user_codes: np.ndarray | None, times: np.ndarray, tie_breaks: list[np.ndarray], session_gap_seconds: float
 ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    """The rule itself, on arrays: (order, SESSION_COLUMNS but `session_id`, in sorted order).
+    """Sort, then the rule: (order, SESSION_COLUMNS but `session_id`, in sorted order).
 
     Rows are sorted by (user code, time, tie-breaks); `times` is datetime64[us] (naive UTC).
     `user_codes` None: all rows are one user's (a live request: its only user boundary is row 0).
     """
     time_us = times.astype(np.int64)
     n = len(time_us)
-    positions = np.arange(n)
     if user_codes is None:
         order = np.lexsort((*tie_breaks[::-1], time_us))  # the last key sorts first
-        first_of_user = positions == 0
-        user_start = np.zeros(n, np.int64)
+        first_of_user = np.arange(n) == 0
     else:
         order = np.lexsort((*tie_breaks[::-1], time_us, user_codes))
         user = user_codes[order]
         first_of_user = np.ones(n, bool)
         first_of_user[1:] = user[1:] != user[:-1]
-        user_start = np.maximum.accumulate(np.where(first_of_user, positions, 0)) if n else np.zeros(0, np.int64)
-    t = time_us[order]
-    event_index = positions - user_start
+    columns, _ = sorted_session_columns(first_of_user, time_us[order], session_gap_seconds)
+    return order, columns
 
+
+@dataclass(frozen=True)
+class SessionCarry:
+    """The last row of a batch of sorted events: what the next batch needs when its first rows
+    continue that user's journey (`sorted_session_columns` over a stream of batches)."""
+
+    time_us: int
+    event_index: int
+    session_index: int
+    event_index_in_session: int
+    session_start_us: int
+
+
+def sorted_session_columns(
+    first_of_user: np.ndarray,
+    time_us: np.ndarray,
+    session_gap_seconds: float,
+    carry: SessionCarry | None = None,
+) -> tuple[dict[str, np.ndarray], SessionCarry | None]:
+    """The rule itself, on rows already sorted by (user, time, tie-breaks): SESSION_COLUMNS but
+    `session_id`, and the carry for the next batch (None for no rows and no carry).
+
+    `time_us`: int64 microseconds since the epoch (naive UTC, DuckDB's `epoch_us`). `first_of_user`
+    marks each user's first row; a batch whose row 0 is not one continues `carry`'s user, so the
+    warehouse streams any number of sorted batches through this with the same result as one call.
+    Floating point follows the SQL it replaced operation for operation ((t1 - t0) / 1e6 on int64
+    microseconds, `ln(1 + x)`), so values are bit-equal to DuckDB's.
+    """
+    n = len(time_us)
+    if n and not first_of_user[0] and carry is None:
+        raise ValueError("row 0 continues a user's journey but there is no carry from a previous batch")
+    positions = np.arange(n)
     gap_us = np.zeros(n, np.int64)
-    gap_us[1:] = t[1:] - t[:-1]
+    gap_us[1:] = time_us[1:] - time_us[:-1]
+    if n and carry is not None:
+        gap_us[0] = time_us[0] - carry.time_us
     gap = np.where(first_of_user, 0.0, gap_us / 1e6)
     starts = first_of_user | (gap > float(session_gap_seconds))
     session_count = np.cumsum(starts)
-    session_index = session_count - session_count[user_start]  # 0 at each user's first event
-    session_start = np.maximum.accumulate(np.where(starts, positions, 0)) if n else np.zeros(0, np.int64)
-    since_start = (t - t[session_start]) / 1e6
+    if carry is None:  # one call for all rows (a request, a frame): every user starts in the batch
+        user_start = np.maximum.accumulate(np.where(first_of_user, positions, 0)) if n else positions
+        session_start = np.maximum.accumulate(np.where(starts, positions, 0)) if n else positions
+        session_index = session_count - session_count[user_start]  # 0 at each user's first event
+        start_us = time_us[session_start]
+    else:
+        # Rows before the batch's first user (or session) start continue the carried one: its
+        # start sits at a virtual position before row 0, so that `position - start` goes on counting.
+        user_start = np.maximum.accumulate(np.where(first_of_user, positions, -1 - carry.event_index))
+        session_start = np.maximum.accumulate(np.where(starts, positions, -1 - carry.event_index_in_session))
+        carried_user, carried_session = user_start < 0, session_start < 0
+        session_index = session_count - np.where(
+            carried_user, -carry.session_index, session_count[np.maximum(user_start, 0)]
+        )
+        start_us = np.where(carried_session, carry.session_start_us, time_us[np.maximum(session_start, 0)])
+    since_start = (time_us - start_us) / 1e6
 
-    day = np.floor_divide(t, _US_PER_DAY)
-    return order, {
+    day = np.floor_divide(time_us, _US_PER_DAY)
+    columns = {
         "session_index": session_index.astype(np.int32),
-        "event_index": event_index.astype(np.int32),
+        "event_index": (positions - user_start).astype(np.int32),
         "event_index_in_session": (positions - session_start).astype(np.int32),
         "seconds_since_prev_event": gap,
         "seconds_since_session_start": since_start,
         "log_seconds_since_prev_event": np.log(1.0 + gap),
         "log_seconds_since_session_start": np.log(1.0 + since_start),
-        "hour_of_day": np.floor_divide(t - day * _US_PER_DAY, 3_600_000_000).astype(np.int32),
+        "hour_of_day": np.floor_divide(time_us - day * _US_PER_DAY, 3_600_000_000).astype(np.int32),
         "day_of_week": ((day + _EPOCH_WEEKDAY) % 7).astype(np.int32),
     }
+    if not n:
+        return columns, carry
+    last = SessionCarry(
+        time_us=int(time_us[-1]),
+        event_index=int(columns["event_index"][-1]),
+        session_index=int(columns["session_index"][-1]),
+        event_index_in_session=int(columns["event_index_in_session"][-1]),
+        session_start_us=int(start_us[-1]),
+    )
+    return columns, last
 
 
 __all__ = [
@@ -280,7 +337,9 @@ __all__ = [
     "REQUIRED_COLUMNS",
     "SESSION_COLUMNS",
     "InvalidEventsError",
+    "SessionCarry",
     "parse_event_times",
     "sessionize",
     "sessionize_user",
+    "sorted_session_columns",
 ]

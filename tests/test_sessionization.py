@@ -10,13 +10,20 @@ import pandas as pd
 import pytest
 from helpers import check_results, materialize_pipeline, pipeline_resources, query, write_lines
 
+import assets.ingestion.sessionized_events as sessionized_events_module
+from assets.ingestion.raw_events import ingest
 from assets.ingestion.sessionized_events import (
     SESSION_COLUMNS,
+    build_sessionized_events,
     check_positions_contiguous,
     check_rows_match_raw_events,
     check_session_keys_not_null,
+    user_bucket_sql,
 )
 from bench.pandas_reference import sessionize_pandas
+from resources.event_sources import InputFile, get_format
+from resources.paths import TraceDagsterPaths
+from resources.warehouse import DuckDBWarehouse, quote_ident
 
 COMPUTED = [name for name, _ in SESSION_COLUMNS]
 
@@ -155,6 +162,127 @@ def test_no_accepted_event_yet_gives_an_empty_table_then_a_full_one(home, tmp_pa
     result = materialize_pipeline(resources)
     assert result.success and all(check_results(result).values())
     assert sessionized(home).session_id.tolist() == ["a:0"]
+
+
+def window_sql_oracle(source: str, raw_columns: list[str], session_gap_seconds: float) -> str:
+    """The window SQL `sessionized_events` was built with until the streamed sort replaced it
+    (two sorts: `lag`, then the running counts), kept as the oracle the new path must equal."""
+    return f"""
+WITH gaps AS (
+    SELECT *,
+           row_number() OVER journey - 1 AS event_index_big,
+           (epoch_us(event_time) - epoch_us(lag(event_time) OVER journey)) / 1e6 AS gap_seconds
+    FROM {source}
+    WINDOW journey AS (PARTITION BY user_id ORDER BY event_time, source_file, source_row)
+), flagged AS (
+    SELECT *, gap_seconds IS NULL OR gap_seconds > {float(session_gap_seconds)} AS starts_session
+    FROM gaps
+), running AS (
+    SELECT *,
+           count(*) FILTER (starts_session) OVER so_far - 1 AS session_index_big,
+           max(CASE WHEN starts_session THEN event_index_big END) OVER so_far AS start_index,
+           max(CASE WHEN starts_session THEN epoch_us(event_time) END) OVER so_far AS start_us
+    FROM flagged
+    WINDOW so_far AS (PARTITION BY user_id ORDER BY event_index_big
+                      ROWS BETWEEN UNBOUNDED PRECEDING AND CURRENT ROW)
+)
+SELECT {", ".join(quote_ident(c) for c in raw_columns)},
+       user_id || ':' || CAST(session_index_big AS VARCHAR) AS session_id,
+       CAST(session_index_big AS INTEGER) AS session_index,
+       CAST(event_index_big AS INTEGER) AS event_index,
+       CAST(event_index_big - start_index AS INTEGER) AS event_index_in_session,
+       coalesce(gap_seconds, 0.0) AS seconds_since_prev_event,
+       (epoch_us(event_time) - start_us) / 1e6 AS seconds_since_session_start,
+       ln(1 + coalesce(gap_seconds, 0.0)) AS log_seconds_since_prev_event,
+       ln(1 + (epoch_us(event_time) - start_us) / 1e6) AS log_seconds_since_session_start,
+       CAST(hour(event_time) AS INTEGER) AS hour_of_day,
+       CAST(isodow(event_time) - 1 AS INTEGER) AS day_of_week
+FROM running
+"""
+
+
+def hard_journeys(seed: int = 7, n_users: int = 200) -> pd.DataFrame:
+    """Journeys built to break a sessionizer: one-event users, users with hundreds of sessions,
+    gaps of exactly the threshold and one microsecond more or less, runs of events at the same
+    microsecond (ties broken by file, then row), times across midnights and weeks, rows shuffled;
+    all within ingestion's accepted range (1995 to now)."""
+    rng = np.random.default_rng(seed)
+    gaps_us = np.array([0, 1, 59_000_000, 7_200_000_000, 7_200_000_001, 7_199_999_999, 86_400_000_000, 10**11])
+    rows = []
+    for u in range(n_users):
+        n = 1 if u % 5 == 0 else int(rng.choice([2, 3, 40, 600]))
+        start = int(rng.integers(820_454_400, 1_700_000_000)) * 1_000_000  # 1996-01-01 .. 2023-11
+        steps = rng.choice(gaps_us, size=n, p=[0.2, 0.05, 0.25, 0.15, 0.1, 0.05, 0.1, 0.1])
+        steps[0] = int(rng.integers(0, 7 * 86_400_000_000))
+        for k, t in enumerate(start + np.cumsum(steps)):
+            rows.append((f"user-{u:03d}" if u % 7 else f"ü{u}", int(t), f"e{k % 4}", f"item{k}"))
+    frame = pd.DataFrame(rows, columns=["user_id", "time_us", "event_name", "item_id"])
+    frame["event_time"] = pd.to_datetime(frame.pop("time_us"), unit="us")
+    return frame.sample(frac=1.0, random_state=seed).reset_index(drop=True)
+
+
+@pytest.fixture
+def hard_warehouse(tmp_path):
+    """A warehouse whose raw_events hold `hard_journeys`, split over two files (ties across files)."""
+    frame = hard_journeys()
+    files = []
+    for part, rows in enumerate(np.array_split(np.arange(len(frame)), 2)):
+        path = tmp_path / f"events-{part}.parquet"
+        frame.iloc[rows].to_parquet(path, index=False)
+        files.append(InputFile(path, "parquet", get_format("canonical")))
+    warehouse = DuckDBWarehouse(paths=TraceDagsterPaths(home=str(tmp_path / "home")))
+    with warehouse.connect() as con:
+        summary = ingest(warehouse, con, files)
+    assert summary.rows_accepted == len(frame) and summary.rows_rejected == 0
+    return warehouse
+
+
+@pytest.mark.parametrize("batch_rows", [122_880, 1000, 7])
+def test_streamed_sort_equals_the_window_sql(hard_warehouse, monkeypatch, batch_rows):
+    """Every column and value, exactly (floats bit for bit), as the two-sort window SQL gave it,
+    with batch borders anywhere: inside sessions, between users, between buckets."""
+    monkeypatch.setattr(sessionized_events_module, "STREAM_BATCH_ROWS", batch_rows)
+    with hard_warehouse.connect() as con:
+        run = build_sessionized_events(hard_warehouse, con, 7200, full_rebuild=True)
+        raw_columns = [r[0] for r in con.execute("DESCRIBE SELECT * FROM raw_events").fetchall()]
+        new = con.sql("SELECT * FROM sessionized_events ORDER BY source_file, source_row").df()
+        old = con.sql(
+            f"SELECT * FROM ({window_sql_oracle('raw_events', raw_columns, 7200)}) ORDER BY source_file, source_row"
+        ).df()
+        oracle_schema = con.execute(f"DESCRIBE {window_sql_oracle('raw_events', raw_columns, 7200)}").fetchall()
+        schema = con.execute("DESCRIBE sessionized_events").fetchall()
+        parts = [p for (p,) in con.execute("SELECT path FROM warehouse_parquet_files").fetchall() if "sessionized" in p]
+        out_of_order = con.execute(
+            "SELECT count(*) FROM (SELECT user_id, event_index, lag(user_id) OVER w AS prev_user, "
+            "lag(event_index) OVER w AS prev_index FROM read_parquet(?, filename = true, file_row_number = true) "
+            "WINDOW w AS (PARTITION BY filename ORDER BY file_row_number)) "
+            "WHERE (prev_user = user_id AND event_index <> prev_index + 1) OR prev_user > user_id",
+            [parts],
+        ).fetchall()[0][0]
+    assert [c[:2] for c in schema] == [c[:2] for c in oracle_schema]
+    assert run.rows_written == len(new) == len(old) > 20_000
+    pd.testing.assert_frame_equal(new, old, check_exact=True)
+    assert old.groupby("user_id").session_index.max().max() > 100  # users with many sessions
+    assert (old.groupby("user_id").size() == 1).sum() > 30  # one-event users
+    assert ((old.seconds_since_prev_event == 7200) & (old.event_index_in_session > 0)).sum() > 100
+    assert ((old.seconds_since_prev_event == 7200.000001) & (old.event_index_in_session == 0)).sum() > 100
+    assert (old.seconds_since_prev_event == 0).sum() - (old.event_index == 0).sum() > 1000  # ties
+    assert len(parts) == 32 and out_of_order == 0  # one part per bucket, journeys in order
+
+
+def test_bucket_sql_is_md5_number_lower():
+    """The bucket files persist across runs: the cheaper expression must give md5_number_lower's buckets."""
+    con = duckdb.connect()
+    con.execute(
+        "CREATE TABLE ids AS SELECT 'u' || i::VARCHAR || repeat('x', i % 13) AS user_id FROM range(200000) t(i) "
+        "UNION ALL SELECT * FROM (VALUES (''), ('ü'), ('a:b'), (' '), ('1234567890123456789012345678901234')) v(user_id)"
+    )
+    for n in (32, 7, 1000, 1):
+        (differ,) = con.execute(
+            f"SELECT count(*) FILTER ({user_bucket_sql(n)} <> CAST(md5_number_lower(user_id) % {n} AS INTEGER)) "
+            "FROM ids"
+        ).fetchall()[0]
+        assert differ == 0, n
 
 
 @pytest.fixture

@@ -1,12 +1,15 @@
-"""The served model's sessionizer (model_lib/sessionize.py) equals the warehouse's SQL.
+"""The served model's sessionizer (model_lib/sessionize.py) equals the warehouse's table.
 
 Real data: the Taobao and Retailrocket slices go through the real ingestion and `sessionized_events`
-assets; the numpy sessionizer then cuts the same `raw_events` rows, and every session column must
-be equal (the log features to float rounding). Retailrocket is the hard case: rows out of time
+assets (DuckDB's sort, streamed in batches through `sorted_session_columns`); the serving path then
+sorts the same `raw_events` rows itself (shuffled first), and every session column must be equal
+(the log features to float rounding). Retailrocket is the hard case: rows out of time
 order, exact-time ties broken by (source_file, source_row).
 """
 
 from __future__ import annotations
+
+import itertools
 
 import numpy as np
 import pandas as pd
@@ -20,6 +23,7 @@ from model_lib.sessionize import (
     parse_event_times,
     sessionize,
     sessionize_user,
+    sorted_session_columns,
 )
 
 REAL = {
@@ -145,6 +149,26 @@ def test_one_user_arrays_equal_the_frame():
         for column, values in arrays.items():
             np.testing.assert_array_equal(values, expected[column].to_numpy(), err_msg=column)
             assert values.dtype == expected[column].dtype, column
+
+
+def test_batches_with_a_carry_equal_one_call():
+    """The warehouse streams sorted rows through the rule in batches: any split, same columns."""
+    rng = np.random.default_rng(3)
+    users = np.sort(rng.integers(0, 12, 400))
+    first_of_user = np.r_[True, users[1:] != users[:-1]]
+    steps = rng.choice([0, 1, 7_200_000_000, 7_200_000_001, 10**10], size=len(users))
+    time_us = np.where(first_of_user, 0, steps).cumsum() + users * 10**13  # sorted within each user
+    whole, _ = sorted_session_columns(first_of_user, time_us, 7200)
+    for borders in ([0, 0, 1, 2, 3, 3, 400], [0, 137, 138, 260, 400], list(range(0, 401, 9)) + [400]):
+        carry, pieces = None, []
+        for lo, hi in itertools.pairwise(borders):
+            columns, carry = sorted_session_columns(first_of_user[lo:hi], time_us[lo:hi], 7200, carry)
+            pieces.append(columns)
+        for column, values in whole.items():
+            np.testing.assert_array_equal(np.concatenate([c[column] for c in pieces]), values, err_msg=column)
+    assert whole["session_index"].max() > 5 and (whole["seconds_since_prev_event"] == 7200).any()
+    with pytest.raises(ValueError, match="carry"):
+        sorted_session_columns(np.array([False]), np.array([0]), 7200)
 
 
 @pytest.mark.parametrize("missing", [None, float("nan"), pd.NA, pd.NaT])

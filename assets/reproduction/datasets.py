@@ -2,7 +2,7 @@
 
 A reproduction dataset is a folder ``TRACE_DAGSTER_HOME/reproduction/datasets/<name>/`` with a
 DuckDB warehouse filled exactly as ``full_pipeline`` fills the main one: the same ingestion
-(`ingest`), sessionization (`sessionize_sql`), user split (`user_splits_sql`) and example SQL
+(`ingest`), sessionization (`build_sessionized_events`), user split (`user_splits_sql`) and example SQL
 (`cutoff_times`, `training_examples_sql`), so a rule changed there (labels, cutoffs) changes the
 reproduction too. Only the inputs differ: the simulator, the known-answer generator, the Taobao
 slices under ../shared/data. The session gap is a parameter of the build (an ablation).
