@@ -149,7 +149,7 @@ def test_sequence_baselines_learn_their_planted_signal(planted, kind, learns):
         assert model.encoder.config.max_events == 1
 
 
-def test_single_task_trace_learns_each_task_with_its_own_network(planted):
+def test_single_task_trace_learns_each_task_with_its_own_network(planted, tmp_path):
     """`trace_single_task` (reproduction job): one TRACE per seen task, scored by its own network;
     an unseen task gets a probe on the concatenated embeddings, fitted on validation users."""
     from types import SimpleNamespace
@@ -158,12 +158,16 @@ def test_single_task_trace_learns_each_task_with_its_own_network(planted):
 
     events, examples = planted
     dataset = SimpleNamespace(
-        events=events, examples=examples, seen=["trait", "last_page_checkout"], unseen=["last_session_cart"]
+        name="planted",
+        events=events,
+        examples=examples,
+        seen=["trait", "last_page_checkout"],
+        unseen=["last_session_cart"],
     )
     config = TrainConfig(epochs=12, batch_size=64, learning_rate=3e-3, patience=3, num_threads=1)
     rows, info = run_single_task(dataset, Variant("trace_single_task", "trace_single_task"), 0, config, max_len=24)
     test_users = set(examples.loc[examples["split"] == "test", "user_id"])
-    assert set(rows["user_id"]) == test_users and len(info["best_epoch"]) == 2  # one fit per seen task
+    assert set(rows["user_id"]) == test_users and len(info["best_epoch_per_task"]) == 2  # one fit per seen task
     score = {t: auroc(part["y"], part["score"]) for t, part in rows.groupby("task")}
     assert dict(rows.groupby("task")["task_kind"].first()) == {
         "trait": "seen",
@@ -173,6 +177,15 @@ def test_single_task_trace_learns_each_task_with_its_own_network(planted):
     assert score["trait"] > 0.8 and score["last_page_checkout"] > 0.8, score
     probe = rows.loc[rows["task"] == "last_session_cart", "score"]  # (neither network needs the cart: ~0.58)
     assert len(probe) == len(test_users) and probe.between(0, 1).all()
+    # its run record sits in one parquet file with every other model's (int best_epoch)
+    from assets.reproduction.assets import Runner
+
+    context = SimpleNamespace(run=SimpleNamespace(run_id="0123456789"), log=SimpleNamespace(info=lambda _: None))
+    runner = Runner(context, config, "main", 24, tmp_path, "reproduction")
+    variants = [Variant("trace", "trace"), Variant("trace_single_task", "trace_single_task")]
+    for variant, run_info in zip(variants, [{"best_epoch": 3, "n_train_examples": 9}, info]):
+        runner._record(dataset, variant, 0, 100, rows, run_info, 0.0, None)
+    assert pd.read_parquet(runner.write()["runs"])["best_epoch"].tolist() == [3, max(info["best_epoch_per_task"])]
 
 
 def test_wide_deep_trace_learns_what_either_part_sees(planted, tmp_path):

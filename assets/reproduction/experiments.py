@@ -134,7 +134,12 @@ def run_single_task(
     valid_x, test_x = np.concatenate(emb_valid, axis=1), np.concatenate(emb_test, axis=1)
     for task in dataset.unseen:
         parts.append(_score_frame(test, task, "unseen", _probe_scores(valid_x, _labels(valid, task), test_x, seed)))
-    info = {"fit_seconds": fit_seconds, "best_epoch": best_epochs, "n_train_examples": len(train)}
+    info = {
+        "fit_seconds": fit_seconds,
+        "best_epoch": max(best_epochs),  # (the run records' column is an integer)
+        "best_epoch_per_task": best_epochs,
+        "n_train_examples": len(train),
+    }
     return pd.concat(parts, ignore_index=True), info
 
 
