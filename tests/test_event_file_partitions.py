@@ -158,6 +158,25 @@ def test_a_vanished_file_fails_its_partition_clearly_and_is_skipped_in_a_range(d
     assert meta["gone.csv"]["read"] == "missing" and meta["day1.csv"]["rows_read"] == 4
 
 
+def test_only_files_narrows_a_range_and_says_so_per_partition(drop, home, instance):
+    resources = pipeline_resources(home, drop, "canonical")
+    instance.add_dynamic_partitions(EVENT_FILES.name, KEYS)
+    result = dg.materialize(
+        [ingested_events],
+        resources=resources,
+        instance=instance,
+        tags={RANGE_START_TAG: KEYS[0], RANGE_END_TAG: KEYS[-1]},
+        run_config={"ops": {"ingested_events": {"config": {"only_files": ["day3.csv"]}}}},
+    )
+    meta = partition_metadata(result)
+    assert {k: m["read"] for k, m in meta.items()} == {
+        "day1.csv": "not_selected",
+        "day3.csv": "new",
+        "nested/day2.csv": "not_selected",
+    }
+    assert query(home, "SELECT count(*) AS n FROM raw_events").n[0] == 2
+
+
 def test_a_run_without_partition_still_ingests_every_file(drop, home, instance):
     """What a bare `materialize()` or a launch without a partition does: every input file."""
     result = dg.materialize([ingested_events], resources=pipeline_resources(home, drop, "canonical"), instance=instance)

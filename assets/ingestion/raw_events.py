@@ -592,7 +592,8 @@ def ingested_events(
         )
         rejected_total = con.execute(f"SELECT count(*) FROM {REJECTED_EVENTS}").fetchall()[0][0] if has_tables else 0
         if partitioned:
-            per_partition_metadata(context, con, summary, keys, requested, missing, has_tables)
+            selected = {item.source_file for item in inputs}
+            per_partition_metadata(context, con, summary, keys, requested, missing, selected, has_tables)
         run_filter = (
             f"WHERE ingested_at = TIMESTAMP {sql_literal(summary.ingested_at.isoformat(sep=' '))}"
             if summary.ingested_at
@@ -674,6 +675,7 @@ def per_partition_metadata(
     keys: dict[str, str],
     requested: list[str],
     missing: list[str],
+    selected: set[str],
     has_tables: bool,
 ) -> None:
     """What this run did to each partition's file, on that partition's materialization of both
@@ -696,6 +698,8 @@ def per_partition_metadata(
         outcome = outcomes.get(source) if source else None
         if key in missing:
             read = {"read": "missing", "reason": "no such input file now: nothing read"}
+        elif source not in selected:
+            read = {"read": "not_selected", "reason": "left out by the only_files config: nothing read"}
         elif outcome is None:
             read = {"read": "unchanged", "rows_read": 0, "rows_accepted": 0, "rows_rejected": 0}
         else:
