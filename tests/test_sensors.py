@@ -40,8 +40,16 @@ def file_sensor_instance(tmp_path_factory):
 
 
 def tick(sensor: dg.SensorDefinition, instance: dg.DagsterInstance, cursor: str | None, resources: dict | None = None):
-    """One evaluation, as the daemon runs it: run requests or a skip message, and the new cursor."""
-    with dg.build_sensor_context(instance=instance, cursor=cursor, resources=resources) as context:
+    """One evaluation, as the daemon runs it: run requests or a skip message, and the new cursor.
+
+    The code location's definitions are passed as the daemon does: partitioned run requests
+    (`new_event_files` targets `event_files` partitions) are resolved against the job.
+    """
+    from trace_dagster.definitions import defs
+
+    with dg.build_sensor_context(
+        instance=instance, instance_ref=instance.get_ref(), cursor=cursor, resources=resources, definitions=defs
+    ) as context:
         return sensor.evaluate_tick(context)
 
 

@@ -1,6 +1,7 @@
 """`trace-dagster`: run the pipeline from a shell, in a Dagster instance kept under the home.
 
     trace-dagster run            # full_pipeline: live view, summary, full log in HOME/logs/<run_id>.log
+                                 # (on the `event_files` partitions of today's input files)
     trace-dagster dev [-p PORT]  # `dagster dev -w workspace.yaml` on the same instance
     trace-dagster instance       # prepare the instance and print its DAGSTER_HOME
 
@@ -57,6 +58,35 @@ def full_pipeline_job():
     from trace_dagster.definitions import defs
 
     return defs.resolve_job_def("full_pipeline")
+
+
+def event_file_partitions(instance, run_config: dict) -> tuple[list[str], dict[str, str]]:
+    """Register the current input files as `event_files` partitions; (keys, run tags targeting them).
+
+    `full_pipeline` is partitioned by file through `raw_events`: the run covers the range of
+    partitions spanning today's files (a single-run backfill of them), so each file's ingestion
+    shows per partition in the UI. The event source is the run's own (its `--config` included),
+    so the keys are those the ingestion step will resolve. An event source that cannot be listed
+    (no such folder) gets no tags: the ingestion step reports the error as before.
+    """
+    from assets.ingestion.partitions import EVENT_FILES, covering_range
+    from resources.event_sources import EventSource, EventSourceError
+    from resources.paths import TraceDagsterPaths
+
+    config = ((run_config.get("resources") or {}).get("event_source") or {}).get("config") or {}
+    source = EventSource(paths=TraceDagsterPaths(), **config)
+    try:
+        keys = (
+            [source.simulated_file_name()]
+            if source.uses_simulator
+            else [source.file_key(item.path) for item in source.list_inputs()[0]]
+        )
+    except EventSourceError:
+        return [], {}
+    new, tags = covering_range(instance.get_dynamic_partitions(EVENT_FILES.name), keys)
+    if new:
+        instance.add_dynamic_partitions(EVENT_FILES.name, new)
+    return keys, tags
 
 
 def deep_merge(base: dict, extra: dict) -> dict:
@@ -165,11 +195,12 @@ def run(args: argparse.Namespace) -> int:
             watcher.start()
             started = time.monotonic()
             try:
+                _keys, partition_tags = event_file_partitions(instance, run_config)
                 with dg.execute_job(
                     dg.reconstructable(full_pipeline_job),
                     instance=instance,
                     run_config=run_config,
-                    tags={"launched_by": "trace-dagster run", WATCH_TAG: token},
+                    tags={**partition_tags, "launched_by": "trace-dagster run", WATCH_TAG: token},
                 ) as result:
                     success, run_id = result.success, result.run_id
             except Exception as error:  # invalid run config and the like: no run was created

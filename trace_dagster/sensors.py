@@ -1,15 +1,21 @@
 """Sensors: new event files start ingestion once; a failed drift check starts retraining once.
 
+`new_event_files` registers every input file as an `event_files` partition of raw_events (its key
+relative to the events root, `assets/ingestion/partitions.py`) and targets the changed files'
+partitions, so each file's ingestion shows, and can be re-run, per partition in the UI.
+
 Both keep a cursor and give every run request a run key derived from what triggered it, so a
 re-evaluation (a restarted daemon, a second tick on the same state) never launches twice.
 """
 
 import hashlib
 import json
+from pathlib import Path
 
 import dagster as dg
 
-from resources.event_sources import EventSource, EventSourceError
+from assets.ingestion.partitions import EVENT_FILES, covering_range
+from resources.event_sources import EventSource, EventSourceError, partition_key_for
 from trace_dagster.jobs import ingest_and_monitor, retrain_models
 
 DRIFT_CHECK = dg.AssetCheckKey(dg.AssetKey("drift_report"), "drift_below_threshold")
@@ -33,32 +39,52 @@ def file_fingerprints(event_source: EventSource) -> dict[str, str]:
     job=ingest_and_monitor,
     minimum_interval_seconds=60,
     default_status=dg.DefaultSensorStatus.RUNNING,
-    description="Launches ingestion (and monitoring) when files appear or change under TRACE_DAGSTER_EVENTS.",
+    description="Adds every event file under TRACE_DAGSTER_EVENTS as an `event_files` partition of raw_events "
+    "and launches ingestion (and monitoring) of the files that appeared or changed.",
 )
 def new_event_files(context: dg.SensorEvaluationContext, event_source: EventSource):
+    registered = context.instance.get_dynamic_partitions(EVENT_FILES.name)
     if event_source.uses_simulator:
-        return dg.SkipReason("TRACE_DAGSTER_EVENTS is unset: the built-in simulator has no new files")
+        # The simulator's one file never changes: register its key (so the UI lists it, ready to
+        # materialize) without generating it here, and launch nothing.
+        skip = dg.SkipReason("TRACE_DAGSTER_EVENTS is unset: the built-in simulator has no new files")
+        key = event_source.simulated_file_name()
+        if key in registered:
+            return skip
+        return dg.SensorResult(skip_reason=skip, dynamic_partitions_requests=[EVENT_FILES.build_add_request([key])])
     seen = json.loads(context.cursor) if context.cursor else {}
     try:
         current = file_fingerprints(event_source)
+        root = event_source.events_root()
     except EventSourceError as error:  # e.g. a drop folder with no event file yet: wait, say why
         return dg.SkipReason(str(error))
+    keys = {path: partition_key_for(Path(path), root) for path in current}
+    unregistered = sorted(set(keys.values()) - set(registered))
+    add = [EVENT_FILES.build_add_request(unregistered)] if unregistered else []
     changed = {path: fp for path, fp in current.items() if seen.get(path) != fp}
     if not changed:
-        return dg.SkipReason(f"no new files among {len(current)}")
+        skip = dg.SkipReason(f"no new files among {len(current)}")
+        return dg.SensorResult(skip_reason=skip, dynamic_partitions_requests=add) if add else skip
     # The key names the exact (path, size, mtime) states: the same change never launches twice,
     # and every later growth of a file is a new state, hence a new run.
     run_key = "new-files-" + hashlib.sha256(json.dumps(sorted(changed.items())).encode()).hexdigest()[:16]
     context.update_cursor(json.dumps({**seen, **current}, sort_keys=True))
     new = [path for path in changed if path not in seen]
-    return dg.RunRequest(
+    # One run per tick: the changed files' partition, or the range of partitions spanning them
+    # (unchanged files in between are skipped by the ingestion ledger, in milliseconds).
+    _, target = covering_range(registered, [keys[path] for path in changed])
+    single = target.pop("dagster/partition", None)
+    request = dg.RunRequest(
         run_key=run_key,
+        partition_key=single,
         tags={
+            **target,
             "trace_dagster/trigger": "new_files",
             "trace_dagster/new_files": str(len(new)),
             "trace_dagster/changed_files": str(len(changed) - len(new)),
         },
     )
+    return dg.SensorResult(run_requests=[request], dynamic_partitions_requests=add)
 
 
 def _job_name(instance: dg.DagsterInstance, run_id: str) -> str | None:

@@ -42,6 +42,7 @@ from pydantic import Field
 
 from assets.common.metadata import markdown_table, warehouse_table_metadata
 from assets.ingestion.columns import RAW_EVENTS_COLUMNS, REJECTED_EVENTS_COLUMNS
+from assets.ingestion.partitions import EVENT_FILES
 from resources.event_sources import (
     CANONICAL_KEYS,
     CANONICAL_OPTIONAL,
@@ -497,6 +498,10 @@ def compact_parts(
         ),
     ],
     pool=WAREHOUSE_POOL,
+    partitions_def=EVENT_FILES,
+    # A backfill of many files (a first load of thousands) is one run reading them together,
+    # which gives the same tables as one run per file in key order (see `ingest`).
+    backfill_policy=dg.BackfillPolicy.single_run(),
 )
 def ingested_events(
     context: dg.AssetExecutionContext,
@@ -504,8 +509,34 @@ def ingested_events(
     warehouse: DuckDBWarehouse,
     event_source: EventSource,
 ):
-    """Validate the event source's new files into raw_events / rejected_events."""
+    """Validate the event source's new files into raw_events / rejected_events.
+
+    A partitioned run (one `event_files` key, a range, a single-run backfill) reads exactly the
+    files of its keys; a run without a partition (a bare `materialize()` or a launch without
+    one) reads every input file. Either way the ledger skips what is already ingested.
+    """
     inputs, ignored = event_source.list_inputs()
+    keys = {item.source_file: event_source.file_key(item.path) for item in inputs}
+    partitioned = context.has_partition_key or context.has_partition_key_range
+    requested: list[str] = list(context.partition_keys) if partitioned else []
+    missing: list[str] = []
+    if partitioned:
+        wanted = set(requested)
+        missing = sorted(wanted - set(keys.values()))
+        inputs = [item for item in inputs if keys[item.source_file] in wanted]  # input order
+        if missing:
+            where = f"{event_source.describe()}, root {event_source.events_root()}"
+            if not inputs:
+                raise dg.Failure(
+                    f"no input file for partition(s) {', '.join(missing[:10])} of event_files in {where}: "
+                    "the file was moved or deleted (rows ingested from it earlier stay in raw_events); "
+                    "restore it, or delete the partition",
+                    metadata={"missing_partitions": dg.MetadataValue.md("\n".join(f"- `{k}`" for k in missing))},
+                )
+            context.log.warning(
+                f"{len(missing)} of {len(requested)} partition(s) have no input file in {where}, "
+                f"skipped: {', '.join(missing[:10])}"
+            )
     if config.only_files:
         chosen = select_files(inputs, config.only_files)
         context.log.info(f"only_files {config.only_files}: {len(chosen)} of {len(inputs)} input files")
@@ -518,6 +549,7 @@ def ingested_events(
             context.log_event(
                 dg.AssetObservation(
                     asset_key=RAW_EVENTS,
+                    partition=keys[read.source_file] if partitioned else None,
                     metadata={
                         "source_file": read.source_file,
                         "read": read.read_kind,
@@ -559,6 +591,9 @@ def ingested_events(
             else (0, 0)
         )
         rejected_total = con.execute(f"SELECT count(*) FROM {REJECTED_EVENTS}").fetchall()[0][0] if has_tables else 0
+        if partitioned:
+            selected = {item.source_file for item in inputs}
+            per_partition_metadata(context, con, summary, keys, requested, missing, selected, has_tables)
         run_filter = (
             f"WHERE ingested_at = TIMESTAMP {sql_literal(summary.ingested_at.isoformat(sep=' '))}"
             if summary.ingested_at
@@ -609,7 +644,8 @@ def ingested_events(
         metadata={
             **raw_catalog,  # column schema, preview (this run's rows) as a table
             **common,
-            "dagster/row_count": int(raw_total),
+            "dagster/row_count": int(raw_total),  # per partition: the file's rows (per_partition_metadata)
+            "table_rows": int(raw_total),
             "rows_added": summary.rows_accepted,
             "parquet_parts": int(parquet_parts.get(RAW_EVENTS, 0)),
             "parts_compacted": compacted[RAW_EVENTS],
@@ -622,6 +658,7 @@ def ingested_events(
             **rejected_catalog,
             **common,
             "dagster/row_count": int(rejected_total),
+            "table_rows": int(rejected_total),
             "rows_added": summary.rows_rejected,
             "parquet_parts": int(parquet_parts.get(REJECTED_EVENTS, 0)),
             "parts_compacted": compacted[REJECTED_EVENTS],
@@ -629,6 +666,63 @@ def ingested_events(
             "preview": dg.MetadataValue.md(markdown_table(rejected_preview)),
         },
     )
+
+
+def per_partition_metadata(
+    context: dg.AssetExecutionContext,
+    con: duckdb.DuckDBPyConnection,
+    summary: IngestionSummary,
+    keys: dict[str, str],
+    requested: list[str],
+    missing: list[str],
+    selected: set[str],
+    has_tables: bool,
+) -> None:
+    """What this run did to each partition's file, on that partition's materialization of both
+    tables: the read (new, appended, rewritten, unchanged or missing), its row counts, and the
+    rows the file holds in each table (`dagster/row_count` of the partition)."""
+    files = {key: source for source, key in keys.items()}
+    totals: dict[str, dict[str, int]] = {RAW_EVENTS: {}, REJECTED_EVENTS: {}}
+    if has_tables and requested:
+        listed = [files[k] for k in requested if k in files]
+        for table in totals:
+            totals[table] = dict(
+                con.execute(
+                    f"SELECT source_file, count(*) FROM {table} WHERE list_contains(?, source_file) GROUP BY 1",
+                    [listed],
+                ).fetchall()
+            )
+    outcomes = {f.source_file: f for f in summary.files}
+    for key in requested:
+        source = files.get(key)
+        outcome = outcomes.get(source) if source else None
+        if key in missing:
+            read = {"read": "missing", "reason": "no such input file now: nothing read"}
+        elif source not in selected:
+            read = {"read": "not_selected", "reason": "left out by the only_files config: nothing read"}
+        elif outcome is None:
+            read = {"read": "unchanged", "rows_read": 0, "rows_accepted": 0, "rows_rejected": 0}
+        else:
+            read = {
+                "read": outcome.read_kind,
+                "file_version": outcome.version,
+                "from_row": outcome.start_row,
+                "rows_read": outcome.rows_read,
+                "rows_accepted": outcome.rows_accepted,
+                "rows_rejected": outcome.rows_rejected,
+                "rows_overlap": outcome.rows_overlap,
+                **({"reason": outcome.note} if outcome.note else {}),
+            }
+        for table in totals:
+            context.add_asset_metadata(
+                {
+                    **({"source_file": source} if source else {}),
+                    **read,
+                    "dagster/row_count": int(totals[table].get(source, 0)),
+                },
+                asset_key=table,
+                partition_key=key,
+            )
 
 
 # ----------------------------------------------------------------------------------------------

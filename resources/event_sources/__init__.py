@@ -263,6 +263,38 @@ def expand_inputs(spec: str) -> tuple[list[Path], list[Path]]:
     return readable, ignored
 
 
+def events_root(spec: str) -> Path:
+    """The folder under which the files of an events spec (file, folder or glob) live."""
+    spec = os.path.expanduser(spec.strip())
+    if any(ch in spec for ch in "*?["):
+        fixed = []
+        for part in Path(spec).parts:
+            if any(ch in part for ch in "*?["):
+                break
+            fixed.append(part)
+        return Path(*fixed).resolve() if fixed else Path.cwd().resolve()
+    path = Path(spec)
+    return path.resolve() if path.is_dir() else path.resolve().parent
+
+
+# Dagster refuses partition keys holding these (`...` separates a range's ends in the UI).
+_KEY_ESCAPES = {"...": "..%2E", **{ch: f"%{ord(ch):02X}" for ch in "\a\b\f\n\r\t\v\0"}}
+
+
+def partition_key_for(path: Path, root: Path) -> str:
+    """A file's partition key: its POSIX path relative to the events root (`day1.csv`,
+    `2026/01/day1.csv.gz`), the absolute path when it lies outside. Stable while the file grows
+    or is rewritten in place: a new state of the same file re-materializes the same key."""
+    resolved = path.resolve()
+    try:
+        key = resolved.relative_to(root).as_posix()
+    except ValueError:
+        key = resolved.as_posix()
+    for bad, escaped in _KEY_ESCAPES.items():
+        key = key.replace(bad, escaped)
+    return key
+
+
 def content_hash(path: Path) -> str:
     with open(path, "rb") as handle:
         return hashlib.file_digest(handle, "sha256").hexdigest()
@@ -688,14 +720,18 @@ class EventSource(dg.ConfigurableResource):
             start_date=self.simulator_start_date,
         )
 
+    def simulated_file_name(self) -> str:
+        """The simulator's file for this configuration (also its partition key): no generation."""
+        return (
+            f"simulated_events_n_users={self.simulator_n_users}_days={self.simulator_days}"
+            f"_seed={self.simulator_seed}_start={self.simulator_start_date}.parquet"
+        )
+
     def simulated_file(self) -> Path:
         """The simulator's output for this configuration, generated on first use (atomically)."""
         from resources.event_sources.simulator import write_simulated_parquet
 
-        name = (
-            f"simulated_events_n_users={self.simulator_n_users}_days={self.simulator_days}"
-            f"_seed={self.simulator_seed}_start={self.simulator_start_date}.parquet"
-        )
+        name = self.simulated_file_name()
         path = self.paths.simulated_dir / name
         if not path.exists():
             tmp = path.with_name(f".tmp-{os.getpid()}-{name}")
@@ -710,6 +746,17 @@ class EventSource(dg.ConfigurableResource):
                 f"seed={self.simulator_seed}, start_date={self.simulator_start_date})"
             )
         return f"{self.events_spec} (format {self.preset.name})"
+
+    def events_root(self) -> Path:
+        """The folder that partition keys are relative to: the simulator's folder, the folder
+        named by TRACE_DAGSTER_EVENTS, a file's parent, or a glob's fixed leading folders."""
+        if self.uses_simulator:
+            return self.paths.simulated_dir.resolve()
+        return events_root(self.events_spec)
+
+    def file_key(self, path: Path) -> str:
+        """The stable partition key of an input file (see `partition_key_for`)."""
+        return partition_key_for(path, self.events_root())
 
     def list_inputs(self) -> tuple[list[InputFile], list[Path]]:
         """(input files to consider, ignored files found next to them)."""
