@@ -39,12 +39,13 @@ import duckdb
 import numpy as np
 import pandas as pd
 
-from assets.ingestion.sessionized_events import DEFAULT_SESSION_GAP_SECONDS, sessionize_sql
 from assets.monitoring.assets import DEFAULT_DRIFT_SHARE_THRESHOLD, DEFAULT_PREDICTION_DRIFT_SHARE, DriftConfig
 from assets.monitoring.features import attribute_columns, session_features, top_event_names
 from assets.monitoring.reports import column_verdicts, embedding_drift_verdict, input_drift, prediction_drift
 from assets.training_data.examples_sql import cutoff_times, training_examples_sql, user_splits_sql
 from assets.training_data.tasks import default_task_set
+from model_lib.sessionize import DEFAULT_SESSION_GAP_SECONDS
+from model_lib.sessionize import sessionize as sessionize_frame
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 TAOBAO_FILES = [
@@ -116,13 +117,12 @@ def load_taobao() -> pd.DataFrame:
 
 
 def sessionize(con: duckdb.DuckDBPyConnection, events: pd.DataFrame, name: str) -> None:
-    frame = events.assign(source_file="bench", source_row=np.arange(1, len(events) + 1))
-    con.register("bench_raw", frame)
-    columns = list(frame.columns)
-    con.execute(
-        f"CREATE OR REPLACE TABLE {name} AS {sessionize_sql('bench_raw', columns, DEFAULT_SESSION_GAP_SECONDS)}"
-    )
-    con.unregister("bench_raw")
+    """`name` := the events sessionized by the warehouse's rule (`model_lib.sessionize`, which
+    `sessionized_events` streams its sorted rows through)."""
+    frame = sessionize_frame(events.assign(source_file="bench", source_row=np.arange(1, len(events) + 1)))
+    con.register("bench_sessionized", frame)
+    con.execute(f"CREATE OR REPLACE TABLE {name} AS SELECT * FROM bench_sessionized")
+    con.unregister("bench_sessionized")
 
 
 def apply_shift(events: pd.DataFrame, shift: Shift, top: list[str], seed: int) -> pd.DataFrame:
