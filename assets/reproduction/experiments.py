@@ -67,16 +67,26 @@ def _labels(frame: pd.DataFrame, task: str) -> np.ndarray:
     return frame[f"label_{task}"].astype("Float64").to_numpy(dtype=np.float64, na_value=np.nan)
 
 
-def run_sequence(
-    dataset: ReproductionDataset, variant: Variant, seed: int, train_config: TrainConfig, max_len: int = 128
-) -> tuple[pd.DataFrame, dict]:
-    """(score rows of the test examples, run info) of one TRACE-family variant and seed."""
+def _splits(dataset: ReproductionDataset) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """(train, valid, test) examples of the dataset."""
     ex = dataset.examples
-    train, valid, test = (ex[ex["split"] == s].reset_index(drop=True) for s in ("train", "valid", "test"))
-    label_columns = [f"label_{t}" for t in dataset.seen]
-    started = time.perf_counter()
-    model, fit_result = UserModel.train(
-        variant.kind,
+    return tuple(ex[ex["split"] == s].reset_index(drop=True) for s in ("train", "valid", "test"))
+
+
+def _train(
+    dataset: ReproductionDataset,
+    kind: str,
+    label_columns: list[str],
+    variant: Variant,
+    seed: int,
+    train_config: TrainConfig,
+    max_len: int,
+    train: pd.DataFrame,
+    valid: pd.DataFrame,
+):
+    """``UserModel.train`` of one network of a TRACE-family run: (model, fit result)."""
+    return UserModel.train(
+        kind,
         dataset.events,
         train,
         valid,
@@ -85,6 +95,16 @@ def run_sequence(
         model_overrides=variant.overrides,
         train_config=replace(train_config, seed=seed),
     )
+
+
+def run_sequence(
+    dataset: ReproductionDataset, variant: Variant, seed: int, train_config: TrainConfig, max_len: int = 128
+) -> tuple[pd.DataFrame, dict]:
+    """(score rows of the test examples, run info) of one TRACE-family variant and seed."""
+    train, valid, test = _splits(dataset)
+    label_columns = [f"label_{t}" for t in dataset.seen]
+    started = time.perf_counter()
+    model, fit_result = _train(dataset, variant.kind, label_columns, variant, seed, train_config, max_len, train, valid)
     fit_seconds = time.perf_counter() - started
     emb_valid = model.embed(dataset.events, valid)
     emb_test = model.embed(dataset.events, test)
@@ -109,22 +129,12 @@ def run_single_task(
     is scored by network t; the unseen-task probes get the concatenated embeddings (T x E
     dimensions), the most a single-task approach can offer a new task. T times TRACE's cost: it
     runs in the reproduction job only."""
-    ex = dataset.examples
-    train, valid, test = (ex[ex["split"] == s].reset_index(drop=True) for s in ("train", "valid", "test"))
+    train, valid, test = _splits(dataset)
     started = time.perf_counter()
     parts, emb_valid, emb_test, best_epochs = [], [], [], []
     for task in dataset.seen:
         column = f"label_{task}"
-        model, fit_result = UserModel.train(
-            "trace",
-            dataset.events,
-            train,
-            valid,
-            [column],
-            encoder_config=EncoderConfig(max_len=max_len),
-            model_overrides=variant.overrides,
-            train_config=replace(train_config, seed=seed),
-        )
+        model, fit_result = _train(dataset, "trace", [column], variant, seed, train_config, max_len, train, valid)
         emb_valid.append(model.embed(dataset.events, valid))
         emb_test.append(model.embed(dataset.events, test))
         proba = model.proba_from_embeddings(emb_test[-1])[column].to_numpy()
@@ -155,22 +165,13 @@ def run_wide_deep(
     [TRACE embedding, st_agg features] is fitted on the validation users (the training users'
     embeddings are in-sample) and scored on the test users. Does the sequence add anything to
     the aggregates, or the aggregates to the sequence?"""
-    ex = dataset.examples
-    train, valid, test = (ex[ex["split"] == s].reset_index(drop=True) for s in ("train", "valid", "test"))
+    train, valid, test = _splits(dataset)
     started = time.perf_counter()
-    model, fit_result = UserModel.train(
-        "trace",
-        dataset.events,
-        train,
-        valid,
-        [f"label_{t}" for t in dataset.seen],
-        encoder_config=EncoderConfig(max_len=max_len),
-        model_overrides=variant.overrides,
-        train_config=replace(train_config, seed=seed),
-    )
+    label_columns = [f"label_{t}" for t in dataset.seen]
+    model, fit_result = _train(dataset, "trace", label_columns, variant, seed, train_config, max_len, train, valid)
     fit_seconds = time.perf_counter() - started
-    wide = aggregate_matrix(dataset, "st_agg")
-    split = ex["split"].to_numpy()
+    _, wide = aggregate_matrix(dataset, "st_agg")
+    split = dataset.examples["split"].to_numpy()
     x_valid = np.concatenate([model.embed(dataset.events, valid), wide[split == "valid"]], axis=1)
     x_test = np.concatenate([model.embed(dataset.events, test), wide[split == "test"]], axis=1)
     parts = [
@@ -207,10 +208,9 @@ def _score_frame(frame: pd.DataFrame, task: str, kind: str, score: np.ndarray, s
 EXTRA_MODELS: dict[str, Callable[[ReproductionDataset, int], tuple[pd.DataFrame, dict]]] = {}
 
 
-def aggregate_matrix(dataset: ReproductionDataset, kind: str, with_names: bool = False):
-    """The pipeline's DuckDB aggregate features (`st_agg` / `st_cohort`) of the dataset's
-    warehouse, one row per row of ``dataset.examples`` (float32 [N, F]; with their names first
-    if ``with_names``)."""
+def aggregate_matrix(dataset: ReproductionDataset, kind: str) -> tuple[list[str], np.ndarray]:
+    """(feature names, float32 [N, F]): the pipeline's DuckDB aggregate features (`st_agg` /
+    `st_cohort`) of the dataset's warehouse, one row per row of ``dataset.examples``."""
     import duckdb
 
     from assets.trace_models.aggregate_models import aggregate_features
@@ -220,7 +220,7 @@ def aggregate_matrix(dataset: ReproductionDataset, kind: str, with_names: bool =
     pos = pd.Index(ids.astype(str)).get_indexer(dataset.examples["example_id"].astype(str))
     if (pos < 0).any():
         raise ValueError(f"{kind}: {int((pos < 0).sum())} examples have no aggregate features")
-    return (names, features[pos]) if with_names else features[pos]
+    return names, features[pos]
 
 
 def aggregate_runner(kind: str) -> Callable[[ReproductionDataset, int], tuple[pd.DataFrame, dict]]:
@@ -233,7 +233,7 @@ def aggregate_runner(kind: str) -> Callable[[ReproductionDataset, int], tuple[pd
         from model_lib.aggregate_baselines import predict as predict_aggregate
         from model_lib.aggregate_baselines import train_aggregate_model
 
-        names, x = aggregate_matrix(dataset, kind, with_names=True)
+        names, x = aggregate_matrix(dataset, kind)
         ex = dataset.examples
         label_columns = [f"label_{t}" for t in dataset.seen]
         labels = labels_tensor(ex, label_columns).numpy()
