@@ -151,6 +151,19 @@ class FileOutcome:
     rows_overlap: int
     note: str
 
+    def metadata(self) -> dict:
+        """What the read did, as asset metadata (per-file observations, per-partition materializations)."""
+        return {
+            "read": self.read_kind,
+            "file_version": self.version,
+            "from_row": self.start_row,
+            "rows_read": self.rows_read,
+            "rows_accepted": self.rows_accepted,
+            "rows_rejected": self.rows_rejected,
+            "rows_overlap": self.rows_overlap,
+            **({"reason": self.note} if self.note else {}),
+        }
+
 
 @dataclass
 class IngestionSummary:
@@ -550,17 +563,7 @@ def ingested_events(
                 dg.AssetObservation(
                     asset_key=RAW_EVENTS,
                     partition=keys[read.source_file] if partitioned else None,
-                    metadata={
-                        "source_file": read.source_file,
-                        "read": read.read_kind,
-                        "file_version": read.version,
-                        "from_row": read.start_row,
-                        "rows_read": read.rows_read,
-                        "rows_accepted": read.rows_accepted,
-                        "rows_rejected": read.rows_rejected,
-                        "rows_overlap": read.rows_overlap,
-                        **({"reason": read.note} if read.note else {}),
-                    },
+                    metadata={"source_file": read.source_file, **read.metadata()},
                 )
             )
         if summary.new_files:
@@ -703,16 +706,7 @@ def per_partition_metadata(
         elif outcome is None:
             read = {"read": "unchanged", "rows_read": 0, "rows_accepted": 0, "rows_rejected": 0}
         else:
-            read = {
-                "read": outcome.read_kind,
-                "file_version": outcome.version,
-                "from_row": outcome.start_row,
-                "rows_read": outcome.rows_read,
-                "rows_accepted": outcome.rows_accepted,
-                "rows_rejected": outcome.rows_rejected,
-                "rows_overlap": outcome.rows_overlap,
-                **({"reason": outcome.note} if outcome.note else {}),
-            }
+            read = outcome.metadata()
         for table in totals:
             context.add_asset_metadata(
                 {
