@@ -17,7 +17,7 @@ client sends them) are scored, per request, through:
 - `unfrozen`: the same before `UserModel.freeze` (the embedding tables stacked per request).
 
 Users with 50, 200 and 500 raw events; p50 and p99 in ms on one torch thread. Target: in-process
-p99 (`model`) < 5 ms at 500 events.
+p99 (`model`) < 5 ms for every user with up to 500 events (the worst of the three sizes).
 """
 
 from __future__ import annotations
