@@ -154,6 +154,15 @@ def test_trace_champion_serves_raw_events_over_http(pipeline, tmp_path):
         status, _ = server.post({"dataframe_records": records(request)})
         assert status == 200
 
+        # ids are `string` in the signature (cheaper to enforce than `Any`): a JSON number still
+        # reaches the model as an id, while an in-process integer column is refused by name
+        one_user = request[request["user_id"] == request["user_id"].iloc[0]]
+        status, body = server.post({"dataframe_records": records(one_user.assign(user_id=12345))})
+        assert status == 200, body
+        assert [str(u) for u in pd.DataFrame(body["predictions"])["user_id"]] == ["12345"]
+    with pytest.raises(mlflow.exceptions.MlflowException, match="user_id"):
+        mlflow.pyfunc.load_model("models:/trace@champion").predict(one_user.assign(user_id=12345))
+
 
 def test_mtlds_champion_ranks_candidates_from_raw_events_over_http(pipeline, tmp_path):
     history = raw_request(pipeline, users=1)[["user_id", "event_time", "event_name", "item_id", "category"]]
