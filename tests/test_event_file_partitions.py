@@ -3,8 +3,9 @@
 A partition run reads exactly its file; re-running a grown file's partition reads only the
 appended rows; a range (what a single-run backfill launches) equals the files ingested one by one;
 a vanished file's partition fails with a clear message; the `new_event_files` sensor registers
-files as partitions and targets them once per file state; `trace-dagster run` registers today's
-files and targets their range.
+files as partitions and targets them once per file state, and removes (once) the partition of a
+file it saw that was deleted, leaving its rows in the warehouse; `trace-dagster run` registers
+today's files and targets their range.
 """
 
 from pathlib import Path
@@ -199,9 +200,24 @@ def tick(instance, cursor, resources):
 
 
 def apply_partition_requests(instance, data) -> None:
-    """What the daemon does with a tick's dynamic_partitions_requests."""
+    """What the daemon does with a tick's asset events and dynamic_partitions_requests (in that order)."""
+    for event in data.asset_events or []:
+        instance.report_runless_asset_event(event)
     for request in data.dynamic_partitions_requests or []:
-        instance.add_dynamic_partitions(request.partitions_def_name, request.partition_keys)
+        if isinstance(request, dg.DeleteDynamicPartitionsRequest):
+            for key in request.partition_keys:
+                if instance.has_dynamic_partition(request.partitions_def_name, key):
+                    instance.delete_dynamic_partition(request.partitions_def_name, key)
+        else:
+            instance.add_dynamic_partitions(request.partitions_def_name, request.partition_keys)
+
+
+def deletes(data) -> list[list[str]]:
+    return [
+        list(r.partition_keys)
+        for r in data.dynamic_partitions_requests or []
+        if isinstance(r, dg.DeleteDynamicPartitionsRequest)
+    ]
 
 
 @pytest.fixture
@@ -248,6 +264,94 @@ def test_sensor_registers_the_simulator_file_without_running(home, persistent_in
     assert not (home / "simulated").exists() or not any((home / "simulated").iterdir())  # nothing generated
     apply_partition_requests(persistent_instance, data)
     assert not tick(persistent_instance, None, resources).dynamic_partitions_requests
+
+
+def test_sensor_on_the_simulator_removes_no_partition(drop, home, persistent_instance):
+    """The simulator's key has no file until a run generates it, and the simulator lists no folder:
+    neither its key nor the keys of a folder used before (whose files are gone) are removed."""
+    instance = persistent_instance
+    folder = {"event_source": EventSource(paths=TraceDagsterPaths(home=str(home)), events=str(drop))}
+    first = tick(instance, None, folder)
+    apply_partition_requests(instance, first)
+    simulator = {"event_source": EventSource(paths=TraceDagsterPaths(home=str(home)), simulator_n_users=50)}
+    key = simulator["event_source"].simulated_file_name()
+    instance.add_dynamic_partitions(EVENT_FILES.name, [key])
+    for path in drop.rglob("*.csv"):
+        path.unlink()
+    data = tick(instance, first.cursor, simulator)
+    assert not deletes(data) and not data.asset_events
+    assert not (home / "simulated").exists() or not any((home / "simulated").iterdir())
+    assert sorted(instance.get_dynamic_partitions(EVENT_FILES.name)) == sorted([*KEYS, key])
+
+
+def test_sensor_removes_the_partition_of_a_deleted_file_once_and_keeps_its_rows(drop, home, persistent_instance):
+    instance = persistent_instance
+    resources = {"event_source": EventSource(paths=TraceDagsterPaths(home=str(home)), events=str(drop))}
+    first = tick(instance, None, resources)
+    apply_partition_requests(instance, first)
+    assert not deletes(first)
+    assert run_partitions(instance, pipeline_resources(home, drop, "canonical"), *KEYS).success
+    day3 = str((drop / "day3.csv").resolve())
+    count = "SELECT count(*) AS n FROM {} WHERE source_file = '" + day3 + "'"
+    rows = (query(home, count.format("raw_events")).n[0], query(home, count.format("rejected_events")).n[0])
+    assert rows == (2, 1)
+
+    (drop / "day3.csv").unlink()
+    gone = tick(instance, first.cursor, resources)
+    assert not gone.run_requests and "1 deleted file(s) unregistered" in gone.skip_message
+    assert deletes(gone) == [["day3.csv"]]  # only the deleted file: the live ones keep theirs
+    (observation,) = gone.asset_events
+    assert (observation.asset_key, observation.partition) == (dg.AssetKey("raw_events"), "day3.csv")
+    assert observation.metadata["source_file"].value == day3
+    apply_partition_requests(instance, gone)
+    assert instance.get_dynamic_partitions(EVENT_FILES.name) == ["day1.csv", "nested/day2.csv"]
+    # A source file's deletion is not a retraction: its rows and its ledger entry stay.
+    assert (query(home, count.format("raw_events")).n[0], query(home, count.format("rejected_events")).n[0]) == rows
+    assert query(home, count.format("ingested_files")).n[0] == 1
+
+    # Once: the next tick (new cursor) and a re-evaluation of the same tick (old cursor, the key
+    # already removed) request nothing more.
+    again = tick(instance, gone.cursor, resources)
+    assert not again.run_requests and not again.dynamic_partitions_requests and not again.asset_events
+    replay = tick(instance, first.cursor, resources)
+    assert not deletes(replay) and not replay.asset_events
+
+    # A deletion and an arrival in one tick: one run for the new file, the other partition removed.
+    (drop / "nested" / "day2.csv").unlink()
+    write_lines(drop / "day4.csv", [HEADER, *day_rows(9, 1)])
+    mixed = tick(instance, again.cursor, resources)
+    assert [r.partition_key for r in mixed.run_requests] == ["day4.csv"]
+    assert deletes(mixed) == [["nested/day2.csv"]]
+    apply_partition_requests(instance, mixed)
+    assert instance.get_dynamic_partitions(EVENT_FILES.name) == ["day1.csv", "day4.csv"]
+
+    # The file comes back: a new file again, registered and ingested (the ledger decides what to read).
+    write_lines(drop / "day3.csv", [HEADER, *day_rows(7, 2), "u9,not a time,pv,app"])
+    back = tick(instance, mixed.cursor, resources)
+    assert [r.partition_key for r in back.run_requests] == ["day3.csv"]
+    assert [list(r.partition_keys) for r in back.dynamic_partitions_requests] == [["day3.csv"]]
+
+
+def test_sensor_removes_nothing_when_the_events_root_is_empty_missing_or_narrowed(drop, home, persistent_instance):
+    """An emptied or missing root (an unmounted volume looks like that) is a skip, not a wipe; a file
+    left out of a narrowed events spec still exists, so it is not a deleted file."""
+    instance = persistent_instance
+    resources = {"event_source": EventSource(paths=TraceDagsterPaths(home=str(home)), events=str(drop))}
+    first = tick(instance, None, resources)
+    apply_partition_requests(instance, first)
+
+    one_file = {"event_source": EventSource(paths=TraceDagsterPaths(home=str(home)), events=str(drop / "day1.csv"))}
+    narrowed = tick(instance, first.cursor, one_file)  # same root (drop), two files no longer listed
+    assert not deletes(narrowed) and not narrowed.asset_events
+
+    moved = drop.parent / "elsewhere"
+    drop.rename(moved)
+    missing = tick(instance, first.cursor, resources)
+    assert not missing.dynamic_partitions_requests and "no such file or folder" in missing.skip_message
+    drop.mkdir()
+    empty = tick(instance, first.cursor, resources)
+    assert not empty.dynamic_partitions_requests and "no CSV or parquet file" in empty.skip_message
+    assert instance.get_dynamic_partitions(EVENT_FILES.name) == KEYS
 
 
 def test_cli_registers_todays_files_and_targets_their_range(drop, home, monkeypatch, persistent_instance):

@@ -73,3 +73,24 @@ def test_sql_equals_pandas_on_a_real_taobao_slice():
     expected = build_funnel_samples(events, spec)
     assert len(expected) > 1000
     assert_same_samples(expected, sql_samples(events, spec))
+
+
+def test_funnel_examples_reports_the_label_rate_per_split(home):
+    """The asset's `label_rate_per_split` table: each split's mean of every label, as pandas renders
+    the same query's frame (the asset reads its three rows with fetchall, not a pandas load)."""
+    import dagster as dg
+
+    from assets.training_data.assets import funnel_examples, funnel_spec_for, user_splits
+    from tests.helpers import materialize_pipeline, pipeline_resources, query
+
+    resources = pipeline_resources(home, simulator_n_users=60)
+    assert materialize_pipeline(resources).success
+    result = dg.materialize(
+        [user_splits, funnel_examples], resources=resources, selection=[user_splits, funnel_examples]
+    )
+    (event,) = [e for e in result.get_asset_materialization_events() if e.asset_key == dg.AssetKey("funnel_examples")]
+    table = event.materialization.metadata["label_rate_per_split"].value
+    labels = funnel_spec_for(resources["event_source"]).label_columns
+    means = ", ".join(f"round(avg({c}), 4) AS {c}" for c in labels)
+    expected = query(home, f"SELECT split, {means} FROM funnel_examples GROUP BY split ORDER BY split")
+    assert len(expected) == 3 and table == expected.to_markdown(index=False)

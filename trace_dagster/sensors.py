@@ -2,7 +2,11 @@
 
 `new_event_files` registers every input file as an `event_files` partition of raw_events (its key
 relative to the events root, `assets/ingestion/partitions.py`) and targets the changed files'
-partitions, so each file's ingestion shows, and can be re-run, per partition in the UI.
+partitions, so each file's ingestion shows, and can be re-run, per partition in the UI. A file it
+saw on an earlier tick that no longer exists loses its partition (a delete request, once); the
+rows ingested from it stay in raw_events / rejected_events and in the `ingested_files` ledger:
+deleting a source file is not a retraction. The deletion is recorded as an observation of
+raw_events on that partition (source file, "deleted") and in the tick's log.
 
 Both keep a cursor and give every run request a run key derived from what triggered it, so a
 re-evaluation (a restarted daemon, a second tick on the same state) never launches twice.
@@ -23,6 +27,24 @@ DRIFT_CHECK = dg.AssetCheckKey(dg.AssetKey("drift_report"), "drift_below_thresho
 #: training on these very data (the shift lies after the last cutoff, where examples only have
 #: labels), so retraining again would loop without learning anything; new data re-checks it.
 TRAINING_JOBS = frozenset({"full_pipeline", "retrain_models"})
+
+
+def vanished_files(seen: dict[str, str], current: dict[str, str]) -> list[str]:
+    """Paths of the cursor (files seen on an earlier tick) that are not listed now and no longer
+    exist. A path that still exists but is not listed (the events spec was changed to another
+    folder) has not been deleted: its partition is left alone."""
+    return sorted(path for path in seen if path not in current and not Path(path).exists())
+
+
+def deleted_file_observation(key: str, path: str) -> dg.AssetObservation:
+    """The record of a deleted input file in raw_events' history, on the partition it removes."""
+    return dg.AssetObservation(
+        asset_key="raw_events",
+        partition=key,
+        description="Input file deleted: its event_files partition is removed; the rows ingested "
+        "from it stay in raw_events and rejected_events (a deleted file is not a retraction).",
+        metadata={"source_file": path, "read": "deleted", "partition_removed": True},
+    )
 
 
 def file_fingerprints(event_source: EventSource) -> dict[str, str]:
@@ -60,15 +82,31 @@ def new_event_files(context: dg.SensorEvaluationContext, event_source: EventSour
         return dg.SkipReason(str(error))
     keys = {path: partition_key_for(Path(path), root) for path in current}
     unregistered = sorted(set(keys.values()) - set(registered))
-    add = [EVENT_FILES.build_add_request(unregistered)] if unregistered else []
+    requests = [EVENT_FILES.build_add_request(unregistered)] if unregistered else []
+    # Files gone since the last tick: their partitions go (once: the cursor forgets the paths, and
+    # a key already removed is not requested again); their rows stay in the warehouse.
+    vanished = vanished_files(seen, current)
+    live, present = set(keys.values()), set(registered)
+    gone = {key: path for path in vanished if (key := partition_key_for(Path(path), root)) in present - live}
+    events = [deleted_file_observation(key, path) for key, path in sorted(gone.items())]
+    if gone:
+        requests.append(EVENT_FILES.build_delete_request(sorted(gone)))
+        context.log.info(
+            f"{len(gone)} input file(s) deleted, their event_files partitions removed (rows ingested "
+            f"from them stay in raw_events): {', '.join(sorted(gone)[:10])}"
+        )
     changed = {path: fp for path, fp in current.items() if seen.get(path) != fp}
+    if vanished or changed:
+        kept = {path: fp for path, fp in seen.items() if path not in vanished}
+        context.update_cursor(json.dumps({**kept, **current}, sort_keys=True))
     if not changed:
-        skip = dg.SkipReason(f"no new files among {len(current)}")
-        return dg.SensorResult(skip_reason=skip, dynamic_partitions_requests=add) if add else skip
+        skip = dg.SkipReason(
+            f"no new files among {len(current)}" + (f"; {len(gone)} deleted file(s) unregistered" if gone else "")
+        )
+        return dg.SensorResult(skip_reason=skip, dynamic_partitions_requests=requests, asset_events=events)
     # The key names the exact (path, size, mtime) states: the same change never launches twice,
     # and every later growth of a file is a new state, hence a new run.
     run_key = "new-files-" + hashlib.sha256(json.dumps(sorted(changed.items())).encode()).hexdigest()[:16]
-    context.update_cursor(json.dumps({**seen, **current}, sort_keys=True))
     new = [path for path in changed if path not in seen]
     # One run per tick: the changed files' partition, or the range of partitions spanning them
     # (unchanged files in between are skipped by the ingestion ledger, in milliseconds).
@@ -84,7 +122,7 @@ def new_event_files(context: dg.SensorEvaluationContext, event_source: EventSour
             "trace_dagster/changed_files": str(len(changed) - len(new)),
         },
     )
-    return dg.SensorResult(run_requests=[request], dynamic_partitions_requests=add)
+    return dg.SensorResult(run_requests=[request], dynamic_partitions_requests=requests, asset_events=events)
 
 
 def _job_name(instance: dg.DagsterInstance, run_id: str) -> str | None:

@@ -10,6 +10,13 @@ Keys are added by whoever launches ingestion: the `new_event_files` sensor (a
 range of keys (`dagster/asset_partition_range_start` / `_end`); ranges follow the order in which
 keys were added, so `covering_range` spans the keys a launcher wants, and the ledger skips the
 unchanged files that lie between them.
+
+Keys are removed by the sensor only, for files it saw on an earlier tick that no longer exist (a
+`build_delete_request`, once): the rows ingested from them stay in raw_events / rejected_events
+and the ledger. Nothing is removed on the simulator, for an emptied or missing events root (an
+unmounted volume), nor for files that still exist but fell out of a changed events spec.
+`trace-dagster run` only adds keys: it keeps no memory of the files it saw, and "registered but
+not listed" would also match the keys of another source sharing the instance (the simulator's).
 """
 
 from collections.abc import Sequence

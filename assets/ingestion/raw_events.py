@@ -543,7 +543,8 @@ def ingested_events(
                 raise dg.Failure(
                     f"no input file for partition(s) {', '.join(missing[:10])} of event_files in {where}: "
                     "the file was moved or deleted (rows ingested from it earlier stay in raw_events); "
-                    "restore it, or delete the partition",
+                    "restore it, or delete the partition (the new_event_files sensor removes the partitions of "
+                    "files it saw deleted)",
                     metadata={"missing_partitions": dg.MetadataValue.md("\n".join(f"- `{k}`" for k in missing))},
                 )
             context.log.warning(

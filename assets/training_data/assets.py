@@ -254,7 +254,11 @@ def funnel_examples(
             "ORDER BY s.user_id, s.anchor_time, s.item_id",
         )
         means = ", ".join(f"round(avg({c}), 4) AS {c}" for c in spec.label_columns)
-        rates = con.sql(f"SELECT split, {means} FROM funnel_examples GROUP BY split ORDER BY split").df()
+        by_split = con.sql(f"SELECT split, {means} FROM funnel_examples GROUP BY split ORDER BY split")
+        # At most three rows (one per split): fetched as tuples, not through a pandas load.
+        rates = pd.DataFrame(by_split.fetchall(), columns=by_split.columns).astype(
+            {c: "float64" for c in spec.label_columns}
+        )
         catalog = warehouse_table_metadata(con, "funnel_examples", FUNNEL_EXAMPLES_COLUMNS)
     context.log.info(f"{rows} funnel samples for funnel {' < '.join(spec.funnel)}")
     return dg.MaterializeResult(
