@@ -176,3 +176,32 @@ def test_sequence_runs_read_events_in_buckets_bounded_by_events_per_bucket(tmp_p
     assert buckets_large >= 5 * buckets_small
     assert largest_small < 2 * EVENTS_PER_BUCKET and largest_large < 2 * EVENTS_PER_BUCKET
     assert unbucketed_small == unbucketed_large == []
+
+
+def test_a_learning_curve_point_is_a_sql_sample_of_whole_training_users(tmp_path):
+    """`restrict_train_users`: exactly n training users (all their examples), the same on every
+    call, nested across points, another set for another seed; valid and test untouched; and
+    the shards a run trains on hold those training examples only."""
+    from assets.reproduction.datasets import build_dataset
+    from assets.trace_models.sequence_data import write_sequence_shards
+    from model_lib.encoding import EncoderConfig
+
+    ds = build_dataset("simulator", tmp_path, n_users=120)
+    point, smaller = ds.restrict_train_users(30), ds.restrict_train_users(10)
+
+    def train_users(d):
+        return set(d.examples("train")["user_id"])
+
+    assert point.n_train_users == len(train_users(point)) == 30 and train_users(smaller) < train_users(point)
+    assert train_users(ds.restrict_train_users(30)) == train_users(point) != train_users(ds.restrict_train_users(30, 1))
+    everything = ds.examples("train")
+    kept = everything[everything["user_id"].isin(train_users(point))]
+    assert sorted(point.examples("train")["example_id"]) == sorted(kept["example_id"])  # whole users
+    for split in ("valid", "test"):
+        pd.testing.assert_frame_equal(point.examples(split), ds.examples(split))
+    assert ds.restrict_train_users(10**6) is ds
+    labels = [f"label_{t}" for t in point.seen]
+    shards = write_sequence_shards(
+        point.connect, "trace", labels, tmp_path / "s", EncoderConfig(max_len=8), train_sample=point.train_sample
+    )
+    assert sorted(shards.ids("train").column("example_id").tolist()) == sorted(kept["example_id"])
