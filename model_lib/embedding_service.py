@@ -10,7 +10,7 @@ never changes a result.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -180,6 +180,14 @@ class UserModel:
         """User embeddings float32 [N, E], one row per example (user as of its cutoff)."""
         out = self._run(self.encoder.transform(events, examples), self.model.embed, batch_size)
         return out.reshape(len(examples), self.embedding_dim)
+
+    @torch.inference_mode()
+    def embed_shards(self, examples: ShardedExamples, batch_size: int = 2048) -> Iterator[tuple[dict, Tensor]]:
+        """(batch, user embeddings [B, E]) of examples already encoded to shards, one batch at a
+        time: inference whose memory is bounded by the batch, not by the examples."""
+        self._eval_mode()
+        for batch in examples.batches(batch_size):
+            yield batch, self.model.embed(batch)
 
     def predict_proba(
         self, events: pd.DataFrame | PreparedEvents, examples: pd.DataFrame, batch_size: int = 2048

@@ -137,13 +137,13 @@ def test_lambda_zero_is_plain_bce():
 def test_every_funnel_ablation_variant_runs_end_to_end(tmp_path):
     """`run_funnel` on each MTLDS switch (one epoch, a small simulated dataset): the operator
     variants (mul, max, sum) have no linear weights to report and must not crash the job."""
-    from assets.reproduction.assets import FUNNEL_ABLATIONS, _all_events
+    from assets.reproduction.assets import FUNNEL_ABLATIONS
     from assets.reproduction.datasets import build_dataset
     from assets.reproduction.experiments import funnel_samples, run_funnel
     from model_lib.training import TrainConfig
 
     ds = build_dataset("simulator", tmp_path, n_users=150)
-    samples = funnel_samples(ds, _all_events(ds))
+    samples = funnel_samples(ds)
     for variant in FUNNEL_ABLATIONS:
         rows, ndcg, info = run_funnel(ds, samples, variant, 0, TrainConfig(epochs=1, num_threads=1))
         assert len(rows) and len(ndcg), variant.name

@@ -75,14 +75,30 @@ def planted():
     return planted_journeys()
 
 
-def _warehouse(events: pd.DataFrame, examples: pd.DataFrame) -> duckdb.DuckDBPyConnection:
-    con = duckdb.connect()
-    con.register("events_frame", events.assign(event_time=events["event_time"].dt.tz_localize(None)))
-    con.execute("CREATE TABLE sessionized_events AS SELECT * FROM events_frame")
+def _warehouse(events: pd.DataFrame, examples: pd.DataFrame, path: str = ":memory:") -> duckdb.DuckDBPyConnection:
+    con = duckdb.connect(path)
+    naive_time = events["event_time"].dt.tz_localize(None)
+    con.register("events_frame", events.assign(event_time=naive_time, source_file="planted", source_row=1))
+    con.execute("CREATE TABLE sessionized_events AS SELECT *, now()::TIMESTAMP AS ingested_at FROM events_frame")
     naive = {c: pd.to_datetime(examples[c], utc=True).dt.tz_localize(None) for c in ("cutoff", "history_end")}
     con.register("examples_frame", examples.assign(**naive))
     con.execute("CREATE TABLE training_examples AS SELECT * FROM examples_frame")
     return con
+
+
+def _planted_dataset(events: pd.DataFrame, examples: pd.DataFrame, home):
+    """The planted journeys as a reproduction dataset: its own warehouse under ``home``."""
+    from datetime import timedelta
+
+    from assets.reproduction.datasets import ReproductionDataset
+    from assets.training_data.tasks import EngagementTask, TaskSet
+
+    _warehouse(events, examples, str(home / "warehouse.duckdb")).close()
+    kinds = {"trait": "seen", "last_page_checkout": "seen", "last_session_cart": "unseen"}
+    tasks = TaskSet(
+        "planted", tuple(EngagementTask(t, k, "false") for t, k in kinds.items()), timedelta(1), timedelta(7)
+    )
+    return ReproductionDataset("planted", home, tasks, events_per_bucket=4000)
 
 
 @pytest.mark.parametrize(
@@ -157,13 +173,7 @@ def test_single_task_trace_learns_each_task_with_its_own_network(planted, tmp_pa
     from assets.reproduction.experiments import Variant, run_single_task
 
     events, examples = planted
-    dataset = SimpleNamespace(
-        name="planted",
-        events=events,
-        examples=examples,
-        seen=["trait", "last_page_checkout"],
-        unseen=["last_session_cart"],
-    )
+    dataset = _planted_dataset(events, examples, tmp_path)
     config = TrainConfig(epochs=12, batch_size=64, learning_rate=3e-3, patience=3, num_threads=1)
     rows, info = run_single_task(dataset, Variant("trace_single_task", "trace_single_task"), 0, config, max_len=24)
     test_users = set(examples.loc[examples["split"] == "test", "user_id"])
@@ -192,23 +202,10 @@ def test_wide_deep_trace_learns_what_either_part_sees(planted, tmp_path):
     """`trace_wide_deep` (reproduction job): TRACE's embedding beside the `st_agg` features, one
     logistic regression per task fitted on validation users, scored on test users; it finds the
     aggregate trait and the last page alike."""
-    from types import SimpleNamespace
-
     from assets.reproduction.experiments import Variant, run_wide_deep
 
     events, examples = planted
-    path = tmp_path / "warehouse.duckdb"
-    with _warehouse(events, examples) as memory:
-        memory.execute(f"ATTACH '{path}' AS file")
-        memory.execute("CREATE TABLE file.sessionized_events AS SELECT * FROM sessionized_events")
-        memory.execute("CREATE TABLE file.training_examples AS SELECT * FROM training_examples")
-    dataset = SimpleNamespace(
-        events=events,
-        examples=examples,
-        seen=["trait", "last_page_checkout"],
-        unseen=["last_session_cart"],
-        warehouse_path=path,
-    )
+    dataset = _planted_dataset(events, examples, tmp_path)
     config = TrainConfig(epochs=12, batch_size=64, learning_rate=3e-3, patience=3, num_threads=1)
     rows, _ = run_wide_deep(dataset, Variant("trace_wide_deep", "trace_wide_deep"), 0, config, max_len=24)
     assert set(rows["user_id"]) == set(examples.loc[examples["split"] == "test", "user_id"])

@@ -1,7 +1,11 @@
-"""The reproduction machinery: user-level resampling, and the report asset on a tiny configuration."""
+"""The reproduction machinery: user-level resampling, bounded reads of a dataset's events, and the
+report asset on a tiny configuration."""
+
+from contextlib import contextmanager
 
 import dagster as dg
 import numpy as np
+import pandas as pd
 import pytest
 
 from assets.reproduction.statistics import paired_uplift, verdict
@@ -93,3 +97,111 @@ def test_learning_curve_table_and_plot(tmp_path):
     trace = curve[curve["variant"] == "trace"].set_index("n_train_users")
     assert trace.loc[100, "vs_st_agg_high"] < 0 < trace.loc[400, "vs_st_agg_low"]  # the crossing is resolved
     assert plot_learning_curve(curve, tmp_path / "curve.png").stat().st_size > 1000
+
+
+EVENTS_PER_BUCKET = 3000
+
+
+class QueryLog:
+    """A dataset's `connect` that records every statement run on its connections."""
+
+    def __init__(self, dataset):
+        self.dataset, self.queries = dataset, []
+
+    @contextmanager
+    def __call__(self):
+        with self.dataset.warehouse.connect(read_only=True) as con:
+            yield self._Recording(con, self.queries)
+
+    class _Recording:
+        def __init__(self, con, queries):
+            self._con, self._queries = con, queries
+
+        def sql(self, query, *args, **kwargs):
+            self._queries.append(query)
+            return self._con.sql(query, *args, **kwargs)
+
+        def execute(self, query, *args, **kwargs):
+            self._queries.append(query)
+            return self._con.execute(query, *args, **kwargs)
+
+        def __getattr__(self, name):
+            return getattr(self._con, name)
+
+
+def sequence_run_reads(n_users, tmp_path, monkeypatch):
+    """(events of the example users, buckets, events of the largest bucket read, statements that
+    read sessionized_events without a bucket predicate) of one `run_sequence` on a simulated
+    dataset of ``n_users``."""
+    import assets.trace_models.sequence_data as sequence_data
+    from assets.reproduction.datasets import build_dataset
+    from assets.reproduction.experiments import Variant, run_sequence
+    from model_lib.training import TrainConfig
+
+    ds = build_dataset("simulator", tmp_path / str(n_users), n_users=n_users, events_per_bucket=EVENTS_PER_BUCKET)
+    assert not hasattr(ds, "events") and not any(isinstance(v, pd.DataFrame) for v in vars(ds).values())
+    reads, read_bucket = [], sequence_data.read_bucket
+
+    def recording_read_bucket(con, bucket, buckets, *args, **kwargs):
+        events, examples = read_bucket(con, bucket, buckets, *args, **kwargs)
+        reads.append((buckets, len(events)))
+        return events, examples
+
+    monkeypatch.setattr(sequence_data, "read_bucket", recording_read_bucket)
+    log = QueryLog(ds)
+    monkeypatch.setattr(ds, "connect", log)
+    config = TrainConfig(epochs=1, batch_size=64, sample_budget=256, num_threads=1)
+    rows, _ = run_sequence(ds, Variant("trace", "trace"), 0, config, max_len=16)
+    assert set(rows["user_id"]) == set(ds.examples("test")["user_id"])
+    with ds.warehouse.connect(read_only=True) as con:
+        (n_events,) = con.execute(
+            "SELECT count(*) FROM sessionized_events WHERE user_id IN (SELECT user_id FROM training_examples) "
+            "AND event_time < (SELECT max(cutoff) FROM training_examples)"
+        ).fetchall()[0]
+    (buckets,) = {b for b, _ in reads}
+    bucketed = sequence_data.user_bucket_sql("user_id", buckets)
+    unbucketed = [q for q in log.queries if "sessionized_events" in q and bucketed not in q and "count(*)" not in q]
+    assert sum(n for _, n in reads[-buckets:]) == n_events  # the encoding pass reads every event, once
+    return n_events, buckets, max(n for _, n in reads), unbucketed
+
+
+@pytest.mark.timeout(900)  # a hang guard: the machine may be shared
+def test_sequence_runs_read_events_in_buckets_bounded_by_events_per_bucket(tmp_path, monkeypatch):
+    """`build_dataset` holds no frame, and a TRACE-family run reads the events only in user-hash
+    buckets: 10x the users gives ~10x the buckets, each still about `events_per_bucket` events
+    (counts, not wall time); no statement reads sessionized_events whole."""
+    events_small, buckets_small, largest_small, unbucketed_small = sequence_run_reads(80, tmp_path, monkeypatch)
+    events_large, buckets_large, largest_large, unbucketed_large = sequence_run_reads(800, tmp_path, monkeypatch)
+    assert events_large > 8 * events_small
+    assert buckets_large >= 5 * buckets_small
+    assert largest_small < 2 * EVENTS_PER_BUCKET and largest_large < 2 * EVENTS_PER_BUCKET
+    assert unbucketed_small == unbucketed_large == []
+
+
+def test_a_learning_curve_point_is_a_sql_sample_of_whole_training_users(tmp_path):
+    """`restrict_train_users`: exactly n training users (all their examples), the same on every
+    call, nested across points, another set for another seed; valid and test untouched; and
+    the shards a run trains on hold those training examples only."""
+    from assets.reproduction.datasets import build_dataset
+    from assets.trace_models.sequence_data import write_sequence_shards
+    from model_lib.encoding import EncoderConfig
+
+    ds = build_dataset("simulator", tmp_path, n_users=120)
+    point, smaller = ds.restrict_train_users(30), ds.restrict_train_users(10)
+
+    def train_users(d):
+        return set(d.examples("train")["user_id"])
+
+    assert point.n_train_users == len(train_users(point)) == 30 and train_users(smaller) < train_users(point)
+    assert train_users(ds.restrict_train_users(30)) == train_users(point) != train_users(ds.restrict_train_users(30, 1))
+    everything = ds.examples("train")
+    kept = everything[everything["user_id"].isin(train_users(point))]
+    assert sorted(point.examples("train")["example_id"]) == sorted(kept["example_id"])  # whole users
+    for split in ("valid", "test"):
+        pd.testing.assert_frame_equal(point.examples(split), ds.examples(split))
+    assert ds.restrict_train_users(10**6) is ds
+    labels = [f"label_{t}" for t in point.seen]
+    shards = write_sequence_shards(
+        point.connect, "trace", labels, tmp_path / "s", EncoderConfig(max_len=8), train_sample=point.train_sample
+    )
+    assert sorted(shards.ids("train").column("example_id").tolist()) == sorted(kept["example_id"])

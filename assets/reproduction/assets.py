@@ -47,6 +47,7 @@ from assets.reproduction.report import (
     trace_section,
 )
 from assets.reproduction.statistics import verdict
+from assets.trace_models.sequence_data import EVENTS_PER_BUCKET
 from model_lib.training import TrainConfig
 from resources.paths import TraceDagsterPaths
 
@@ -123,6 +124,10 @@ class ReproductionConfig(dg.Config):
     learning_curve: bool = Field(default=True, description="Train curve_models on growing training sets (simulator).")
     curve_models: list[str] = Field(default=CURVE_MODELS, description="Models of the learning curve.")
     torch_threads: int = Field(default=1, description="torch threads (the machine is shared).")
+    events_per_bucket: int = Field(
+        default=EVENTS_PER_BUCKET,
+        description="Events the sequence models read and encode at once (one user-hash bucket): bounds memory.",
+    )
 
     def size_value(self, key: str):
         if self.size not in SIZES:
@@ -245,21 +250,6 @@ class Runner:
         return paths
 
 
-def _train_users(ds: ReproductionDataset) -> int:
-    return int(ds.examples.loc[ds.examples["split"] == "train", "user_id"].nunique())
-
-
-def _all_events(ds: ReproductionDataset) -> pd.DataFrame:
-    """Every sessionized event of the dataset's warehouse (funnel samples need the label window)."""
-    import duckdb
-
-    with duckdb.connect(str(ds.warehouse_path), read_only=True) as con:
-        return con.sql(
-            "SELECT user_id, event_time, event_name, item_id, category FROM sessionized_events "
-            "ORDER BY user_id, event_index"
-        ).df()
-
-
 @dg.asset(
     group_name=GROUP,
     owners=OWNERS,
@@ -277,22 +267,24 @@ def reproduction_runs(context: dg.AssetExecutionContext, config: ReproductionCon
     seeds, users = config.size_value("seeds"), config.size_value("users")
     skipped = [m for m in config.models if not _available(m)]
     for name in config.datasets:
-        ds = build_dataset(name, root, n_users=users)
-        context.log.info(f"{name}: {ds.n_users} users, {len(ds.examples)} examples; {'; '.join(ds.notes)}")
+        ds = build_dataset(name, root, n_users=users, events_per_bucket=config.events_per_bucket)
+        context.log.info(f"{name}: {ds.n_users} users, {ds.n_examples} examples; {'; '.join(ds.notes)}")
         for model in config.models:
             if _available(model):
-                runner.sequence(ds, Variant(model, model), seeds, _train_users(ds))
+                runner.sequence(ds, Variant(model, model), seeds, ds.n_train_users)
         if config.funnel_models:
-            samples = funnel_samples(ds, _all_events(ds))
+            samples = funnel_samples(ds)
             for model in config.funnel_models:
                 runner.funnel(ds, samples, Variant(model, model, family="mtlds"), seeds)
     if config.learning_curve:
-        big = build_dataset("simulator", root, n_users=config.size_value("curve_build"))
+        big = build_dataset(
+            "simulator", root, n_users=config.size_value("curve_build"), events_per_bucket=config.events_per_bucket
+        )
         for n in config.size_value("curve_users"):
             ds = big.restrict_train_users(n, seed=0)
             for model in config.curve_models:
                 if _available(model):
-                    runner.sequence(ds, Variant(model, model), seeds, _train_users(ds), label="curve")
+                    runner.sequence(ds, Variant(model, model), seeds, ds.n_train_users, label="curve")
     files = runner.write()
     minutes = (time.perf_counter() - started) / 60
     return dg.MaterializeResult(
@@ -323,20 +315,22 @@ def ablation_runs(context: dg.AssetExecutionContext, config: AblationConfig, pat
     )
     seeds, users = config.size_value("seeds"), config.size_value("users")
     for name in config.datasets:
-        ds = build_dataset(name, root, n_users=users)
+        ds = build_dataset(name, root, n_users=users, events_per_bucket=config.events_per_bucket)
         for variant in TRACE_ABLATIONS:
             if variant.name in config.trace_variants:
-                runner.sequence(ds, variant, seeds, _train_users(ds))
+                runner.sequence(ds, variant, seeds, ds.n_train_users)
         for label, gap in SESSION_GAPS.items():
             if label not in config.trace_variants:
                 continue
-            regapped = build_dataset(name, root, n_users=users, session_gap_seconds=gap)
-            if set(regapped.examples["example_id"]) != set(ds.examples["example_id"]):
+            regapped = build_dataset(
+                name, root, n_users=users, session_gap_seconds=gap, events_per_bucket=config.events_per_bucket
+            )
+            if set(regapped.examples()["example_id"]) != set(ds.examples()["example_id"]):
                 context.log.warning(f"{name} {label}: the examples differ from the 2 h build (the gap moves cutoffs?)")
-            runner.sequence(regapped, Variant(label, "trace"), seeds, _train_users(regapped))
+            runner.sequence(regapped, Variant(label, "trace"), seeds, regapped.n_train_users)
     for name in config.funnel_datasets:
-        ds = build_dataset(name, root, n_users=users)
-        samples = funnel_samples(ds, _all_events(ds))
+        ds = build_dataset(name, root, n_users=users, events_per_bucket=config.events_per_bucket)
+        samples = funnel_samples(ds)
         for variant in FUNNEL_ABLATIONS:
             if variant.name in config.funnel_variants:
                 runner.funnel(ds, samples, variant, seeds)

@@ -6,23 +6,32 @@ DuckDB warehouse filled exactly as ``full_pipeline`` fills the main one: the sam
 (`cutoff_times`, `training_examples_sql`), so a rule changed there (labels, cutoffs) changes the
 reproduction too. Only the inputs differ: the simulator, the known-answer generator, the Taobao
 slices under ../shared/data. The session gap is a parameter of the build (an ablation).
+
+A `ReproductionDataset` is a handle on that warehouse, not a copy of it: the sequence models read
+the events in user-hash buckets of ``events_per_bucket`` (`write_sequence_shards`), the other
+runners read the example rows or DuckDB aggregates they use, so a run's memory is bounded by the
+bucket and the batch, not by the dataset. A learning-curve point is the same warehouse with a SQL
+condition on the training users (`train_sample`).
 """
 
 from __future__ import annotations
 
 import shutil
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+import duckdb
 import pandas as pd
 
 from assets.ingestion.raw_events import ingest
 from assets.ingestion.sessionized_events import DEFAULT_SESSION_GAP_SECONDS, build_sessionized_events
+from assets.trace_models.sequence_data import EVENTS_PER_BUCKET, SPLITS, examples_condition
 from assets.training_data.examples_sql import cutoff_times, training_examples_sql, user_splits_sql
 from assets.training_data.tasks import SIMULATOR_TASKS, TAOBAO_TASKS, TaskSet
 from resources.event_sources import InputFile, get_format
 from resources.paths import TraceDagsterPaths
-from resources.warehouse import DuckDBWarehouse
+from resources.warehouse import DuckDBWarehouse, user_hash_sql
 
 SHARED_DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 TAOBAO_GLOB = "taobao_userbehavior/*.csv.gz"
@@ -31,15 +40,23 @@ DATASETS = ("simulator", "known_answer", "taobao")
 
 @dataclass
 class ReproductionDataset:
-    """Sessionized events, labelled examples and tasks of one dataset, ready for model_lib."""
+    """Tasks and warehouse of one dataset; events and examples stay in DuckDB, read where used."""
 
     name: str
-    events: pd.DataFrame  # sessionized events of the example users, before the last cutoff
-    examples: pd.DataFrame  # training_examples rows (split, label_<task> ...)
+    home: Path  # the dataset's own TRACE_DAGSTER_HOME: warehouse, parquet files, scratch
     tasks: TaskSet
-    session_gap_seconds: float
+    session_gap_seconds: float = DEFAULT_SESSION_GAP_SECONDS
     notes: list[str] = field(default_factory=list)
-    warehouse_path: Path | None = None  # the dataset's own warehouse (every event, every table)
+    train_sample: str = "true"  # SQL condition on `user_id`: the training users of this view
+    events_per_bucket: int = EVENTS_PER_BUCKET  # events the sequence models read and encode at once
+
+    @property
+    def warehouse(self) -> DuckDBWarehouse:
+        return DuckDBWarehouse(paths=TraceDagsterPaths(home=str(self.home)))
+
+    def connect(self) -> AbstractContextManager[duckdb.DuckDBPyConnection]:
+        """A read-only connection (UTC, the warehouse's memory limit)."""
+        return self.warehouse.connect(read_only=True)
 
     @property
     def seen(self) -> list[str]:
@@ -49,21 +66,45 @@ class ReproductionDataset:
     def unseen(self) -> list[str]:
         return [t.name for t in self.tasks.unseen]
 
+    def examples_sql(self, splits: tuple[str, ...] = SPLITS) -> str:
+        """SELECT of this view's `training_examples` rows of ``splits``."""
+        return f"SELECT * FROM training_examples WHERE {examples_condition(splits, self.train_sample)}"
+
+    def examples(self, *splits: str) -> pd.DataFrame:
+        """`training_examples` rows of ``splits`` (default: all) ordered by example_id: one row per
+        example (ids, cutoffs, split, labels), what the score rows and probes need."""
+        with self.connect() as con:
+            return con.sql(f"{self.examples_sql(splits or SPLITS)} ORDER BY example_id").df()
+
+    def _count(self, what: str, splits: tuple[str, ...] = SPLITS) -> int:
+        with self.connect() as con:
+            return int(con.execute(f"SELECT {what} FROM ({self.examples_sql(splits)})").fetchall()[0][0])
+
+    @property
+    def n_examples(self) -> int:
+        return self._count("count(*)")
+
     @property
     def n_users(self) -> int:
-        return int(self.examples["user_id"].nunique())
+        return self._count("count(DISTINCT user_id)")
+
+    @property
+    def n_train_users(self) -> int:
+        return self._count("count(DISTINCT user_id)", ("train",))
 
     def restrict_train_users(self, n_train_users: int, seed: int = 0) -> ReproductionDataset:
         """The same dataset with only ``n_train_users`` training users (valid and test unchanged):
-        a point of a learning curve. Users are drawn at random with ``seed``."""
-        train_users = self.examples.loc[self.examples["split"] == "train", "user_id"].drop_duplicates()
-        if n_train_users >= len(train_users):
+        a point of a learning curve. The users are the first ``n`` by a salted md5 of their id
+        (`user_hash_sql`): the same on every run, and for one seed a smaller point's users are a
+        subset of a larger one's."""
+        if n_train_users >= self.n_train_users:
             return self
-        keep = set(train_users.sample(n_train_users, random_state=seed))
-        mask = (self.examples["split"] != "train") | self.examples["user_id"].isin(keep)
-        examples = self.examples[mask].reset_index(drop=True)
-        events = self.events[self.events["user_id"].isin(set(examples["user_id"]))].reset_index(drop=True)
-        return replace(self, events=events, examples=examples)
+        order = f"{user_hash_sql('user_id', 2**32, salt=f'curve{int(seed)}')}, user_id"
+        chosen = (
+            f"SELECT user_id FROM ({self.examples_sql(('train',))}) "
+            f"GROUP BY user_id ORDER BY {order} LIMIT {int(n_train_users)}"
+        )
+        return replace(self, train_sample=f"user_id IN ({chosen})")
 
 
 def input_files(name: str, home: Path, n_users: int, seed: int = 0) -> tuple[list[InputFile], TaskSet]:
@@ -99,8 +140,10 @@ def build_dataset(
     n_users: int = 2000,
     session_gap_seconds: float = DEFAULT_SESSION_GAP_SECONDS,
     seed: int = 0,
+    events_per_bucket: int = EVENTS_PER_BUCKET,
 ) -> ReproductionDataset:
-    """Ingest, sessionize, split and label one dataset in its own warehouse under ``root``.
+    """Ingest, sessionize, split and label one dataset in its own warehouse under ``root``; returns
+    the handle on it (no table is read into memory here).
 
     ``n_users`` sizes the generated datasets (Taobao is what the slices hold). The warehouse is
     rebuilt from scratch on every call, so a change of the pipeline's SQL always shows.
@@ -108,24 +151,19 @@ def build_dataset(
     home = root / f"{name}_n{n_users}_gap{int(session_gap_seconds)}_s{seed}"
     shutil.rmtree(home, ignore_errors=True)
     inputs, tasks = input_files(name, root, n_users, seed)
-    warehouse = DuckDBWarehouse(paths=TraceDagsterPaths(home=str(home)))
+    dataset = ReproductionDataset(name, home, tasks, session_gap_seconds, events_per_bucket=events_per_bucket)
+    warehouse = dataset.warehouse
     with warehouse.connect() as con:
         summary = ingest(warehouse, con, inputs)
         build_sessionized_events(warehouse, con, session_gap_seconds)
         warehouse.replace_table(con, "user_splits", user_splits_sql(seed, 0.15, 0.15))
         cutoffs = cutoff_times(con, tasks)
         warehouse.replace_table(con, "training_examples", training_examples_sql(tasks, cutoffs))
-        examples = con.sql("SELECT * FROM training_examples ORDER BY example_id").df()
-        events = con.sql("""
-            SELECT * EXCLUDE (source_file, source_row, ingested_at) FROM sessionized_events
-            WHERE user_id IN (SELECT DISTINCT user_id FROM training_examples)
-              AND event_time < (SELECT max(cutoff) FROM training_examples)
-            ORDER BY user_id, event_index""").df()
-    notes = [
+    dataset.notes += [
         f"{summary.rows_read} rows read, {summary.rows_accepted} accepted, {summary.rows_rejected} rejected",
         f"cutoffs {', '.join(str(c) for c in cutoffs)}; session gap {session_gap_seconds / 3600:g} h",
     ]
-    return ReproductionDataset(name, events, examples, tasks, session_gap_seconds, notes, warehouse.path)
+    return dataset
 
 
 __all__ = ["DATASETS", "ReproductionDataset", "build_dataset", "input_files"]

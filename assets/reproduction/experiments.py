@@ -2,27 +2,35 @@
 
 Every run writes *scores*, never summary figures: one row per (test example, task) with the label,
 the score and the user, so the report can put user- and seed-resampling intervals on any
-comparison afterwards (statistics.py). Two families:
+comparison afterwards (statistics.py). The runners:
 
 - TRACE family (``run_sequence``): a model kind of ``model_lib.trace_baselines`` with config
-  overrides (the ablation switches of ``TRACEConfig``), trained on the seen tasks with
-  ``UserModel.train``; seen tasks are scored by its heads, unseen tasks by a logistic probe on
-  the frozen embeddings fitted on the *validation* users and scored on the test users (the test
-  users never choose anything).
+  overrides (the ablation switches of ``TRACEConfig``), trained on the seen tasks the way the
+  pipeline's training assets train: the dataset's warehouse is encoded to shards one user-hash
+  bucket at a time (``write_sequence_shards``), ``UserModel.train_on_shards`` reads them batch by
+  batch, and the valid and test embeddings are computed from them batch by batch, so a run's
+  memory is bounded by ``events_per_bucket`` and the batch, not by the dataset (only the valid
+  and test rows, their embeddings and scores are held). Seen tasks are scored by its heads,
+  unseen tasks by a logistic probe on the frozen embeddings fitted on the *validation* users and
+  scored on the test users (the test users never choose anything).
   ``run_single_task`` is the same with one network per seen task (``trace_single_task``);
   ``run_wide_deep`` adds the ``st_agg`` features to TRACE's embedding (``trace_wide_deep``).
+- ``st_agg`` / ``st_cohort`` (``aggregate_runner``): the pipeline's DuckDB aggregate features,
+  one row per example; no event leaves DuckDB.
 - MTLDS family (``run_funnel``): a ``model_lib.mtlds_baselines`` model with ``MTLDSConfig``
-  overrides on the funnel samples; rows per (test sample, task) plus the aggregated score
-  against purchase (``score_vs_<last stage>``), ESMM's cart probability against the label it
-  models (``reach_<stage>``: the stage or any deeper one), and per-user NDCG on valid and test
-  (valid chooses tau; test reports).
+  overrides on the funnel samples (the pipeline's DuckDB SQL: ``funnel_samples``); rows per
+  (test sample, task) plus the aggregated score against purchase (``score_vs_<last stage>``),
+  ESMM's cart probability against the label it models (``reach_<stage>``: the stage or any
+  deeper one), and per-user NDCG on valid and test (valid chooses tau; test reports).
 """
 
 from __future__ import annotations
 
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -32,12 +40,14 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from assets.reproduction.datasets import ReproductionDataset
+from assets.trace_models.sequence_data import SequenceShards, write_sequence_shards
+from assets.training_data.funnel_sql import create_funnel_samples
 from model_lib.embedding_service import UserModel, labels_tensor
 from model_lib.encoding import EncoderConfig
-from model_lib.funnel_samples import FUNNELS, FunnelSpec, build_funnel_samples, samples_to_tensors
+from model_lib.funnel_samples import FUNNELS, FunnelSpec, samples_to_tensors
 from model_lib.mtlds import MTLDSConfig, funnel_depth, per_user_ndcg_values, predict
 from model_lib.mtlds_baselines import build_model as build_funnel_model
-from model_lib.training import TrainConfig, fit
+from model_lib.training import FitResult, TrainConfig, fit
 
 SCORE_COLUMNS = ["row_id", "user_id", "task", "task_kind", "split", "y", "score"]
 
@@ -67,10 +77,10 @@ def _labels(frame: pd.DataFrame, task: str) -> np.ndarray:
     return frame[f"label_{task}"].astype("Float64").to_numpy(dtype=np.float64, na_value=np.nan)
 
 
-def _splits(dataset: ReproductionDataset) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
-    """(train, valid, test) examples of the dataset."""
-    ex = dataset.examples
-    return tuple(ex[ex["split"] == s].reset_index(drop=True) for s in ("train", "valid", "test"))
+def _splits(dataset: ReproductionDataset) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(valid, test) examples of the dataset: the rows that get embeddings, probes and scores.
+    The training rows are never read here, only encoded to shards."""
+    return dataset.examples("valid"), dataset.examples("test")
 
 
 def _train(
@@ -81,40 +91,74 @@ def _train(
     seed: int,
     train_config: TrainConfig,
     max_len: int,
-    train: pd.DataFrame,
-    valid: pd.DataFrame,
-):
-    """``UserModel.train`` of one network of a TRACE-family run: (model, fit result)."""
-    return UserModel.train(
+    shards: Path,
+) -> tuple[UserModel, FitResult, SequenceShards]:
+    """One network of a TRACE-family run: the dataset's examples encoded to shards under
+    ``shards``, one user-hash bucket at a time (`write_sequence_shards`, as the pipeline's
+    training assets do), then ``UserModel.train_on_shards``: (model, fit result, shards)."""
+    data = write_sequence_shards(
+        dataset.connect,
         kind,
-        dataset.events,
-        train,
-        valid,
         label_columns,
-        encoder_config=EncoderConfig(max_len=max_len),
+        shards,
+        EncoderConfig(max_len=max_len),
+        dataset.events_per_bucket,
+        train_sample=dataset.train_sample,
+    )
+    model, result = UserModel.train_on_shards(
+        kind,
+        data.encoder,
+        data.splits["train"],
+        data.splits["valid"],
+        label_columns,
         model_overrides=variant.overrides,
         train_config=replace(train_config, seed=seed),
     )
+    return model, result, data
+
+
+def _embeddings(model: UserModel, data: SequenceShards, split: str, frame: pd.DataFrame) -> np.ndarray:
+    """float32 [N, E]: embeddings of the ``split`` examples in the row order of ``frame``, computed
+    batch by batch from the shards (which hold them in bucket order)."""
+    ids, parts = [np.zeros(0, dtype=str)], [np.zeros((0, model.embedding_dim), dtype=np.float32)]
+    for batch, embeddings in model.embed_shards(data.ids(split)):
+        ids.append(batch["example_id"].astype(str))
+        parts.append(embeddings.numpy())
+    order = pd.Index(np.concatenate(ids)).get_indexer(frame["example_id"].astype(str))
+    if (order < 0).any():
+        raise ValueError(f"{split}: {int((order < 0).sum())} examples have no encoded shard row")
+    return np.concatenate(parts)[order]
+
+
+def _shard_dir(dataset: ReproductionDataset) -> tempfile.TemporaryDirectory:
+    """Scratch folder for one run's shards, beside the dataset's warehouse; removed afterwards."""
+    return tempfile.TemporaryDirectory(prefix="sequence_shards-", dir=dataset.warehouse.paths.tmp_dir)
 
 
 def run_sequence(
     dataset: ReproductionDataset, variant: Variant, seed: int, train_config: TrainConfig, max_len: int = 128
 ) -> tuple[pd.DataFrame, dict]:
     """(score rows of the test examples, run info) of one TRACE-family variant and seed."""
-    train, valid, test = _splits(dataset)
+    valid, test = _splits(dataset)
     label_columns = [f"label_{t}" for t in dataset.seen]
-    started = time.perf_counter()
-    model, fit_result = _train(dataset, variant.kind, label_columns, variant, seed, train_config, max_len, train, valid)
-    fit_seconds = time.perf_counter() - started
-    emb_valid = model.embed(dataset.events, valid)
-    emb_test = model.embed(dataset.events, test)
+    with _shard_dir(dataset) as shards:
+        started = time.perf_counter()
+        model, fit_result, data = _train(
+            dataset, variant.kind, label_columns, variant, seed, train_config, max_len, Path(shards)
+        )
+        fit_seconds = time.perf_counter() - started
+        emb_valid, emb_test = _embeddings(model, data, "valid", valid), _embeddings(model, data, "test", test)
     proba = model.proba_from_embeddings(emb_test)
     parts = []
     for task, column in zip(dataset.seen, label_columns):
         parts.append(_score_frame(test, task, "seen", proba[column].to_numpy()))
     for task in dataset.unseen:
         parts.append(_score_frame(test, task, "unseen", _probe_scores(emb_valid, _labels(valid, task), emb_test, seed)))
-    info = {"fit_seconds": fit_seconds, "best_epoch": fit_result.best_epoch, "n_train_examples": len(train)}
+    info = {
+        "fit_seconds": fit_seconds,
+        "best_epoch": fit_result.best_epoch,
+        "n_train_examples": len(data.splits["train"]),
+    }
     return pd.concat(parts, ignore_index=True), info
 
 
@@ -129,14 +173,17 @@ def run_single_task(
     is scored by network t; the unseen-task probes get the concatenated embeddings (T x E
     dimensions), the most a single-task approach can offer a new task. T times TRACE's cost: it
     runs in the reproduction job only."""
-    train, valid, test = _splits(dataset)
+    valid, test = _splits(dataset)
     started = time.perf_counter()
     parts, emb_valid, emb_test, best_epochs = [], [], [], []
     for task in dataset.seen:
         column = f"label_{task}"
-        model, fit_result = _train(dataset, "trace", [column], variant, seed, train_config, max_len, train, valid)
-        emb_valid.append(model.embed(dataset.events, valid))
-        emb_test.append(model.embed(dataset.events, test))
+        with _shard_dir(dataset) as shards:  # one label per network: its shards hold that one
+            model, fit_result, data = _train(
+                dataset, "trace", [column], variant, seed, train_config, max_len, Path(shards)
+            )
+            emb_valid.append(_embeddings(model, data, "valid", valid))
+            emb_test.append(_embeddings(model, data, "test", test))
         proba = model.proba_from_embeddings(emb_test[-1])[column].to_numpy()
         parts.append(_score_frame(test, task, "seen", proba))
         best_epochs.append(fit_result.best_epoch)
@@ -148,7 +195,7 @@ def run_single_task(
         "fit_seconds": fit_seconds,
         "best_epoch": max(best_epochs),  # (the run records' column is an integer)
         "best_epoch_per_task": best_epochs,
-        "n_train_examples": len(train),
+        "n_train_examples": len(data.splits["train"]),
     }
     return pd.concat(parts, ignore_index=True), info
 
@@ -165,21 +212,27 @@ def run_wide_deep(
     [TRACE embedding, st_agg features] is fitted on the validation users (the training users'
     embeddings are in-sample) and scored on the test users. Does the sequence add anything to
     the aggregates, or the aggregates to the sequence?"""
-    train, valid, test = _splits(dataset)
-    started = time.perf_counter()
+    valid, test = _splits(dataset)
     label_columns = [f"label_{t}" for t in dataset.seen]
-    model, fit_result = _train(dataset, "trace", label_columns, variant, seed, train_config, max_len, train, valid)
-    fit_seconds = time.perf_counter() - started
-    _, wide = aggregate_matrix(dataset, "st_agg")
-    split = dataset.examples["split"].to_numpy()
-    x_valid = np.concatenate([model.embed(dataset.events, valid), wide[split == "valid"]], axis=1)
-    x_test = np.concatenate([model.embed(dataset.events, test), wide[split == "test"]], axis=1)
+    with _shard_dir(dataset) as shards:
+        started = time.perf_counter()
+        model, fit_result, data = _train(
+            dataset, "trace", label_columns, variant, seed, train_config, max_len, Path(shards)
+        )
+        fit_seconds = time.perf_counter() - started
+        deep_valid, deep_test = _embeddings(model, data, "valid", valid), _embeddings(model, data, "test", test)
+    x_valid = np.concatenate([deep_valid, aggregate_matrix(dataset, "st_agg", valid)[1]], axis=1)
+    x_test = np.concatenate([deep_test, aggregate_matrix(dataset, "st_agg", test)[1]], axis=1)
     parts = [
         _score_frame(test, task, kind, _probe_scores(x_valid, _labels(valid, task), x_test, seed))
         for kind, tasks in (("seen", dataset.seen), ("unseen", dataset.unseen))
         for task in tasks
     ]
-    info = {"fit_seconds": fit_seconds, "best_epoch": fit_result.best_epoch, "n_train_examples": len(train)}
+    info = {
+        "fit_seconds": fit_seconds,
+        "best_epoch": fit_result.best_epoch,
+        "n_train_examples": len(data.splits["train"]),
+    }
     return pd.concat(parts, ignore_index=True), info
 
 
@@ -208,16 +261,15 @@ def _score_frame(frame: pd.DataFrame, task: str, kind: str, score: np.ndarray, s
 EXTRA_MODELS: dict[str, Callable[[ReproductionDataset, int], tuple[pd.DataFrame, dict]]] = {}
 
 
-def aggregate_matrix(dataset: ReproductionDataset, kind: str) -> tuple[list[str], np.ndarray]:
+def aggregate_matrix(dataset: ReproductionDataset, kind: str, examples: pd.DataFrame) -> tuple[list[str], np.ndarray]:
     """(feature names, float32 [N, F]): the pipeline's DuckDB aggregate features (`st_agg` /
-    `st_cohort`) of the dataset's warehouse, one row per row of ``dataset.examples``."""
-    import duckdb
-
+    `st_cohort`) of the dataset's examples in the splits of ``examples``, one row per row of it."""
     from assets.trace_models.aggregate_models import aggregate_features
 
-    with duckdb.connect(str(dataset.warehouse_path), read_only=True) as con:
-        ids, names, features = aggregate_features(con, kind)
-    pos = pd.Index(ids.astype(str)).get_indexer(dataset.examples["example_id"].astype(str))
+    splits = tuple(dict.fromkeys(examples["split"]))
+    with dataset.connect() as con:
+        ids, names, features = aggregate_features(con, kind, f"({dataset.examples_sql(splits)})")
+    pos = pd.Index(ids.astype(str)).get_indexer(examples["example_id"].astype(str))
     if (pos < 0).any():
         raise ValueError(f"{kind}: {int((pos < 0).sum())} examples have no aggregate features")
     return names, features[pos]
@@ -233,8 +285,8 @@ def aggregate_runner(kind: str) -> Callable[[ReproductionDataset, int], tuple[pd
         from model_lib.aggregate_baselines import predict as predict_aggregate
         from model_lib.aggregate_baselines import train_aggregate_model
 
-        names, x = aggregate_matrix(dataset, kind)
-        ex = dataset.examples
+        ex = dataset.examples()
+        names, x = aggregate_matrix(dataset, kind, ex)
         label_columns = [f"label_{t}" for t in dataset.seen]
         labels = labels_tensor(ex, label_columns).numpy()
         split = ex["split"].to_numpy()
@@ -270,11 +322,15 @@ def funnel_spec_of(dataset: ReproductionDataset) -> FunnelSpec:
     return FUNNELS["travel" if dataset.name == "simulator" else "taobao"]
 
 
-def funnel_samples(dataset: ReproductionDataset, all_events: pd.DataFrame) -> pd.DataFrame:
-    """The pipeline's funnel samples of the dataset, with the same user split as the examples."""
-    samples = build_funnel_samples(all_events, funnel_spec_of(dataset))
-    splits = dataset.examples[["user_id", "split"]].drop_duplicates("user_id")
-    return samples.merge(splits, on="user_id", how="inner", validate="many_to_one")
+def funnel_samples(dataset: ReproductionDataset) -> pd.DataFrame:
+    """The pipeline's funnel samples of the dataset (`create_funnel_samples`: DuckDB SQL over its
+    warehouse, no event in pandas), with the same user split as the examples; one row per sample."""
+    with dataset.connect() as con:
+        table = create_funnel_samples(con, funnel_spec_of(dataset))
+        return con.sql(f"""
+            SELECT s.*, u.split FROM {table} s
+            JOIN (SELECT DISTINCT user_id, split FROM ({dataset.examples_sql()})) u ON u.user_id = s.user_id
+            ORDER BY s.user_id, s.anchor_time, s.item_id""").df()
 
 
 def run_funnel(

@@ -29,7 +29,7 @@ from pydantic import Field
 
 from assets.common.training import ModelTrainingConfig, epoch_logger
 from assets.model_registry.signatures import raw_event_example, trace_signature, trained_session_gap
-from assets.trace_models.sequence_data import SequenceShards, write_sequence_shards
+from assets.trace_models.sequence_data import EVENTS_PER_BUCKET, SequenceShards, write_sequence_shards
 from assets.training_data.assets import read_tasks, training_examples
 from model_lib.embedding_service import UserModel
 from model_lib.encoding import EncoderConfig, attribute_rules_for
@@ -56,7 +56,7 @@ DESCRIPTIONS = {
 class SequenceTrainingConfig(ModelTrainingConfig):
     max_len: int = Field(default=128, description="Most recent events per example.")
     events_per_bucket: int = Field(
-        default=2_000_000,
+        default=EVENTS_PER_BUCKET,
         description="Events read and encoded at once (one user-hash bucket): bounds the step's memory.",
     )
     ddp_processes: int = Field(
@@ -89,15 +89,13 @@ def write_model_outputs(model: UserModel, data: SequenceShards, seen: pd.DataFra
     probes fit on valid, everything is scored on test) to parquet, shard by shard; returns
     (test labels [N, T], test probabilities [N, T]) for the test metrics. Training examples are
     left out: nothing reads them, and at scale they would be most of the step's scoring."""
-    model.model.eval()
     tasks = list(seen["task"])
     writers: dict[str, pq.ParquetWriter] = {}
     test_labels, test_probs = [], []
     try:
         for split in ("valid", "test"):
-            for batch in data.ids(split).batches(batch_size):
-                ids = batch.pop("example_id")  # numpy strings
-                embeddings = model.model.embed(batch)  # [B, E]
+            for batch, embeddings in model.embed_shards(data.ids(split), batch_size):  # embeddings [B, E]
+                ids = batch["example_id"]  # numpy strings
                 probs = torch.sigmoid(model.model.heads(embeddings)).numpy()  # [B, T]
                 split_column = pa.array([split] * len(ids))
                 tables = {

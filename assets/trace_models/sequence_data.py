@@ -30,6 +30,7 @@ from resources.warehouse import user_hash_sql
 
 SPLITS = ("train", "valid", "test")
 ARROW_BATCH_ROWS = 262_144
+EVENTS_PER_BUCKET = 2_000_000
 MODEL_KEYS = ("cat_ids", "time_features", "event_pos", "session_pos", "mask", "labels")
 
 
@@ -48,6 +49,13 @@ def bucket_count(con: duckdb.DuckDBPyConnection, events_per_bucket: int) -> int:
     return max(1, math.ceil(n_events / max(1, events_per_bucket)))
 
 
+def examples_condition(splits: tuple[str, ...] = SPLITS, train_sample: str = "true") -> str:
+    """SQL condition on `training_examples`: rows of ``splits``, and of the training split only the
+    users meeting ``train_sample`` (a condition on `user_id`; valid and test stay whole)."""
+    split_list = ", ".join(f"'{s}'" for s in splits)
+    return f"split IN ({split_list}) AND (split <> 'train' OR ({train_sample}))"
+
+
 def read_bucket(
     con: duckdb.DuckDBPyConnection,
     bucket: int,
@@ -57,11 +65,7 @@ def read_bucket(
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(events, examples) of the example users in one bucket, read as Arrow record batches; of
     the training users, only those meeting ``train_sample`` (a SQL condition on `user_id`)."""
-    split_list = ", ".join(f"'{s}'" for s in splits)
-    wanted = (
-        f"{user_bucket_sql('user_id', buckets)} = {int(bucket)} "
-        f"AND split IN ({split_list}) AND (split <> 'train' OR ({train_sample}))"
-    )
+    wanted = f"{user_bucket_sql('user_id', buckets)} = {int(bucket)} AND {examples_condition(splits, train_sample)}"
     examples = _arrow_frame(con, f"SELECT * FROM training_examples WHERE {wanted} ORDER BY example_id")
     events = _arrow_frame(
         con,
@@ -103,8 +107,9 @@ def write_sequence_shards(
     label_columns: list[str],
     root: Path,
     encoder_config: EncoderConfig,
-    events_per_bucket: int = 2_000_000,
+    events_per_bucket: int = EVENTS_PER_BUCKET,
     max_train_examples: int = 0,
+    train_sample: str = "true",
 ) -> SequenceShards:
     """Fit the encoder on the training examples, bucket by bucket, then write one shard per
     bucket and split under ``root/<split>/``: ``cat_ids``, ``time_features``, ``event_pos``,
@@ -115,13 +120,14 @@ def write_sequence_shards(
 
     ``max_train_examples`` (0: all) keeps the training split to a stable sample of whole users of
     about that many examples (`user_sample_sql`): a step that trains on a sample budget has no use
-    for more, and encoding them would grow the step with the data. Valid and test stay whole."""
+    for more, and encoding them would grow the step with the data. Valid and test stay whole.
+    ``train_sample`` (a SQL condition on `user_id`) narrows the training users further: a
+    reproduction's learning-curve point."""
     with connect() as con:
         buckets = bucket_count(con, events_per_bucket)
         (n_train,) = con.execute("SELECT count(*) FROM training_examples WHERE split = 'train'").fetchall()[0]
-    train_sample = "true"
     if 0 < max_train_examples < n_train:
-        train_sample = user_sample_sql(max_train_examples / n_train)
+        train_sample = f"({train_sample}) AND {user_sample_sql(max_train_examples / n_train)}"
     encoder = SequenceEncoder(encoder_config_for(kind, encoder_config))
 
     def train_parts() -> Iterator[tuple[pd.DataFrame, pd.DataFrame]]:
@@ -156,4 +162,11 @@ def write_sequence_shards(
     )
 
 
-__all__ = ["SequenceShards", "read_bucket", "user_bucket_sql", "write_sequence_shards"]
+__all__ = [
+    "EVENTS_PER_BUCKET",
+    "SequenceShards",
+    "examples_condition",
+    "read_bucket",
+    "user_bucket_sql",
+    "write_sequence_shards",
+]
