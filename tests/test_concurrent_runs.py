@@ -34,7 +34,7 @@ LOCK_ERRORS = re.compile(r"could not set lock|database is locked|conflicting loc
 SIMULATOR = {"simulator_n_users": 300, "simulator_days": 35}
 SMALL = {"epochs": 1, "bootstrap_samples": 30, "max_concurrent": 2}  # one epoch per model, two steps at once
 NEW_WEEK = {"simulator_start_date": "2026-02-09"}  # the day after the first file's 35 days
-WORKER_TIMEOUT_S = 420
+WORKER_TIMEOUT_S = 600  # a hang guard per worker: retrain took >420 s on 2 cores shared with a training run
 
 
 # ---------------------------------------------------------------------------------------------
