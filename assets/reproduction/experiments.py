@@ -83,7 +83,27 @@ def _splits(dataset: ReproductionDataset) -> tuple[pd.DataFrame, pd.DataFrame]:
     return dataset.examples("valid"), dataset.examples("test")
 
 
-def _train(
+@dataclass
+class _Fitted:
+    """One trained network of a TRACE-family run, with the embeddings the runners score."""
+
+    model: UserModel
+    fit: FitResult
+    fit_seconds: float  # encoding to shards and training
+    n_train_examples: int
+    emb_valid: np.ndarray  # float32 [N_valid, E] in the row order of the valid frame
+    emb_test: np.ndarray  # float32 [N_test, E] in the row order of the test frame
+
+    def info(self) -> dict:
+        """The run record's fields of a one-network run."""
+        return {
+            "fit_seconds": self.fit_seconds,
+            "best_epoch": self.fit.best_epoch,
+            "n_train_examples": self.n_train_examples,
+        }
+
+
+def _fit_and_embed(
     dataset: ReproductionDataset,
     kind: str,
     label_columns: list[str],
@@ -91,30 +111,43 @@ def _train(
     seed: int,
     train_config: TrainConfig,
     max_len: int,
-    shards: Path,
-) -> tuple[UserModel, FitResult, SequenceShards]:
-    """One network of a TRACE-family run: the dataset's examples encoded to shards under
-    ``shards``, one user-hash bucket at a time (`write_sequence_shards`, as the pipeline's
-    training assets do), then ``UserModel.train_on_shards``: (model, fit result, shards)."""
-    data = write_sequence_shards(
-        dataset.connect,
-        kind,
-        label_columns,
-        shards,
-        EncoderConfig(max_len=max_len),
-        dataset.events_per_bucket,
-        train_sample=dataset.train_sample,
-    )
-    model, result = UserModel.train_on_shards(
-        kind,
-        data.encoder,
-        data.splits["train"],
-        data.splits["valid"],
-        label_columns,
-        model_overrides=variant.overrides,
-        train_config=replace(train_config, seed=seed),
-    )
-    return model, result, data
+    valid: pd.DataFrame,
+    test: pd.DataFrame,
+) -> _Fitted:
+    """One network of a TRACE-family run, trained the way the pipeline's training assets train:
+    the dataset's examples encoded to shards one user-hash bucket at a time
+    (`write_sequence_shards`) in a scratch folder beside its warehouse, then
+    ``UserModel.train_on_shards``, then the valid and test embeddings batch by batch from the
+    shards. The folder is removed afterwards."""
+    with tempfile.TemporaryDirectory(prefix="sequence_shards-", dir=dataset.warehouse.paths.tmp_dir) as shards:
+        started = time.perf_counter()
+        data = write_sequence_shards(
+            dataset.connect,
+            kind,
+            label_columns,
+            Path(shards),
+            EncoderConfig(max_len=max_len),
+            dataset.events_per_bucket,
+            train_sample=dataset.train_sample,
+        )
+        model, result = UserModel.train_on_shards(
+            kind,
+            data.encoder,
+            data.splits["train"],
+            data.splits["valid"],
+            label_columns,
+            model_overrides=variant.overrides,
+            train_config=replace(train_config, seed=seed),
+        )
+        fit_seconds = time.perf_counter() - started
+        return _Fitted(
+            model,
+            result,
+            fit_seconds,
+            len(data.splits["train"]),
+            _embeddings(model, data, "valid", valid),
+            _embeddings(model, data, "test", test),
+        )
 
 
 def _embeddings(model: UserModel, data: SequenceShards, split: str, frame: pd.DataFrame) -> np.ndarray:
@@ -130,36 +163,21 @@ def _embeddings(model: UserModel, data: SequenceShards, split: str, frame: pd.Da
     return np.concatenate(parts)[order]
 
 
-def _shard_dir(dataset: ReproductionDataset) -> tempfile.TemporaryDirectory:
-    """Scratch folder for one run's shards, beside the dataset's warehouse; removed afterwards."""
-    return tempfile.TemporaryDirectory(prefix="sequence_shards-", dir=dataset.warehouse.paths.tmp_dir)
-
-
 def run_sequence(
     dataset: ReproductionDataset, variant: Variant, seed: int, train_config: TrainConfig, max_len: int = 128
 ) -> tuple[pd.DataFrame, dict]:
     """(score rows of the test examples, run info) of one TRACE-family variant and seed."""
     valid, test = _splits(dataset)
     label_columns = [f"label_{t}" for t in dataset.seen]
-    with _shard_dir(dataset) as shards:
-        started = time.perf_counter()
-        model, fit_result, data = _train(
-            dataset, variant.kind, label_columns, variant, seed, train_config, max_len, Path(shards)
-        )
-        fit_seconds = time.perf_counter() - started
-        emb_valid, emb_test = _embeddings(model, data, "valid", valid), _embeddings(model, data, "test", test)
-    proba = model.proba_from_embeddings(emb_test)
+    fitted = _fit_and_embed(dataset, variant.kind, label_columns, variant, seed, train_config, max_len, valid, test)
+    proba = fitted.model.proba_from_embeddings(fitted.emb_test)
     parts = []
     for task, column in zip(dataset.seen, label_columns):
         parts.append(_score_frame(test, task, "seen", proba[column].to_numpy()))
     for task in dataset.unseen:
-        parts.append(_score_frame(test, task, "unseen", _probe_scores(emb_valid, _labels(valid, task), emb_test, seed)))
-    info = {
-        "fit_seconds": fit_seconds,
-        "best_epoch": fit_result.best_epoch,
-        "n_train_examples": len(data.splits["train"]),
-    }
-    return pd.concat(parts, ignore_index=True), info
+        scores = _probe_scores(fitted.emb_valid, _labels(valid, task), fitted.emb_test, seed)
+        parts.append(_score_frame(test, task, "unseen", scores))
+    return pd.concat(parts, ignore_index=True), fitted.info()
 
 
 SINGLE_TASK = "trace_single_task"
@@ -175,27 +193,25 @@ def run_single_task(
     runs in the reproduction job only."""
     valid, test = _splits(dataset)
     started = time.perf_counter()
-    parts, emb_valid, emb_test, best_epochs = [], [], [], []
+    parts, networks = [], []
     for task in dataset.seen:
         column = f"label_{task}"
-        with _shard_dir(dataset) as shards:  # one label per network: its shards hold that one
-            model, fit_result, data = _train(
-                dataset, "trace", [column], variant, seed, train_config, max_len, Path(shards)
-            )
-            emb_valid.append(_embeddings(model, data, "valid", valid))
-            emb_test.append(_embeddings(model, data, "test", test))
-        proba = model.proba_from_embeddings(emb_test[-1])[column].to_numpy()
+        # one label per network: its shards hold that one
+        fitted = _fit_and_embed(dataset, "trace", [column], variant, seed, train_config, max_len, valid, test)
+        proba = fitted.model.proba_from_embeddings(fitted.emb_test)[column].to_numpy()
         parts.append(_score_frame(test, task, "seen", proba))
-        best_epochs.append(fit_result.best_epoch)
+        networks.append(fitted)
     fit_seconds = time.perf_counter() - started
-    valid_x, test_x = np.concatenate(emb_valid, axis=1), np.concatenate(emb_test, axis=1)
+    valid_x = np.concatenate([n.emb_valid for n in networks], axis=1)
+    test_x = np.concatenate([n.emb_test for n in networks], axis=1)
     for task in dataset.unseen:
         parts.append(_score_frame(test, task, "unseen", _probe_scores(valid_x, _labels(valid, task), test_x, seed)))
+    best_epochs = [n.fit.best_epoch for n in networks]
     info = {
         "fit_seconds": fit_seconds,
         "best_epoch": max(best_epochs),  # (the run records' column is an integer)
         "best_epoch_per_task": best_epochs,
-        "n_train_examples": len(data.splits["train"]),
+        "n_train_examples": networks[-1].n_train_examples,
     }
     return pd.concat(parts, ignore_index=True), info
 
@@ -214,26 +230,17 @@ def run_wide_deep(
     the aggregates, or the aggregates to the sequence?"""
     valid, test = _splits(dataset)
     label_columns = [f"label_{t}" for t in dataset.seen]
-    with _shard_dir(dataset) as shards:
-        started = time.perf_counter()
-        model, fit_result, data = _train(
-            dataset, "trace", label_columns, variant, seed, train_config, max_len, Path(shards)
-        )
-        fit_seconds = time.perf_counter() - started
-        deep_valid, deep_test = _embeddings(model, data, "valid", valid), _embeddings(model, data, "test", test)
-    x_valid = np.concatenate([deep_valid, aggregate_matrix(dataset, "st_agg", valid)[1]], axis=1)
-    x_test = np.concatenate([deep_test, aggregate_matrix(dataset, "st_agg", test)[1]], axis=1)
+    fitted = _fit_and_embed(dataset, "trace", label_columns, variant, seed, train_config, max_len, valid, test)
+    # one aggregate query for both splits: the valid rows, then the test rows
+    _, wide = aggregate_matrix(dataset, "st_agg", pd.concat([valid, test], ignore_index=True))
+    x_valid = np.concatenate([fitted.emb_valid, wide[: len(valid)]], axis=1)
+    x_test = np.concatenate([fitted.emb_test, wide[len(valid) :]], axis=1)
     parts = [
         _score_frame(test, task, kind, _probe_scores(x_valid, _labels(valid, task), x_test, seed))
         for kind, tasks in (("seen", dataset.seen), ("unseen", dataset.unseen))
         for task in tasks
     ]
-    info = {
-        "fit_seconds": fit_seconds,
-        "best_epoch": fit_result.best_epoch,
-        "n_train_examples": len(data.splits["train"]),
-    }
-    return pd.concat(parts, ignore_index=True), info
+    return pd.concat(parts, ignore_index=True), fitted.info()
 
 
 def sequence_runner(variant: Variant) -> Callable[..., tuple[pd.DataFrame, dict]]:
