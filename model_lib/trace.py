@@ -46,7 +46,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from model_lib import attention_kernel
-from model_lib.packing import Packing
+from model_lib.packing import ATTENTION_GROUP_LENGTH_RATIO, Packing
 
 CLASS_WEIGHTINGS = ("balanced", "inverse_positive_rate", "none")
 POSITION_ENCODINGS = ("learned", "sinusoidal")
@@ -369,7 +369,7 @@ class TRACE(SequenceUserModel):
         # (the mask checked in numpy: as a request's first tensor op, `all` costs it ~0.05 ms)
         if self.packed_events and not self.training and not torch.is_grad_enabled() and mask.cpu().numpy().all():
             return self._infer_unpadded(batch)
-        packing = Packing.of(attention_mask(mask), packed=self.packed_events)
+        packing = Packing.of(attention_mask(mask), packed=self.packed_events, group_ratio=ATTENTION_GROUP_LENGTH_RATIO)
         x = packing.dropout(self.drop, self.embedding(batch, packing))  # [N, D]: the real events
         for block in self.blocks:
             x = block(x, packing)
