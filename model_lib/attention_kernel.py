@@ -20,7 +20,8 @@ a C compiler, or where the build fails, ``kernel()`` is None and the model runs 
 
 Build: ``-ffast-math`` (vector ``expf`` from glibc's libmvec) at *compile* time only: linking a
 shared library with it adds a constructor that sets flush-to-zero for the whole process (GCC < 13).
-The library lands in a cache folder named by a hash of the source and flags (written under a
+The library lands in the user's cache (`$XDG_CACHE_HOME` or `~/.cache`, `trace_dagster/kernels`; or
+`TRACE_KERNEL_CACHE`), named by a hash of the source and flags (written under a
 temporary name, then renamed: concurrent processes never load a half-written file).
 """
 
@@ -188,7 +189,9 @@ def kernel() -> ctypes.CDLL | None:
         return None
     flags = _flags()
     digest = hashlib.sha256("\0".join([SOURCE, cc, *flags]).encode()).hexdigest()[:16]
-    folder = Path(os.environ.get("TRACE_KERNEL_CACHE", Path(tempfile.gettempdir()) / "trace_dagster_kernels"))
+    # the user's own cache, not a shared /tmp where another account could plant a library by that name
+    cache_home = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    folder = Path(os.environ.get("TRACE_KERNEL_CACHE") or cache_home / "trace_dagster" / "kernels")
     library = folder / f"attn4-{digest}.so"
     try:
         if not library.exists():
