@@ -57,9 +57,17 @@ def test_training_uses_the_kernel_and_inference_does_not(monkeypatch):
     attn = SelfAttention(32, 8)
     x = torch.randn(10, 32)
     packing = Packing.of(torch.ones(2, 5, dtype=torch.bool))
-    with torch.no_grad():
-        inferred = attn(x, packing)
-    assert calls == []
-    trained = attn(x, packing)
-    assert calls == [1]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the kernel runs where torch has one thread (every pipeline training step)
+    try:
+        with torch.no_grad():
+            inferred = attn(x, packing)
+        assert calls == []
+        trained = attn(x, packing)
+        assert calls == [1]
+        torch.set_num_threads(2)
+        attn(x, packing)
+        assert calls == [1]  # more threads: PyTorch's kernel, which uses them
+    finally:
+        torch.set_num_threads(threads)
     torch.testing.assert_close(trained.detach(), inferred, rtol=1e-5, atol=1e-6)
