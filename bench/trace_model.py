@@ -9,12 +9,14 @@ pandas reference in bench/pandas_reference.py):
 - dense float32 matmul rate (GFLOP/s) on the training thread count: the ceiling for this model;
 - TRACE training throughput (sequences/s of forward + backward + clipping + AdamW on full-length
   sequences), and the same as a fraction of the matmul rate, using an analytic count of the
-  model's FLOPs per sequence (``trace_flops_per_sequence``; training = 3 x forward);
+  model's FLOPs per sequence (``trace_flops_per_sequence``; training = 3 x forward); on one
+  thread, the attention kernel (model_lib/attention_kernel.py) and PyTorch's attention alternated;
 - the training loop the pipeline runs: ``training.fit`` over memory-mapped shards, on one thread
   (each step of the default run has one), on examples cut like the default run's (every user
   active in the 14 days before each of three weekly cutoffs, so most histories are far shorter
   than max_len); its rate of useful FLOPs (real events only) against the one-thread matmul rate,
-  side by side with the same loop on the padded computation (``packed_events = False``);
+  side by side with the same loop on the padded computation (``packed_events = False``) and on
+  PyTorch's attention instead of the kernel;
 - single-user embedding latency on one thread, end to end (the user's events as a DataFrame ->
   encoder -> network -> embedding), p50 and p99 over many requests; target p99 < 5 ms;
 - batched embedding throughput (users/s, encoding included) on one thread and on all threads.
@@ -26,6 +28,7 @@ import argparse
 import sys
 import tempfile
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +39,7 @@ if __package__ in (None, ""):  # `python bench/x.py`: the repository root, as `p
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.pandas_reference import sessionize_pandas
+from model_lib import attention_kernel
 from model_lib.embedding_service import UserModel
 from model_lib.encoding import EncoderConfig, SequenceEncoder, prepare_events
 from model_lib.sequence_shards import ShardedExamples, ShardWriter
@@ -112,7 +116,14 @@ def pipeline_examples(events: pd.DataFrame, cutoff_days=(7, 14, 21), observation
 
 
 def fit_throughput(
-    config, encoded: dict, root: Path, batch_size: int, packed: bool, seed: int, sample_budget: int | None = None
+    config,
+    encoded: dict,
+    root: Path,
+    batch_size: int,
+    packed: bool,
+    seed: int,
+    sample_budget: int | None = None,
+    kernel: bool = True,
 ) -> float:
     """Sequences/s of one epoch of ``training.fit`` over shards of ``encoded`` (at most
     ``sample_budget`` rows), one thread: the training pass of a pipeline step (shard reads,
@@ -128,13 +139,25 @@ def fit_throughput(
     model = build_model("trace", config)
     model.packed_events = packed
     model.set_class_weights(encoded["labels"])
-    result = fit(
-        model,
-        ShardedExamples(root / "train"),
-        ShardedExamples(root / "valid"),
-        TrainConfig(epochs=1, batch_size=batch_size, num_threads=1, seed=seed, sample_budget=sample_budget),
-    )
+    with nullcontext() if kernel else attention_kernel.pytorch_only():
+        result = fit(
+            model,
+            ShardedExamples(root / "train"),
+            ShardedExamples(root / "valid"),
+            TrainConfig(epochs=1, batch_size=batch_size, num_threads=1, seed=seed, sample_budget=sample_budget),
+        )
     return result.history[0].samples_per_second
+
+
+def attention_kernel_side_by_side(model, batch: dict, steps: int, repeats: int) -> dict[bool, list[float]]:
+    """Training sequences/s on one thread with the attention kernel (True) and with PyTorch's
+    attention (False), alternated ``repeats`` times on the same batch."""
+    rates = {True: [], False: []}
+    for r in range(repeats):
+        for kernel in (True, False) if r % 2 == 0 else (False, True):
+            with nullcontext() if kernel else attention_kernel.pytorch_only():
+                rates[kernel].append(training_throughput(model, batch, steps, 1))
+    return rates
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -202,6 +225,21 @@ def main(argv: list[str] | None = None) -> None:
             f"train_sequences_per_s_batch{big}={rate:.0f} fraction_of_matmul_batch{big}="
             f"{rate * 3 * flops / 1e9 / ((before + after) / 2):.3f} (matmul {before:.1f} / {after:.1f} GFLOP/s around it)"
         )
+    # The same full-length batch on one thread: the attention kernel (model_lib/attention_kernel.py,
+    # what training on one thread uses) against PyTorch's attention, alternated.
+    before = matmul_gflops(1, seconds=0.5)
+    side = attention_kernel_side_by_side(model, full, max(2, steps // 4), 3 if args.quick else 5)
+    after = matmul_gflops(1, seconds=0.5)
+    for kernel, name in ((True, "kernel"), (False, "pytorch")):
+        rate = float(np.median(side[kernel]))
+        print(
+            f"train_sequences_per_s_1thread_attention_{name}={rate:.0f} "
+            f"(min {min(side[kernel]):.0f}, max {max(side[kernel]):.0f}) fraction_of_matmul_1thread_attention_{name}="
+            f"{rate * 3 * flops / 1e9 / ((before + after) / 2):.3f}"
+        )
+    print(
+        f"attention kernel available: {attention_kernel.kernel() is not None}; matmul {before:.1f} / {after:.1f} GFLOP/s around it"
+    )
     real_len = encoded["mask"].sum(1).float()
     print(f"encode_examples_per_s={encode_per_s:.0f} (mean real length {real_len.mean():.1f} of {cfg.max_len})")
 
@@ -214,10 +252,15 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         matmul_1 = matmul_gflops(1, seconds=0.5)
         slow_budget = 4 * batch_size if args.quick else None  # the padded reference: a few batches in a quick run
-        rates = {
-            packed: fit_throughput(cfg, pipe, Path(tmp), batch_size, packed, args.seed, None if packed else slow_budget)
-            for packed in (True, False)
-        }
+        rates = {False: fit_throughput(cfg, pipe, Path(tmp), batch_size, False, args.seed, slow_budget)}
+        # packed with the attention kernel (True) and with PyTorch's attention, alternated: medians
+        packed_runs = {True: [], False: []}
+        for r in range(3):
+            for kernel in (True, False) if r % 2 else (False, True):
+                packed_runs[kernel].append(
+                    fit_throughput(cfg, pipe, Path(tmp), batch_size, True, args.seed, kernel=kernel)
+                )
+        rates[True], rate_pytorch_attention = (float(np.median(packed_runs[k])) for k in (True, False))
         matmul_1 = (matmul_1 + matmul_gflops(1, seconds=0.5)) / 2
     print(
         f"fit_over_shards: {len(cut)} examples (3 weekly cutoffs), mean real length {lengths.float().mean():.1f} "
@@ -230,6 +273,13 @@ def main(argv: list[str] | None = None) -> None:
             f"fraction_of_matmul_1thread_{name}={gflops_fit / matmul_1:.3f}"
         )
     print(f"fit_speedup_packed_over_padded={rates[True] / rates[False]:.2f}")
+    gflops_fit = rate_pytorch_attention * 3 * useful / 1e9
+    print(
+        f"fit_sequences_per_s_packed_pytorch_attention={rate_pytorch_attention:.0f} "
+        f"fraction_of_matmul_1thread_packed_pytorch_attention={gflops_fit / matmul_1:.3f} "
+        f"(packed: medians of 3 runs each, alternated; kernel {[round(r) for r in packed_runs[True]]}, "
+        f"pytorch {[round(r) for r in packed_runs[False]]}; kernel available: {attention_kernel.kernel() is not None})"
+    )
 
     # --- batched embedding throughput (encoding included) -----------------------------------
     model.eval()

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from model_lib.encoding import EncoderConfig, SequenceEncoder
 from model_lib.mini_gpt import MiniGPT, MiniGPTConfig
-from model_lib.packing import Packing
+from model_lib.packing import ATTENTION_GROUP_LENGTH_RATIO, Packing
 from model_lib.trace import (
     TRACE,
     Block,
@@ -72,7 +72,9 @@ class VanillaTransformer(SequenceUserModel):
         self._init_heads(c.embedding_dim, c.n_tasks, c.class_weighting)
 
     def pool(self, batch: dict[str, Tensor]) -> Tensor:
-        packing = Packing.of(attention_mask(batch["mask"]), packed=self.packed_events)
+        packing = Packing.of(
+            attention_mask(batch["mask"]), packed=self.packed_events, group_ratio=ATTENTION_GROUP_LENGTH_RATIO
+        )
         pages = packing.pack(batch["cat_ids"][..., 0])  # [N]: the real events
         x = self.tokens(pages) + self.positions[packing.pack(batch["event_pos"]).long()]  # [N, D]
         x = packing.dropout(self.drop, x)
