@@ -35,6 +35,7 @@ import argparse
 import json
 import math
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -77,7 +78,7 @@ def simulated_input(events: int, workdir: Path, seed: int) -> tuple[Path, int]:
     return path, pq.ParquetFile(path).metadata.num_rows
 
 
-def run_duckdb(input_path: Path, out_dir: Path, gap: float) -> dict:
+def run_duckdb(input_path: Path, out_dir: Path, gap: float, repeats: int = 1) -> dict:
     import pyarrow.parquet as pq
 
     from assets.ingestion.raw_events import RAW_EVENTS, ingest
@@ -105,19 +106,34 @@ def run_duckdb(input_path: Path, out_dir: Path, gap: float) -> dict:
         # The floor, twice: as first defined (one file), and in the table's layout (one file per
         # user bucket, the same bucket function and order), which is what sessionization writes.
         journey = ", ".join(JOURNEY_ORDER)
-        floor_started = time.perf_counter()
-        con.execute(
-            f"COPY (SELECT * FROM {RAW_EVENTS} ORDER BY {journey}) "
-            f"TO {sql_literal(str(out_dir / 'floor.parquet'))} (FORMAT parquet, COMPRESSION snappy)"
-        )
-        floor_one_file_seconds = time.perf_counter() - floor_started
-        floor_started = time.perf_counter()
-        con.execute(
-            f"COPY (SELECT *, {user_bucket_sql(DEFAULT_USER_BUCKETS)} AS _bucket FROM {RAW_EVENTS} "
-            f"ORDER BY _bucket, {journey}) TO {sql_literal(str(out_dir / 'floor_buckets'))} "
-            "(FORMAT parquet, COMPRESSION snappy, PARTITION_BY (_bucket), WRITE_PARTITION_COLUMNS false)"
-        )
-        floor_seconds = time.perf_counter() - floor_started
+
+        def floor_one_file() -> None:
+            con.execute(
+                f"COPY (SELECT * FROM {RAW_EVENTS} ORDER BY {journey}) "
+                f"TO {sql_literal(str(out_dir / 'floor.parquet'))} (FORMAT parquet, COMPRESSION snappy)"
+            )
+
+        def floor_buckets() -> None:
+            con.execute(
+                f"COPY (SELECT *, {user_bucket_sql(DEFAULT_USER_BUCKETS)} AS _bucket FROM {RAW_EVENTS} "
+                f"ORDER BY _bucket, {journey}) TO {sql_literal(str(out_dir / 'floor_buckets'))} "
+                "(FORMAT parquet, COMPRESSION snappy, PARTITION_BY (_bucket), WRITE_PARTITION_COLUMNS false, "
+                "OVERWRITE_OR_IGNORE true)"
+            )
+
+        def ours() -> None:
+            build_sessionized_events(warehouse, con, gap, full_rebuild=True)
+
+        # Repeats, each timing the three in turn (the order reversed every other repeat, so
+        # neither always runs first): ratios are taken within a repeat, side by side.
+        timed = {"sessionize": [sessionized - ingested], "floor": [], "floor_one_file": []}
+        steps = {"floor_one_file": floor_one_file, "floor": floor_buckets, "sessionize": ours}
+        for repeat in range(repeats):
+            order = ["floor_one_file", "floor"] + (["sessionize"] if repeat else [])
+            for name in order if repeat % 2 == 0 else order[::-1]:
+                t = time.perf_counter()
+                steps[name]()
+                timed[name].append(time.perf_counter() - t)
 
         # A late delivery: one event for 1% of the users, dated before their first event.
         late_path = out_dir / "late.parquet"
@@ -135,8 +151,9 @@ def run_duckdb(input_path: Path, out_dir: Path, gap: float) -> dict:
         "seconds": sessionized - started,
         "ingest_seconds": ingested - started,
         "sessionize_seconds": sessionized - ingested,
-        "floor_seconds": floor_seconds,
-        "floor_one_file_seconds": floor_one_file_seconds,
+        "floor_seconds": timed["floor"][0],
+        "floor_one_file_seconds": timed["floor_one_file"][0],
+        "repeats": timed,
         "incremental_seconds": incremental_seconds,
         "incremental_rows": incremental.rows_written,
         "incremental_buckets": f"{incremental.buckets_rebuilt}/{incremental.n_buckets}",
@@ -178,15 +195,18 @@ def run_pandas(input_path: Path, out_dir: Path, gap: float) -> dict:
     }
 
 
-def child(path_kind: str, input_path: Path, out_dir: Path, gap: float) -> None:
+def child(path_kind: str, input_path: Path, out_dir: Path, gap: float, repeats: int) -> None:
     shutil.rmtree(out_dir, ignore_errors=True)
-    result = (run_duckdb if path_kind == "duckdb" else run_pandas)(input_path, out_dir, gap)
+    if path_kind == "duckdb":
+        result = run_duckdb(input_path, out_dir, gap, repeats)
+    else:
+        result = run_pandas(input_path, out_dir, gap)
     result["peak_rss_bytes"] = peak_rss_bytes()
     shutil.rmtree(out_dir, ignore_errors=True)
     print("RESULT " + json.dumps(result), flush=True)
 
 
-def measure(path_kind: str, input_path: Path, workdir: Path, gap: float) -> dict:
+def measure(path_kind: str, input_path: Path, workdir: Path, gap: float, repeats: int) -> dict:
     out = subprocess.run(
         [
             sys.executable,
@@ -200,6 +220,8 @@ def measure(path_kind: str, input_path: Path, workdir: Path, gap: float) -> dict
             str(workdir / f"out_{path_kind}"),
             "--gap",
             str(gap),
+            "--repeats",
+            str(repeats),
         ],
         capture_output=True,
         text=True,
@@ -217,11 +239,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--gap", type=float, default=7200.0, help="session gap, seconds")
     parser.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR)
+    parser.add_argument(
+        "--repeats", type=int, default=3, help="timings of sessionization and of each floor, side by side (DuckDB path)"
+    )
     parser.add_argument("--child", choices=["duckdb", "pandas"], help=argparse.SUPPRESS)
     parser.add_argument("--input", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
-        child(args.child, args.input, args.workdir, args.gap)
+        child(args.child, args.input, args.workdir, args.gap, args.repeats)
         return
 
     input_path, n_events = simulated_input(args.events, args.workdir, args.seed)
@@ -230,7 +255,7 @@ def main(argv: list[str] | None = None) -> None:
         f"parquet), session gap {args.gap:.0f} s",
         flush=True,
     )
-    results = {kind: measure(kind, input_path, args.workdir, args.gap) for kind in ("duckdb", "pandas")}
+    results = {kind: measure(kind, input_path, args.workdir, args.gap, args.repeats) for kind in ("duckdb", "pandas")}
     for kind, r in results.items():
         print(
             f"{kind:>7}: {r['seconds']:7.2f} s  {n_events / r['seconds']:>12,.0f} events/s  "
@@ -252,6 +277,22 @@ def main(argv: list[str] | None = None) -> None:
         f"  floor as one file (the first definition): {one_file:.2f} s; DuckDB = "
         f"{duck['sessionize_seconds'] / one_file:.2f}x, pandas = {pandas_['sessionize_seconds'] / one_file:.2f}x"
     )
+    timed = duck["repeats"]
+    if len(timed["floor"]) > 1:
+        runs = zip(timed["sessionize"], timed["floor"], timed["floor_one_file"])
+        print(
+            f"  {len(timed['floor'])} repeats, side by side (sessionization s / per-bucket floor s / one-file floor s):"
+        )
+        for i, (ours, per_bucket, one) in enumerate(runs, 1):
+            print(
+                f"    {i}: {ours:6.2f} / {per_bucket:6.2f} / {one:6.2f} = {ours / per_bucket:.2f}x, {ours / one:.2f}x"
+            )
+        median = {k: statistics.median(v) for k, v in timed.items()}
+        print(
+            f"  medians: sessionization {median['sessionize']:.2f} s = "
+            f"{median['sessionize'] / median['floor']:.2f}x the per-bucket floor, "
+            f"{median['sessionize'] / median['floor_one_file']:.2f}x the one-file floor (target <= 1.5x)"
+        )
     print(
         f"incremental: {duck['late_events']:,} late events for 1% of users -> "
         f"{duck['incremental_buckets']} buckets, {duck['incremental_rows']:,} rows re-sessionized in "

@@ -200,6 +200,10 @@ def test_a_learning_curve_point_is_a_sql_sample_of_whole_training_users(tmp_path
     for split in ("valid", "test"):
         pd.testing.assert_frame_equal(point.examples(split), ds.examples(split))
     assert ds.restrict_train_users(10**6) is ds
+    # the ablations' check that another build holds the same examples, made in SQL
+    assert ds.example_ids_fingerprint() == build_dataset("simulator", tmp_path, n_users=120).example_ids_fingerprint()
+    assert point.example_ids_fingerprint() != ds.example_ids_fingerprint()
+    assert point.example_ids_fingerprint()[0] == len(point.examples())
     labels = [f"label_{t}" for t in point.seen]
     shards = write_sequence_shards(
         point.connect, "trace", labels, tmp_path / "s", EncoderConfig(max_len=8), train_sample=point.train_sample

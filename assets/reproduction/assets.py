@@ -325,7 +325,7 @@ def ablation_runs(context: dg.AssetExecutionContext, config: AblationConfig, pat
             regapped = build_dataset(
                 name, root, n_users=users, session_gap_seconds=gap, events_per_bucket=config.events_per_bucket
             )
-            if set(regapped.examples()["example_id"]) != set(ds.examples()["example_id"]):
+            if regapped.example_ids_fingerprint() != ds.example_ids_fingerprint():
                 context.log.warning(f"{name} {label}: the examples differ from the 2 h build (the gap moves cutoffs?)")
             runner.sequence(regapped, Variant(label, "trace"), seeds, regapped.n_train_users)
     for name in config.funnel_datasets:

@@ -76,6 +76,15 @@ class ReproductionDataset:
         with self.connect() as con:
             return con.sql(f"{self.examples_sql(splits or SPLITS)} ORDER BY example_id").df()
 
+    def example_ids_fingerprint(self) -> tuple[int, int]:
+        """(count, xor of the md5 of every `example_id`): two builds hold the same example ids
+        when these match (up to an md5 collision), compared without reading the ids into memory."""
+        with self.connect() as con:
+            count, digest = con.execute(
+                f"SELECT count(*), coalesce(bit_xor(md5_number_lower(example_id)), 0) FROM ({self.examples_sql()})"
+            ).fetchall()[0]
+        return int(count), int(digest)
+
     def _count(self, what: str, splits: tuple[str, ...] = SPLITS) -> int:
         with self.connect() as con:
             return int(con.execute(f"SELECT {what} FROM ({self.examples_sql(splits)})").fetchall()[0][0])
