@@ -4,7 +4,8 @@ The definitions (anchor, labels "later" within the horizon, censoring, past-only
 those of `model_lib/funnel_samples.py`, whose pandas `build_funnel_samples` stays the reference:
 tests/test_funnel_sql.py checks that this SQL gives the same frame. Here every past-only count is
 a window function over the events that have an item, strictly before the anchor's timestamp
-(`RANGE ... EXCLUDE GROUP` drops the events of the anchor's own second, which count as "later"),
+(`RANGE ... EXCLUDE GROUP` drops the events of the anchor's own second, which count as "later";
+an item's counts use an equivalent form, `_count_before_in_large_partitions`),
 and DuckDB sorts and spills out of core, so memory is bounded by DuckDB's `memory_limit`, not by
 the number of events.
 
@@ -24,7 +25,22 @@ STRICTLY_BEFORE = "RANGE BETWEEN UNBOUNDED PRECEDING AND CURRENT ROW EXCLUDE GRO
 
 
 def _count_before(condition: str, partition: str) -> str:
+    """Events of ``partition`` matching ``condition`` strictly before each row's timestamp."""
     return f"count(*) FILTER (WHERE {condition}) OVER (PARTITION BY {partition} ORDER BY event_time {STRICTLY_BEFORE})"
+
+
+def _count_before_in_large_partitions(condition: str, partition: str) -> str:
+    """`_count_before` for partitions that grow with the data (an item's events, over all users):
+    the running count up to and including the row's timestamp (the default frame takes the row's
+    peers) minus the count at that timestamp. Same numbers; DuckDB evaluates the framed count
+    ~9x slower on large partitions (the two item counts at 1e7 events: 54 s against 6 s, the
+    step's time growing 30x for 10x the events) but this form costs two windows, which is slower
+    on a user's few events (the user counts keep the framed form)."""
+    matches = f"CAST({condition} AS INTEGER)"
+    return (
+        f"CAST(sum({matches}) OVER (PARTITION BY {partition} ORDER BY event_time) "
+        f"- sum({matches}) OVER (PARTITION BY {partition}, event_time) AS BIGINT)"
+    )
 
 
 def funnel_samples_sql(spec: FunnelSpec, events: str = "sessionized_events") -> str:
@@ -70,8 +86,8 @@ def funnel_samples_sql(spec: FunnelSpec, events: str = "sessionized_events") -> 
             CASE WHEN category IS NULL THEN 0 ELSE
                 {_count_before(f"event_name = {lit(entry)}", "user_id, category")} END AS user_prior_category_views,
             {", ".join(user_item_counts)},
-            {_count_before(f"event_name = {lit(entry)}", "item_id")} AS item_prior_views,
-            {_count_before(f"event_name = {lit(last)}", "item_id")} AS item_prior_{last}
+            {_count_before_in_large_partitions(f"event_name = {lit(entry)}", "item_id")} AS item_prior_views,
+            {_count_before_in_large_partitions(f"event_name = {lit(last)}", "item_id")} AS item_prior_{last}
         FROM ev
     ),
     anchors AS (
