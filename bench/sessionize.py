@@ -26,7 +26,9 @@ Figures (2 cores shared with two niced training runs and other sessions' tests, 
 2026-11-30; one run each, same-code runs varied up to 2x): 10^6 events, sessionization
 1.00x, 1.23x, 1.30x the per-bucket floor, 1.45x, 1.64x, 1.86x the one-file floor (the window
 SQL before: 4.71x the one-file floor); 10^7 events, 0.61x and 1.11x / 0.80x and 1.52x
-(before: 3.50x the one-file floor). docs/ARCHITECTURE.md has the profile.
+(before: 3.50x the one-file floor). Quiet machine, `--repeats 3` (2026-11-30 16:00): 10^7 events,
+1.48x, 1.20x, 1.34x the one-file floor (median 1.34x), 0.99x the per-bucket floor (median).
+docs/ARCHITECTURE.md has the profile.
 """
 
 from __future__ import annotations
