@@ -21,9 +21,9 @@ p99 (`model`) < 5 ms for every user with up to 500 events (the worst of the thre
 
 The four paths are measured interleaved, in turns of 50 requests (in a rotating order, each turn
 after one unmeasured request), so a burst of load on this shared VM lands on all of them alike
-rather than on whichever ran at that moment. Besides wall time, each in-process request's CPU time on its thread (`time.thread_time`)
-is recorded: wall time above it is time the thread waited (another process, the hypervisor's
-steal, shown from /proc/stat), not work the request did.
+rather than on whichever ran at that moment. Besides wall time, each in-process request's CPU
+time on its thread (`time.thread_time`) is recorded: wall time above it is time the thread
+waited (another process, the hypervisor's steal, shown from /proc/stat), not work the request did.
 """
 
 from __future__ import annotations
