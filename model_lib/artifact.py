@@ -25,6 +25,7 @@ class Artifact:
     model: SequenceUserModel  # in eval mode
     encoder: SequenceEncoder
     metadata: dict = field(default_factory=dict)
+    serving_graph: bytes | None = None  # serving_graph.py: the one-user network as ONNX, if exported
 
 
 def config_to_dict(config) -> dict:
@@ -51,9 +52,15 @@ def _check_primitive(value, where: str = "metadata") -> None:
 
 
 def save_artifact(
-    path: str | Path, kind: str, model: SequenceUserModel, encoder: SequenceEncoder, metadata: dict | None = None
+    path: str | Path,
+    kind: str,
+    model: SequenceUserModel,
+    encoder: SequenceEncoder,
+    metadata: dict | None = None,
+    serving_graph: bytes | None = None,
 ) -> Path:
-    """Write the artifact atomically (tmp file + rename); returns the path."""
+    """Write the artifact atomically (tmp file + rename); returns the path. ``serving_graph``
+    (optional) is stored as a uint8 tensor: still a file that loads with ``weights_only=True``."""
     get_kind(kind)
     metadata = dict(metadata or {})
     _check_primitive(metadata)
@@ -65,6 +72,8 @@ def save_artifact(
         "state_dict": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
         "metadata": metadata,
     }
+    if serving_graph is not None:
+        state["serving_graph"] = torch.frombuffer(bytearray(serving_graph), dtype=torch.uint8)
     return save_atomically(state, path)
 
 
@@ -86,7 +95,14 @@ def load_artifact(path: str | Path) -> Artifact:
     model = build_model(kind, config_from_dict(kind, state["config"]))
     model.load_state_dict(state["state_dict"])
     model.eval()
-    return Artifact(kind, model, SequenceEncoder.from_state_dict(state["encoder"]), state["metadata"])
+    graph = state.get("serving_graph")  # absent in artifacts saved without one
+    return Artifact(
+        kind,
+        model,
+        SequenceEncoder.from_state_dict(state["encoder"]),
+        state["metadata"],
+        None if graph is None else graph.numpy().tobytes(),
+    )
 
 
 __all__ = [

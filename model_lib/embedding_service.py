@@ -10,6 +10,7 @@ never changes a result.
 from __future__ import annotations
 
 import functools
+import logging
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +20,7 @@ import pandas as pd
 import torch
 from torch import Tensor
 
+from model_lib import serving_graph
 from model_lib.artifact import load_artifact, save_artifact
 from model_lib.distributed import fit_distributed
 from model_lib.encoding import EncoderConfig, PreparedEvents, SequenceEncoder, prepare_events
@@ -52,6 +54,8 @@ def labels_tensor(examples: pd.DataFrame, label_columns: Sequence[str]) -> Tenso
     return torch.from_numpy(values)
 
 
+log = logging.getLogger(__name__)
+
 #: Prefix of the probability columns of `score_events` (`p_<task>`, as in predictions.parquet).
 PROBABILITY_PREFIX = "p_"
 
@@ -68,8 +72,13 @@ class UserModel:
     encoder: SequenceEncoder
     # The inactivity gap of the sessions the model was trained on: raw events are cut the same way.
     session_gap_seconds: float = DEFAULT_SESSION_GAP_SECONDS
+    # The network's one-user forward as ONNX (serving_graph.py), as stored with these weights in
+    # their artifact; run by ONNX Runtime once the model is frozen for serving.
+    serving_graph: bytes | None = field(default=None, repr=False, compare=False)
     # (network, its modules) of `_eval_mode`: the network's module tree, listed once
     _modules: tuple | None = field(default=None, init=False, repr=False, compare=False)
+    # the ONNX Runtime session of `serving_graph` while frozen (`freeze`), else None
+    _session: serving_graph.ServingSession | None = field(default=None, init=False, repr=False, compare=False)
 
     @property
     def task_names(self) -> tuple[str, ...]:
@@ -149,10 +158,27 @@ class UserModel:
     # ------------------------------------------------------------------ inference
     def freeze(self) -> UserModel:
         """Fixed for serving (what the registered model does on load): see
-        `SequenceUserModel.freeze`. Results are unchanged; a request no longer copies the
-        embedding tables."""
+        `SequenceUserModel.freeze`, and one-user requests run on the artifact's serving graph
+        (ONNX Runtime) when it has one, after a check against the PyTorch forward. Results are
+        unchanged up to float rounding; a request no longer copies the embedding tables, nor
+        pays PyTorch's per-operator dispatch."""
         self.model.freeze()
+        if self.serving_graph is not None and self._session is None:
+            if not serving_graph.runtime_available():
+                log.warning("onnxruntime is not installed: one-user requests run on PyTorch")
+            else:
+                try:
+                    serving_graph.check(self.serving_graph, self.model)
+                    self._session = serving_graph.ServingSession(self.serving_graph)
+                except Exception as error:  # PyTorch serves the same numbers
+                    log.warning("serving graph not used (%s): one-user requests run on PyTorch", error)
         return self
+
+    @property
+    def serving_runtime(self) -> str:
+        """What runs a one-user request's network: "onnxruntime" (frozen with a serving graph)
+        or "torch"."""
+        return "onnxruntime" if self._session is not None else "torch"
 
     def _eval_mode(self) -> None:
         """The network in eval mode (no dropout). `eval()` walks and sets every module (~0.15 ms,
@@ -232,8 +258,11 @@ class UserModel:
     def _score_sequence(self, batch: dict[str, Tensor], heads: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
         """(embedding [1, E], probabilities [1, T] or None) of one encoded sequence: the heads
         run on the embedding tensor in the same pass (what `_probabilities` computes from it)."""
-        self._eval_mode()
         length = max(int(batch["mask"].numpy().sum()), 1)  # an empty history keeps its one (padding) slot
+        if self._session is not None:  # frozen for serving: the same network on ONNX Runtime
+            embedding, proba = self._session.run(batch, length)
+            return embedding, proba if heads else None
+        self._eval_mode()
         if length < batch["mask"].shape[1]:
             batch = {k: v[:, :length] for k, v in batch.items()}
         embedding = self.model.embed(batch)
@@ -372,15 +401,27 @@ class UserModel:
         return pd.DataFrame(rows, columns=["task", "metric", "value"])
 
     # ------------------------------------------------------------------ persistence
-    def save(self, path: str | Path, metadata: dict | None = None) -> Path:
+    def save(self, path: str | Path, metadata: dict | None = None, serving_graph: bool = False) -> Path:
+        """One artifact file. ``serving_graph``: also export the network's one-user forward
+        as ONNX (serving_graph.py; a few seconds, TRACE only) for the served model."""
         metadata = {"session_gap_seconds": float(self.session_gap_seconds), **(metadata or {})}
-        return save_artifact(path, self.kind, self.model, self.encoder, metadata)
+        graph = _export_serving_graph(self.model) if serving_graph else None
+        return save_artifact(path, self.kind, self.model, self.encoder, metadata, serving_graph=graph)
 
     @classmethod
     def load(cls, path: str | Path) -> UserModel:
         art = load_artifact(path)
         gap = art.metadata.get("session_gap_seconds", DEFAULT_SESSION_GAP_SECONDS)
-        return cls(art.kind, art.model, art.encoder, float(gap))
+        return cls(art.kind, art.model, art.encoder, float(gap), serving_graph=art.serving_graph)
+
+
+def _export_serving_graph(model: SequenceUserModel) -> bytes | None:
+    """`serving_graph.export` of the network in eval mode, its mode restored after."""
+    training = model.training
+    try:
+        return serving_graph.export(model.eval())
+    finally:
+        model.train(training)
 
 
 @functools.lru_cache(maxsize=64)

@@ -211,7 +211,11 @@ def build_sequence_model_asset(kind: str) -> dg.AssetsDefinition:
                     processes=config.ddp_processes,
                 )
                 model.session_gap_seconds = trained_session_gap(context.instance)  # served raw events are cut alike
-                artifact = model.save(out_dir / "model.pt", metadata={"dagster_run_id": context.run.run_id})
+                # TRACE also carries its one-user network as ONNX, which the served model runs (serving_graph.py)
+                artifact = model.save(
+                    out_dir / "model.pt", metadata={"dagster_run_id": context.run.run_id}, serving_graph=True
+                )
+                serving_runtime = UserModel.load(artifact).freeze().serving_runtime
                 # encoded once, streamed: the probabilities come from the heads on the embeddings
                 y_test, p_test = write_model_outputs(model, data, seen, out_dir)
 
@@ -277,6 +281,7 @@ def build_sequence_model_asset(kind: str) -> dg.AssetsDefinition:
                 "train_examples_in_warehouse": data.n_train_examples,
                 "samples_seen": sum(r.samples for r in fit_result.history),
                 "user_hash_buckets": data.buckets,
+                "serving_runtime": serving_runtime,  # what runs the served model's one-user requests
             },
         )
 
