@@ -9,6 +9,7 @@ the metrics sit on the logged model, and the version still loads after the home 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -162,6 +163,15 @@ def test_trace_champion_serves_raw_events_over_http(pipeline, tmp_path):
         assert [str(u) for u in pd.DataFrame(body["predictions"])["user_id"]] == ["12345"]
     with pytest.raises(mlflow.exceptions.MlflowException, match="user_id"):
         mlflow.pyfunc.load_model("models:/trace@champion").predict(one_user.assign(user_id=12345))
+
+    # a one-user request runs on the serving graph the training step stored with the champion
+    # (ONNX Runtime): the numbers of its PyTorch network
+    champion = mlflow.pyfunc.load_model("models:/trace@champion").unwrap_python_model().model
+    assert champion.serving_runtime == "onnxruntime"
+    on_torch = dataclasses.replace(champion, serving_graph=None)
+    assert on_torch.serving_runtime == "torch"
+    got, expected = (m.score_events(one_user, as_of=as_of).iloc[:, 2:] for m in (champion, on_torch))
+    np.testing.assert_allclose(got.to_numpy(float), expected.to_numpy(float), atol=1e-5)
 
 
 def test_mtlds_champion_ranks_candidates_from_raw_events_over_http(pipeline, tmp_path):
