@@ -286,10 +286,10 @@ def test_training_examples_built_by_user_bucket_equal_the_whole_build(tmp_path):
     with_device = dataclasses.replace(SIMULATOR_TASKS, tasks=(*SIMULATOR_TASKS.tasks, on_device))
     assert "device" in example_event_columns(c, with_device)
     assert "device" not in example_event_columns(c, SIMULATOR_TASKS)
-    for tasks in (SIMULATOR_TASKS, with_device):
+    staging = tmp_path / "staging"
+    for tasks in (SIMULATOR_TASKS, with_device):  # the second build reuses the staging folder
         cutoffs = cutoff_times(c, tasks)
         whole = c.sql(training_examples_sql(tasks, cutoffs)).df()
-        staging = tmp_path / tasks.name / str(len(tasks.tasks))
         bucketed = c.sql(bucketed_training_examples_sql(c, tasks, cutoffs, 4, staging)).df()
         assert len(list(staging.glob("bucket-*.parquet"))) == 4
         assert len(whole) > 100

@@ -238,7 +238,7 @@ def stage_events_by_bucket(
     select = ", ".join(quote_ident(c) for c in columns)
     con.execute(
         f"COPY (SELECT {select}, {bucket} AS examples_bucket FROM sessionized_events) "
-        f"TO {sql_literal(str(folder))} (FORMAT parquet, PARTITION_BY (examples_bucket))"
+        f"TO {sql_literal(str(folder))} (FORMAT parquet, PARTITION_BY (examples_bucket), OVERWRITE)"
     )
     return {
         b: f"read_parquet({sql_literal(str(folder / f'examples_bucket={b}' / '*.parquet'))}, hive_partitioning = false)"
