@@ -1,5 +1,6 @@
 """Tasks as data and the rolling-cutoff examples: labels on a hand-made journey, splits, validation."""
 
+import dataclasses
 import hashlib
 import json
 from datetime import datetime, timedelta
@@ -268,8 +269,10 @@ def test_the_test_helper_follows_the_same_two_rules_as_the_pipeline():
 
 def test_training_examples_built_by_user_bucket_equal_the_whole_build(tmp_path):
     """At scale the table is built one user-hash bucket at a time (DuckDB's working set bounded by
-    config): it must be the same table, row for row, in the same order."""
-    from assets.training_data.examples_sql import bucketed_training_examples_sql
+    config), from each bucket's events staged once with only the columns the build reads: it must
+    be the same table, row for row, in the same order, also for a label on a column the default
+    tasks do not read."""
+    from assets.training_data.examples_sql import bucketed_training_examples_sql, example_event_columns
     from resources.event_sources.simulator import SimulatorConfig, simulate_events
     from tests.trace_test_data import sessionize
 
@@ -279,9 +282,16 @@ def test_training_examples_built_by_user_bucket_equal_the_whole_build(tmp_path):
     c.register("sessionized_frame", events.assign(event_time=events["event_time"].dt.tz_localize(None)))
     c.execute("CREATE TABLE sessionized_events AS SELECT * FROM sessionized_frame")
     c.execute(f"CREATE TABLE user_splits AS {user_splits_sql(0, 0.2, 0.2)}")
-    cutoffs = cutoff_times(c, SIMULATOR_TASKS)
-    whole = c.sql(training_examples_sql(SIMULATOR_TASKS, cutoffs)).df()
-    bucketed = c.sql(bucketed_training_examples_sql(c, SIMULATOR_TASKS, cutoffs, 4, tmp_path / "staging")).df()
-    assert len(list((tmp_path / "staging").glob("bucket-*.parquet"))) == 4
-    assert len(whole) > 100
-    pd.testing.assert_frame_equal(bucketed, whole)
+    on_device = EngagementTask("app_14d", "unseen", "bool_or(\"Device\" = 'app')")
+    with_device = dataclasses.replace(SIMULATOR_TASKS, tasks=(*SIMULATOR_TASKS.tasks, on_device))
+    assert "device" in example_event_columns(c, with_device)
+    assert "device" not in example_event_columns(c, SIMULATOR_TASKS)
+    staging = tmp_path / "staging"
+    for tasks in (SIMULATOR_TASKS, with_device):  # the second build reuses the staging folder
+        cutoffs = cutoff_times(c, tasks)
+        whole = c.sql(training_examples_sql(tasks, cutoffs)).df()
+        bucketed = c.sql(bucketed_training_examples_sql(c, tasks, cutoffs, 4, staging)).df()
+        assert len(list(staging.glob("bucket-*.parquet"))) == 4
+        assert len(whole) > 100
+        pd.testing.assert_frame_equal(bucketed, whole)
+    assert whole["label_app_14d"].any() and not whole["label_app_14d"].all()
