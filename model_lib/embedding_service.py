@@ -168,8 +168,9 @@ class UserModel:
                 log.warning("onnxruntime is not installed: one-user requests run on PyTorch")
             else:
                 try:
-                    serving_graph.check(self.serving_graph, self.model)
-                    self._session = serving_graph.ServingSession(self.serving_graph)
+                    session = serving_graph.ServingSession(self.serving_graph)
+                    serving_graph.check(session, self.model)  # one session, checked, then kept
+                    self._session = session
                 except Exception as error:  # PyTorch serves the same numbers
                     log.warning("serving graph not used (%s): one-user requests run on PyTorch", error)
         return self

@@ -125,18 +125,17 @@ def export(model: nn.Module) -> bytes | None:
                 verbose=False,
             )
         graph = program.model_proto.SerializeToString()
-        check(graph, model, lengths=(1, 2, 7, max_len))
+        check(ServingSession(graph), model, lengths=(1, 2, 7, max_len))
     except Exception as error:  # any exporter failure leaves the model on PyTorch
         log.warning("serving graph not exported (%s: %s): the model serves on PyTorch", type(error).__name__, error)
         return None
     return graph
 
 
-def check(graph: bytes, model: TRACE, lengths=(1, 5)) -> float:
-    """Largest difference between the graph run by ONNX Runtime and the PyTorch forward over
+def check(session: ServingSession, model: TRACE, lengths=(1, 5)) -> float:
+    """Largest difference between a serving graph's session and the PyTorch forward over
     sequences of ``lengths`` events; raises when it exceeds `TOLERANCE` (a graph that does not
     belong to these weights)."""
-    session = ServingSession(graph)
     network = OneUserNetwork(model).eval()
     worst = 0.0
     with torch.inference_mode():

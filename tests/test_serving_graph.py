@@ -76,7 +76,7 @@ def test_the_graph_equals_the_pytorch_forward_at_every_length(encoder, overrides
     graph = serving_graph.export(model)
     assert graph is not None
     max_len = model.config.max_len
-    worst = serving_graph.check(graph, model, lengths=range(1, max_len + 1))
+    worst = serving_graph.check(serving_graph.ServingSession(graph), model, lengths=range(1, max_len + 1))
     assert worst < 1e-5
 
 
