@@ -255,20 +255,20 @@ class UserModel:
         are the same, and a user with 50 events does not pay for ``max_len`` positions."""
         return self._score_sequence(batch, heads=False)[0]
 
-    @torch.inference_mode()
     def _score_sequence(self, batch: dict[str, Tensor], heads: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
         """(embedding [1, E], probabilities [1, T] or None) of one encoded sequence: the heads
         run on the embedding tensor in the same pass (what `_probabilities` computes from it)."""
         length = max(int(batch["mask"].numpy().sum()), 1)  # an empty history keeps its one (padding) slot
-        if self._session is not None:  # frozen for serving: the same network on ONNX Runtime
+        if self._session is not None:  # frozen for serving: the same network on ONNX Runtime (no autograd)
             embedding, proba = self._session.run(batch, length)
             return embedding, proba if heads else None
-        self._eval_mode()
-        if length < batch["mask"].shape[1]:
-            batch = {k: v[:, :length] for k, v in batch.items()}
-        embedding = self.model.embed(batch)
-        proba = torch.sigmoid(self.model.heads(embedding)).numpy() if heads else None
-        return embedding.numpy(), proba
+        with torch.inference_mode():
+            self._eval_mode()
+            if length < batch["mask"].shape[1]:
+                batch = {k: v[:, :length] for k, v in batch.items()}
+            embedding = self.model.embed(batch)
+            proba = torch.sigmoid(self.model.heads(embedding)).numpy() if heads else None
+            return embedding.numpy(), proba
 
     def embed_latest(self, events: pd.DataFrame, batch_size: int = 2048, as_of=None) -> pd.DataFrame:
         """Every user's embedding as of one moment: the serving entry point.
@@ -368,7 +368,7 @@ class UserModel:
         between the request and the answer: `sessionize_user`'s arrays go to the encoder.
         Same numbers as the general path (tests/test_serving.py)."""
         self._check_event_names(events, unknown_event_names)
-        columns = sessionize_user(events, self.session_gap_seconds)
+        columns = sessionize_user(events, self.session_gap_seconds, columns=self.encoder.columns)
         for c in self.encoder.columns:  # optional attributes a request leaves out: missing, as in training
             columns.setdefault(c, np.full(len(events), None, dtype=object))
         last = columns["event_time"][-1]  # arrays are in event order

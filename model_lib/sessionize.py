@@ -22,7 +22,7 @@ for one user's live request, where building a frame would cost more than the rul
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -184,15 +184,24 @@ def sessionize(events: pd.DataFrame, session_gap_seconds: float = DEFAULT_SESSIO
 
 
 def sessionize_user(
-    events: pd.DataFrame, session_gap_seconds: float = DEFAULT_SESSION_GAP_SECONDS
+    events: pd.DataFrame,
+    session_gap_seconds: float = DEFAULT_SESSION_GAP_SECONDS,
+    columns: Sequence[str] | None = None,
 ) -> dict[str, np.ndarray]:
     """One user's raw events (a live request) -> `sessionize`'s columns as arrays in event order,
     all but `session_id`: same rule, checks and errors, without the frame a request would
-    otherwise pay for. The caller guarantees that all rows have one `user_id`."""
+    otherwise pay for. The caller guarantees that all rows have one `user_id`.
+
+    ``columns``: the input columns to return (default all; `event_time` always): a served model
+    reads only its encoder's. Events already in time order (what clients send) come back as
+    views of the request's columns, not copies."""
     _check_required(events)
     times = _event_times(events["event_time"])
     order, session = _session_columns(None, times, _tie_breaks(events), session_gap_seconds)
-    return {**{c: events[c].to_numpy()[order] for c in events.columns}, "event_time": times[order], **session}
+    if len(order) and bool((order[1:] > order[:-1]).all()):  # the identity: nothing to reorder
+        order = slice(None)
+    wanted = events.columns if columns is None else [c for c in columns if c in events.columns]
+    return {**{c: events[c].to_numpy()[order] for c in wanted}, "event_time": times[order], **session}
 
 
 def _check_required(events: pd.DataFrame) -> None:

@@ -142,13 +142,20 @@ def test_one_user_arrays_equal_the_frame():
             "device": ["x", None, "y", "x", "y", None],
         }
     )
-    for frame in (events, events.drop(columns=["source_file", "source_row"]), events.head(1)):
+    plain = events.drop(columns=["source_file", "source_row"])
+    in_time_order = plain.iloc[np.argsort(plain["event_time"].to_numpy(), kind="stable")]  # no reordering to do
+    for frame in (events, plain, in_time_order, events.head(1)):
         expected = sessionize(frame, session_gap_seconds=3600)
         arrays = sessionize_user(frame, session_gap_seconds=3600)
         assert list(arrays) == [c for c in expected.columns if c != "session_id"]
         for column, values in arrays.items():
             np.testing.assert_array_equal(values, expected[column].to_numpy(), err_msg=column)
             assert values.dtype == expected[column].dtype, column
+        # a served model asks for its encoder's columns only (an absent one is skipped)
+        some = sessionize_user(frame, session_gap_seconds=3600, columns=["device", "absent"])
+        assert "device" in some and "absent" not in some and "event_name" not in some
+        np.testing.assert_array_equal(some["device"], expected["device"].to_numpy())
+        np.testing.assert_array_equal(some["session_index"], expected["session_index"].to_numpy())
 
 
 def test_batches_with_a_carry_equal_one_call():
