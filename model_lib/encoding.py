@@ -411,6 +411,15 @@ class SequenceEncoder:
         self.fitted = True
         return self
 
+    def event_columns(self, available: list[str]) -> list[str]:
+        """The columns of ``available`` (an events frame's, in its order) that ``fit`` and
+        ``transform`` read: the sessionized columns and the categorical ones this config picks
+        from them. A caller that reads events for this encoder need read no others (the rest of
+        `sessionized_events`, e.g. ids and raw gaps, cost time to read and convert)."""
+        read = {"user_id", "event_time", "event_name", *SESSION_COLUMNS}
+        read |= set(self._categorical_columns(pd.DataFrame(columns=list(available))))
+        return [c for c in available if c in read]
+
     def _rules(self) -> dict[str, AttributeRule]:
         return {r.column: r for r in self.config.attributes or ()}
 

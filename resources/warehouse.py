@@ -13,6 +13,7 @@ by a process outside Dagster (a notebook, the CLI) instead of failing at once.
 
 from __future__ import annotations
 
+import shutil
 import time
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
@@ -46,6 +47,42 @@ def user_hash_sql(column: str, modulus: int, salt: str | None = None) -> str:
     ``int(hashlib.md5(f"{user_id}:{salt}".encode()).hexdigest()[:8], 16) % modulus``."""
     value = f"CAST({column} AS VARCHAR)" + ("" if salt is None else f" || ':{salt}'")
     return f"((('0x' || md5({value})[1:8])::UBIGINT) % {int(modulus)})"
+
+
+def stage_by_bucket(
+    con: duckdb.DuckDBPyConnection,
+    query: str,
+    bucket_sql: str,
+    buckets: int,
+    folder: Path,
+    column: str = "stage_bucket",
+) -> dict[int, str]:
+    """Write the rows of ``query`` to one parquet folder per bucket (``bucket_sql``, an expression
+    on the query's columns, in [0, buckets)), in one pass; returns, per bucket that has rows, the
+    relation that reads them back (the bucket is the folder's name, not a column).
+
+    Why: a loop over user-hash buckets that filters its source table in every bucket re-reads the
+    table and hashes every row once per bucket (work that grows with the data times the buckets).
+    Stage only the rows and columns the loop reads: the parquet write is this pass's cost.
+
+    ``folder`` is scratch: its previous contents are removed first (COPY's OVERWRITE empties the
+    old partition folders but leaves them, so a reused folder would show buckets with no files).
+    Works on a read-only connection (COPY TO writes files, not the database). Column types come
+    back as parquet keeps them: the warehouse's tables are parquet already, but an ENUM of a
+    DuckDB table (a pandas categorical) is read back as VARCHAR."""
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    name = quote_ident(column)
+    con.execute(
+        f"COPY (SELECT *, {bucket_sql} AS {name} FROM ({query})) "
+        f"TO {sql_literal(str(folder))} (FORMAT parquet, PARTITION_BY ({name}), OVERWRITE)"
+    )
+    staged = {}
+    for b in range(buckets):
+        part = folder / f"{column}={b}"
+        if any(part.glob("*.parquet")):
+            staged[b] = f"read_parquet({sql_literal(str(part / '*.parquet'))}, hive_partitioning = false)"
+    return staged
 
 
 def utc_now() -> datetime:

@@ -8,8 +8,10 @@ upstream of this asset passed; the old champion becomes `previous` (rollback res
 Every decision is written as tags on the model version and as this asset's metadata.
 """
 
+import tempfile
 from collections import deque
 from collections.abc import Sequence
+from pathlib import Path
 
 import dagster as dg
 import numpy as np
@@ -18,7 +20,7 @@ from pydantic import Field
 
 from assets.evaluation.assets import evaluation_metrics
 from assets.model_registry.policy import promote_if_better
-from assets.trace_models.sequence_data import bucket_count, read_bucket
+from assets.trace_models.sequence_data import bucket_count, read_bucket, stage_buckets
 from assets.training_data.assets import funnel_spec_for, read_tasks
 from model_lib.metrics import auroc
 from resources.event_sources import EventSource
@@ -78,7 +80,8 @@ def trace_test_auroc(
     number of test examples.
 
     The test users are read and scored one user-hash bucket at a time, so memory holds one
-    bucket's events plus a label and a score per test example, never the events table.
+    bucket's events plus a label and a score per test example, never the events table; their
+    events are staged by bucket in one pass first (`stage_buckets`), not filtered per bucket.
     """
     with warehouse.connect(read_only=True) as con:
         tasks = read_tasks(con)
@@ -87,15 +90,17 @@ def trace_test_auroc(
         labels: list[np.ndarray] = []
         scores: dict[str, list[np.ndarray]] = {name: [] for name in comparable}
         buckets = bucket_count(con, events_per_bucket)
-        for bucket in range(buckets):
-            events, test = read_bucket(con, bucket, buckets, splits=("test",))
-            if test.empty:
-                continue
-            labels.append(
-                np.column_stack([test[c].astype("Float64").to_numpy(float, na_value=np.nan) for c in label_columns])
-            )
-            for name, model in comparable.items():
-                scores[name].append(model.predict_proba(events, test)[label_columns].to_numpy(float))
+        with tempfile.TemporaryDirectory(prefix="test-buckets-", dir=warehouse.paths.tmp_dir) as staging:
+            staged = stage_buckets(con, buckets, Path(staging), splits=("test",))
+            for bucket in range(buckets):
+                events, test = read_bucket(con, bucket, buckets, splits=("test",), staged=staged)
+                if test.empty:
+                    continue
+                labels.append(
+                    np.column_stack([test[c].astype("Float64").to_numpy(float, na_value=np.nan) for c in label_columns])
+                )
+                for name, model in comparable.items():
+                    scores[name].append(model.predict_proba(events, test)[label_columns].to_numpy(float))
     n_test = sum(len(x) for x in labels)
     result: dict[str, float | None] = dict.fromkeys(models)
     if n_test:

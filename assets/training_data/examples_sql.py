@@ -32,7 +32,7 @@ import numpy as np
 import pandas as pd
 
 from assets.training_data.tasks import EngagementTask, TaskSet
-from resources.warehouse import quote_ident, sql_literal, user_hash_sql
+from resources.warehouse import quote_ident, sql_literal, stage_by_bucket, user_hash_sql
 
 SPLITS = ("train", "valid", "test")
 
@@ -231,20 +231,14 @@ def stage_events_by_bucket(
     con: duckdb.DuckDBPyConnection, columns: list[str], buckets: int, folder: Path
 ) -> dict[int, str]:
     """Write ``columns`` of `sessionized_events` to one parquet folder per user-hash bucket, in one
-    read of the table (one md5 per event); returns, per bucket that has events, the relation of
-    its rows (the bucket is the folder's name, not a column). Only the columns the build reads:
-    the write dominates, and all 22 columns of the simulator's events took ~3x as long as 7."""
-    bucket = user_hash_sql("user_id", buckets, salt="examples")
+    read of the table (one md5 per event, `stage_by_bucket`); returns, per bucket that has events,
+    the relation of its rows. Only the columns the build reads: the write dominates, and all 22
+    columns of the simulator's events took ~3x as long as 7."""
     select = ", ".join(quote_ident(c) for c in columns)
-    con.execute(
-        f"COPY (SELECT {select}, {bucket} AS examples_bucket FROM sessionized_events) "
-        f"TO {sql_literal(str(folder))} (FORMAT parquet, PARTITION_BY (examples_bucket), OVERWRITE)"
+    bucket = user_hash_sql("user_id", buckets, salt="examples")
+    return stage_by_bucket(
+        con, f"SELECT {select} FROM sessionized_events", bucket, buckets, folder, column="examples_bucket"
     )
-    return {
-        b: f"read_parquet({sql_literal(str(folder / f'examples_bucket={b}' / '*.parquet'))}, hive_partitioning = false)"
-        for b in range(buckets)
-        if (folder / f"examples_bucket={b}").is_dir()
-    }
 
 
 def label_balance(con: duckdb.DuckDBPyConnection, relation: str, task_set: TaskSet) -> pd.DataFrame:
