@@ -17,31 +17,25 @@ import pytest
 
 from model_lib.conversion_service import ConversionModel, item_statistics
 from model_lib.embedding_service import UserModel
-from model_lib.encoding import EncoderConfig, SequenceEncoder, prepare_events
 from model_lib.funnel_samples import FunnelSpec, build_funnel_samples
 from model_lib.mtlds import MTLDSConfig
 from model_lib.mtlds_baselines import build_model as build_conversion
 from model_lib.sessionize import InvalidEventsError, sessionize
 from model_lib.trace_baselines import build_model, make_config
 from model_lib.training import set_seed
+from tests.trace_test_data import encoder_at_last_events, simulated_raw_events
 
 TASKS = ("label_booking", "label_bounce")
 
 
 @pytest.fixture(scope="module")
 def raw_events() -> pd.DataFrame:
-    from resources.event_sources.simulator import SimulatorConfig, simulate_events
-
-    raw = simulate_events(SimulatorConfig(n_users=60, days=21, seed=3))
-    return raw.assign(user_id=raw["user_id"].astype(str)).reset_index(drop=True)
+    return simulated_raw_events(n_users=60, days=21, seed=3)
 
 
 @pytest.fixture(scope="module")
 def user_model(raw_events) -> UserModel:
-    events = sessionize(raw_events)
-    last = events.groupby("user_id")["event_time"].max()
-    examples = pd.DataFrame({"user_id": last.index, "cutoff": last.to_numpy()})
-    encoder = SequenceEncoder(EncoderConfig(max_len=32)).fit(prepare_events(events), examples)
+    encoder = encoder_at_last_events(raw_events, max_len=32)
     set_seed(0)
     return UserModel("trace", build_model("trace", make_config("trace", encoder, TASKS)), encoder)
 

@@ -20,28 +20,22 @@ import torch
 
 from model_lib import serving_graph
 from model_lib.embedding_service import UserModel
-from model_lib.encoding import EncoderConfig, SequenceEncoder, prepare_events
-from model_lib.sessionize import sessionize
+from model_lib.encoding import SequenceEncoder
 from model_lib.trace_baselines import build_model, make_config
 from model_lib.training import set_seed
+from tests.trace_test_data import encoder_at_last_events, simulated_raw_events
 
 TASKS = ("label_booking", "label_bounce", "label_purchase")
 
 
 @pytest.fixture(scope="module")
 def raw_events() -> pd.DataFrame:
-    from resources.event_sources.simulator import SimulatorConfig, simulate_events
-
-    raw = simulate_events(SimulatorConfig(n_users=40, days=28, seed=5))
-    return raw.assign(user_id=raw["user_id"].astype(str)).reset_index(drop=True)
+    return simulated_raw_events(n_users=40, days=28, seed=5)
 
 
 @pytest.fixture(scope="module")
 def encoder(raw_events) -> SequenceEncoder:
-    events = sessionize(raw_events)
-    last = events.groupby("user_id")["event_time"].max()
-    examples = pd.DataFrame({"user_id": last.index, "cutoff": last.to_numpy()})
-    return SequenceEncoder(EncoderConfig(max_len=48)).fit(prepare_events(events), examples)
+    return encoder_at_last_events(raw_events, max_len=48)
 
 
 def trace_model(encoder: SequenceEncoder, seed: int = 0, kind: str = "trace", **overrides) -> UserModel:

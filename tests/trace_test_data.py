@@ -133,3 +133,23 @@ def simulated_split(n_users: int = 3000, days: int = 35, seed: int = 0):
         examples[split == 1].reset_index(drop=True),
         examples[split == 2].reset_index(drop=True),
     )
+
+
+def simulated_raw_events(n_users: int, days: int, seed: int) -> pd.DataFrame:
+    """The simulator's canonical raw events as a client sends them: string user ids, rows in order."""
+    from resources.event_sources.simulator import SimulatorConfig, simulate_events
+
+    raw = simulate_events(SimulatorConfig(n_users=n_users, days=days, seed=seed))
+    return raw.assign(user_id=raw["user_id"].astype(str)).reset_index(drop=True)
+
+
+def encoder_at_last_events(raw: pd.DataFrame, max_len: int):
+    """A `SequenceEncoder` fitted on every user's history up to their last event, sessionized by
+    the product's rule (`model_lib.sessionize`, what a served model applies to raw events)."""
+    from model_lib.encoding import EncoderConfig, SequenceEncoder, prepare_events
+    from model_lib.sessionize import sessionize as sessionize_raw
+
+    events = sessionize_raw(raw)
+    last = events.groupby("user_id")["event_time"].max()
+    examples = pd.DataFrame({"user_id": last.index, "cutoff": last.to_numpy()})
+    return SequenceEncoder(EncoderConfig(max_len=max_len)).fit(prepare_events(events), examples)
