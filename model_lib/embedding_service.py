@@ -26,6 +26,7 @@ from model_lib.distributed import fit_distributed
 from model_lib.encoding import EncoderConfig, PreparedEvents, SequenceEncoder, prepare_events
 from model_lib.metrics import auprc, auroc
 from model_lib.sequence_shards import ShardedExamples
+from model_lib.serving_graph import export as _export_serving_graph  # (`save`'s flag has the module's name)
 from model_lib.sessionize import (
     DEFAULT_SESSION_GAP_SECONDS,
     InvalidEventsError,
@@ -414,15 +415,6 @@ class UserModel:
         art = load_artifact(path)
         gap = art.metadata.get("session_gap_seconds", DEFAULT_SESSION_GAP_SECONDS)
         return cls(art.kind, art.model, art.encoder, float(gap), serving_graph=art.serving_graph)
-
-
-def _export_serving_graph(model: SequenceUserModel) -> bytes | None:
-    """`serving_graph.export` of the network in eval mode, its mode restored after."""
-    training = model.training
-    try:
-        return serving_graph.export(model.eval())
-    finally:
-        model.train(training)
 
 
 @functools.lru_cache(maxsize=64)

@@ -103,17 +103,27 @@ def _quiet_exporter() -> Iterator[None]:
         logger.setLevel(level)
 
 
+@contextlib.contextmanager
+def _one_user_network(model: TRACE) -> Iterator[OneUserNetwork]:
+    """``model``'s `OneUserNetwork` in eval mode (no dropout), ``model``'s own mode restored
+    after: exporting or checking a model that is still training does not change how it trains."""
+    training = model.training
+    try:
+        yield OneUserNetwork(model).eval()
+    finally:
+        model.train(training)
+
+
 def export(model: nn.Module) -> bytes | None:
     """The serving graph of ``model`` (an ONNX model, serialized), checked against the PyTorch
     forward at several lengths; None when the model is not supported or the export fails (the
     model then serves on PyTorch, with a warning in the log)."""
     if not supports(model):
         return None
-    network = OneUserNetwork(model).eval()
     max_len = max(model.config.max_len, 2)
     events = torch.export.Dim("events", min=1, max=max_len)
     try:
-        with torch.no_grad(), _quiet_exporter():
+        with _one_user_network(model) as network, torch.no_grad(), _quiet_exporter():
             program = torch.onnx.export(
                 network,
                 tuple(example_inputs(model, min(8, max_len)).values()),  # >= 2 events: the length stays symbolic
@@ -136,9 +146,8 @@ def check(session: ServingSession, model: TRACE, lengths=(1, 5)) -> float:
     """Largest difference between a serving graph's session and the PyTorch forward over
     sequences of ``lengths`` events; raises when it exceeds `TOLERANCE` (a graph that does not
     belong to these weights)."""
-    network = OneUserNetwork(model).eval()
     worst = 0.0
-    with torch.inference_mode():
+    with _one_user_network(model) as network, torch.inference_mode():
         for seed, length in enumerate(lengths):
             inputs = example_inputs(model, length, seed)
             expected = [t.numpy() for t in network(*inputs.values())]

@@ -77,6 +77,7 @@ def test_the_graph_equals_the_pytorch_forward_at_every_length(encoder, overrides
 def test_a_loaded_model_serves_raw_events_on_the_graph(encoder, raw_events, tmp_path):
     model = trace_model(encoder)
     path = model.save(tmp_path / "model.pt", serving_graph=True)
+    assert all(m.training for m in model.model.modules())  # exporting leaves a model in training as it was
     served = UserModel.load(path).freeze()
     assert served.serving_runtime == "onnxruntime"
     on_torch = dataclasses.replace(UserModel.load(path), serving_graph=None).freeze()
