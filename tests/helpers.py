@@ -493,3 +493,32 @@ def cron_ticks(cron: str, timezone: str, after: datetime, n: int) -> list[dateti
             found.append(t)
         t += timedelta(minutes=1)
     return found
+
+
+class QueryLog:
+    """A warehouse `connect` (a callable giving a DuckDB connection as a context manager) that
+    records every statement run on its connections: what a test asserts a step reads."""
+
+    def __init__(self, connect):
+        self.connect, self.queries = connect, []
+
+    @contextlib.contextmanager
+    def __call__(self):
+        with self.connect() as con:
+            yield _RecordingConnection(con, self.queries)
+
+
+class _RecordingConnection:
+    def __init__(self, con, queries):
+        self._con, self._queries = con, queries
+
+    def sql(self, query, *args, **kwargs):
+        self._queries.append(query)
+        return self._con.sql(query, *args, **kwargs)
+
+    def execute(self, query, *args, **kwargs):
+        self._queries.append(query)
+        return self._con.execute(query, *args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self._con, name)

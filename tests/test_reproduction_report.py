@@ -1,12 +1,11 @@
 """The reproduction machinery: user-level resampling, bounded reads of a dataset's events, and the
 report asset on a tiny configuration."""
 
-from contextlib import contextmanager
-
 import dagster as dg
 import numpy as np
 import pandas as pd
 import pytest
+from helpers import QueryLog
 
 from assets.reproduction.statistics import paired_uplift, verdict
 from model_lib.metrics import auroc
@@ -102,33 +101,6 @@ def test_learning_curve_table_and_plot(tmp_path):
 EVENTS_PER_BUCKET = 3000
 
 
-class QueryLog:
-    """A dataset's `connect` that records every statement run on its connections."""
-
-    def __init__(self, dataset):
-        self.dataset, self.queries = dataset, []
-
-    @contextmanager
-    def __call__(self):
-        with self.dataset.warehouse.connect(read_only=True) as con:
-            yield self._Recording(con, self.queries)
-
-    class _Recording:
-        def __init__(self, con, queries):
-            self._con, self._queries = con, queries
-
-        def sql(self, query, *args, **kwargs):
-            self._queries.append(query)
-            return self._con.sql(query, *args, **kwargs)
-
-        def execute(self, query, *args, **kwargs):
-            self._queries.append(query)
-            return self._con.execute(query, *args, **kwargs)
-
-        def __getattr__(self, name):
-            return getattr(self._con, name)
-
-
 def sequence_run_reads(n_users, tmp_path, monkeypatch):
     """(events of the example users, buckets, events of the largest bucket read, statements that
     read sessionized_events without a bucket predicate) of one `run_sequence` on a simulated
@@ -148,7 +120,7 @@ def sequence_run_reads(n_users, tmp_path, monkeypatch):
         return events, examples
 
     monkeypatch.setattr(sequence_data, "read_bucket", recording_read_bucket)
-    log = QueryLog(ds)
+    log = QueryLog(lambda: ds.warehouse.connect(read_only=True))
     monkeypatch.setattr(ds, "connect", log)
     config = TrainConfig(epochs=1, batch_size=64, sample_budget=256, num_threads=1)
     rows, _ = run_sequence(ds, Variant("trace", "trace"), 0, config, max_len=16)

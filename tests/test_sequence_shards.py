@@ -7,6 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from helpers import QueryLog
 
 from assets.trace_models.sequence_data import (
     STAGING_FOLDER,
@@ -110,34 +111,6 @@ def test_bucketed_encoder_and_shards_equal_the_in_memory_path(small_split, tmp_p
         assert torch.allclose(got[k].float(), reference[k].float(), atol=1e-5), k
 
 
-class LoggingConnect(Connect):
-    """`Connect` that records every statement run on its connections."""
-
-    def __init__(self, path):
-        super().__init__(path)
-        self.queries = []
-
-    def __call__(self):
-        con, queries = super().__call__(), self.queries
-
-        class Logged:
-            def __enter__(self):
-                return self
-
-            def __exit__(self, *exc):
-                con.close()
-
-            def execute(self, query, *args, **kwargs):
-                queries.append(query)
-                return con.execute(query, *args, **kwargs)
-
-            def sql(self, query, *args, **kwargs):
-                queries.append(query)
-                return con.sql(query, *args, **kwargs)
-
-        return Logged()
-
-
 def test_buckets_are_staged_once_and_read_as_the_table_filters_read_them(small_split, tmp_path):
     """`write_sequence_shards` reads `sessionized_events` in one statement (the staging COPY, plus
     the count of `bucket_count`; a `LIMIT 0` look-up of its columns reads no row), whatever the
@@ -147,7 +120,7 @@ def test_buckets_are_staged_once_and_read_as_the_table_filters_read_them(small_s
     events, train, valid, test = small_split
     path = tmp_path / "w.duckdb"
     warehouse_of(events, {"train": train, "valid": valid, "test": test}, path)
-    connect = LoggingConnect(path)
+    connect = QueryLog(Connect(path))
     config = EncoderConfig(max_len=16)
     sample = "user_id < 'u0150'"
     data = write_sequence_shards(connect, "trace", list(TASKS), tmp_path / "a", config, 3000, train_sample=sample)
