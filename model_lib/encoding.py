@@ -35,6 +35,7 @@ or examples.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -372,7 +373,7 @@ class SequenceEncoder:
         for events, examples in parts:
             ev = events if isinstance(events, PreparedEvents) else prepare_events(events)
             if not token_counts:
-                self.columns = tuple(self._categorical_columns(ev.frame))
+                self.columns = tuple(self._categorical_columns(list(ev.frame.columns)))
                 token_counts = {c: {} for c in self.columns}
             codes = {}
             for c in self.columns:
@@ -417,23 +418,24 @@ class SequenceEncoder:
         from them. A caller that reads events for this encoder need read no others (the rest of
         `sessionized_events`, e.g. ids and raw gaps, cost time to read and convert)."""
         read = {"user_id", "event_time", "event_name", *SESSION_COLUMNS}
-        read |= set(self._categorical_columns(pd.DataFrame(columns=list(available))))
+        read |= set(self._categorical_columns(available))
         return [c for c in available if c in read]
 
     def _rules(self) -> dict[str, AttributeRule]:
         return {r.column: r for r in self.config.attributes or ()}
 
-    def _categorical_columns(self, frame: pd.DataFrame) -> list[str]:
+    def _categorical_columns(self, available: Sequence[str]) -> list[str]:
+        """The categorical columns this config encodes, of an events frame's columns ``available``."""
         if self.config.attributes is not None:  # the declared allow-list; absent columns are skipped
-            cols = [r.column for r in self.config.attributes if r.column in frame.columns]
+            cols = [r.column for r in self.config.attributes if r.column in available]
             if "event_name" not in cols:
                 raise ValueError("the attribute allow-list must contain event_name (the page)")
             return cols
         if self.config.categorical_columns is None:
-            attrs = [c for c in frame.columns if c not in NON_ATTRIBUTE_COLUMNS and c not in ("event_name", "category")]
-            return ["event_name", *(["category"] if "category" in frame.columns else []), *attrs]
+            attrs = [c for c in available if c not in NON_ATTRIBUTE_COLUMNS and c not in ("event_name", "category")]
+            return ["event_name", *(["category"] if "category" in available else []), *attrs]
         cols = list(self.config.categorical_columns)
-        absent = [c for c in cols if c not in frame.columns]
+        absent = [c for c in cols if c not in available]
         if absent:
             raise ValueError(f"categorical columns {absent} are not in the events frame")
         return cols
