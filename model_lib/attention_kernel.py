@@ -9,7 +9,8 @@ GFLOP/s: they write [L, L] scores to memory several times); FlexAttention has no
 torch 2.13. This kernel (bench/trace_model.py measures both side by side) computes the same
 softmax(q k^T / 2) v, with the scores recomputed in the backward pass as flash attention does
 (nothing [L, L] is stored), one (sequence, head) at a time, keys and values transposed into a
-small buffer so that each loop over keys runs on 8 floats per instruction.
+small buffer so that each loop over keys runs on 16 floats per instruction (AVX-512; 8 on AVX2),
+with the exponential inlined as a polynomial.
 
 Same math as ``F.scaled_dot_product_attention``: outputs and gradients agree up to float
 rounding (~1e-6; tests/test_attention_kernel.py), and it is deterministic. It runs on one thread,
@@ -18,31 +19,20 @@ and only where autograd needs it (training, ``trace.SelfAttention.attend``): inf
 serving keep PyTorch's kernel. Without
 a C compiler, or where the build fails, ``kernel()`` is None and the model runs on PyTorch alone.
 
-Build: ``-ffast-math`` (vector ``expf`` from glibc's libmvec) at *compile* time only: linking a
-shared library with it adds a constructor that sets flush-to-zero for the whole process (GCC < 13).
-The library lands in the user's cache (`$XDG_CACHE_HOME` or `~/.cache`, `trace_dagster/kernels`; or
-`TRACE_KERNEL_CACHE`), named by a hash of the source and flags (written under a
-temporary name, then renamed: concurrent processes never load a half-written file).
+Built and cached by ``native.build`` (model_lib/native.py).
 """
 
 from __future__ import annotations
 
 import ctypes
-import hashlib
-import logging
-import os
-import shutil
-import subprocess
-import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import cache
-from pathlib import Path
 
 import torch
 from torch import Tensor
 
-log = logging.getLogger(__name__)
+from model_lib import native
 
 HEAD_WIDTH = 4
 SCALE = HEAD_WIDTH**-0.5  # what scaled_dot_product_attention uses
@@ -52,7 +42,7 @@ SOURCE = r"""
 /* Softmax attention over heads of width 4, forward and backward, straight from the packed
    projections: qkv [B, L, 3 * H * 4] (q, k, v side by side, heads in order), out [B, L, H * 4].
    One (sequence, head) at a time; keys and values are transposed into a small buffer so that the
-   loops over keys run on 8 floats per instruction; scores are recomputed in the backward pass
+   loops over keys run on whole vectors; scores are recomputed in the backward pass
    (nothing [L, L] is ever stored). keys: [B, L] uint8, 1 = visible (NULL: every slot). */
 #include <math.h>
 #include <stdint.h>
@@ -60,6 +50,25 @@ SOURCE = r"""
 #include <string.h>
 
 #define MASKED (-1e30f) /* finite: -ffast-math assumes no infinities */
+
+/* e^x for the softmax's arguments (x <= ~0), inlined into the vector loops (fwd + bwd measured
+   1.35x faster than with glibc's vector expf on AVX2, 1.7x on AVX-512): 2^n * 2^f with n the nearest
+   integer to x log2(e), f in [-0.5, 0.5], 2^f by its degree-6 Taylor polynomial (relative error
+   ~1e-7). Below -87 (a masked key, or a weight under 1e-38) it is exactly 0. */
+static inline float exp_nonpositive(float x) {
+    const float t = fmaxf(x, -87.0f) * 1.4426950408889634f;
+    const float n = floorf(t + 0.5f), f = t - n;
+    float p = 1.5403530393381606e-4f;
+    p = p * f + 1.3333558146428443e-3f;
+    p = p * f + 9.6181291076284772e-3f;
+    p = p * f + 5.5504108664821580e-2f;
+    p = p * f + 2.4022650695910072e-1f;
+    p = p * f + 6.9314718055994531e-1f;
+    p = p * f + 1.0f;
+    union { float f; int32_t i; } bits = {p};
+    bits.i += (int32_t)n << 23; /* times 2^n */
+    return x < -87.0f ? 0.0f : bits.f;
+}
 
 /* keys and values of head h of sequence b as columns kt[d * Lp + j], vt[d * Lp + j] (keys scaled), bias[j]:
    0 for a visible key, MASKED for a hidden one and for the slots L..Lp-1 that round the loops up to whole
@@ -107,7 +116,7 @@ int attn4_forward(const float *qkv, const uint8_t *keys, int64_t B, int64_t H, i
                 float l = 0.f, o0 = 0.f, o1 = 0.f, o2 = 0.f, o3 = 0.f;
 #pragma omp simd reduction(+ : l, o0, o1, o2, o3)
                 for (int64_t j = 0; j < Lp; j++) {
-                    float e = expf(ps[j] - m);
+                    float e = exp_nonpositive(ps[j] - m);
                     l += e;
                     o0 += e * v0[j];
                     o1 += e * v1[j];
@@ -150,7 +159,7 @@ int attn4_backward(const float *qkv, const uint8_t *keys, const float *out, cons
                 float a0 = 0.f, a1 = 0.f, a2 = 0.f, a3 = 0.f;
 #pragma omp simd reduction(+ : a0, a1, a2, a3)
                 for (int64_t j = 0; j < Lp; j++) {
-                    const float p = expf(bs[j] + q0 * k0[j] + q1 * k1[j] + q2 * k2[j] + q3 * k3[j] - li);
+                    const float p = exp_nonpositive(bs[j] + q0 * k0[j] + q1 * k1[j] + q2 * k2[j] + q3 * k3[j] - li);
                     const float ds = p * (g0 * v0[j] + g1 * v1[j] + g2 * v2[j] + g3 * v3[j] - delta);
                     a0 += ds * k0[j], a1 += ds * k1[j], a2 += ds * k2[j], a3 += ds * k3[j];
                     dk0[j] += ds * q0, dk1[j] += ds * q1, dk2[j] += ds * q2, dk3[j] += ds * q3;
@@ -173,38 +182,11 @@ int attn4_backward(const float *qkv, const uint8_t *keys, const float *out, cons
 """
 
 
-def _flags() -> list[str]:
-    arch = ["-mavx2", "-mfma"] if torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512") else []
-    return ["-O3", "-ffast-math", "-fopenmp-simd", "-fPIC", *arch]
-
-
 @cache
 def kernel() -> ctypes.CDLL | None:
-    """The built library, or None (no C compiler, a failed build, or ``TRACE_ATTENTION_KERNEL=0``)."""
-    if os.environ.get("TRACE_ATTENTION_KERNEL", "1") == "0":
-        return None
-    cc = shutil.which(os.environ.get("CC", "gcc"))
-    if cc is None:
-        log.info("no C compiler: attention runs on PyTorch's kernel")
-        return None
-    flags = _flags()
-    digest = hashlib.sha256("\0".join([SOURCE, cc, *flags]).encode()).hexdigest()[:16]
-    # the user's own cache, not a shared /tmp where another account could plant a library by that name
-    cache_home = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    folder = Path(os.environ.get("TRACE_KERNEL_CACHE") or cache_home / "trace_dagster" / "kernels")
-    library = folder / f"attn4-{digest}.so"
-    try:
-        if not library.exists():
-            folder.mkdir(parents=True, exist_ok=True)
-            with tempfile.TemporaryDirectory(dir=folder) as tmp:
-                source, obj, out = Path(tmp) / "attn4.c", Path(tmp) / "attn4.o", Path(tmp) / "attn4.so"
-                source.write_text(SOURCE)
-                subprocess.run([cc, *flags, "-c", str(source), "-o", str(obj)], check=True, capture_output=True)
-                subprocess.run([cc, "-shared", "-o", str(out), str(obj), "-lm"], check=True, capture_output=True)
-                os.replace(out, library)
-        lib = ctypes.CDLL(str(library))
-    except (OSError, subprocess.CalledProcessError) as e:
-        log.warning("attention kernel not built (%s): attention runs on PyTorch's kernel", e)
+    """The built library, or None (no C compiler, a failed build, or ``TRACE_NATIVE_KERNELS=0``)."""
+    lib = native.build("attn4", SOURCE)
+    if lib is None:
         return None
     p, i64, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
     lib.attn4_forward.argtypes = [p, p, i64, i64, i64, f32, p, p]

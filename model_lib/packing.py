@@ -11,8 +11,8 @@ length would cost one kernel call per length).
 
 The result is the padded computation's up to float rounding: padding never reaches a real event
 (it is masked out of attention and pooling), so leaving it out changes no output and no gradient.
-Dropout draws its mask at the padded shape [B, L, D], as ``nn.Dropout`` on the padded batch does,
-so a seed gives the same masks either way. ``Packing.of(mask, packed=False)`` is that padded
+Dropout's mask is a hash of the seed, the event's padded slot and the feature (slot_dropout.py), so
+a seed gives the same masks either way, and only the carried events draw one. ``Packing.of(mask, packed=False)`` is that padded
 computation itself (every slot carried, one attention group): the reference the tests compare to.
 """
 
@@ -24,6 +24,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from model_lib.slot_dropout import slot_dropout
 
 # A new group starts at the first sequence (in order of decreasing length) at most this fraction
 # of the group's longest, once the group has MIN_GROUP_ROWS sequences. On the default run's data
@@ -121,14 +123,11 @@ class Packing:
         return flat if self.scatter is None else flat.index_select(0, self.scatter)
 
     def dropout(self, drop: nn.Dropout, x: Tensor) -> Tensor:
-        """``drop`` on carried events [N, D], with the mask ``drop`` would draw on the padded batch."""
+        """``drop``'s rate on carried events [N, D], each event's mask a function of its padded slot
+        (slot_dropout.py): the padded computation draws the same masks."""
         if not drop.training or drop.p == 0:
             return x
-        if self.index is None:
-            return drop(x.view(*self.shape, -1)).view(x.shape)
-        keep = 1 - drop.p
-        noise = x.new_empty(*self.shape, x.shape[-1]).bernoulli_(keep)  # [B, L, D], as nn.Dropout draws it
-        return x * self.pack(noise).div_(keep) if keep > 0 else x * 0  # scaled once packed: same values
+        return slot_dropout(x, drop.p, self.index)
 
     def last(self) -> Tensor:
         """Where each sequence's most recent event is among the carried events [B] (events are
