@@ -39,7 +39,7 @@ if __package__ in (None, ""):  # `python bench/x.py`: the repository root, as `p
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.pandas_reference import sessionize_pandas
-from model_lib import attention_kernel
+from model_lib import attention_kernel, slot_dropout
 from model_lib.embedding_service import UserModel
 from model_lib.encoding import EncoderConfig, SequenceEncoder, prepare_events
 from model_lib.sequence_shards import ShardedExamples, ShardWriter
@@ -238,8 +238,11 @@ def main(argv: list[str] | None = None) -> None:
             f"{rate * 3 * flops / 1e9 / ((before + after) / 2):.3f}"
         )
     print(
-        f"attention kernel available: {attention_kernel.kernel() is not None}; matmul {before:.1f} / {after:.1f} GFLOP/s around it"
+        f"attention kernel available: {attention_kernel.kernel() is not None}; dropout kernel available: "
+        f"{slot_dropout.kernel() is not None}; matmul {before:.1f} / {after:.1f} GFLOP/s around it"
     )
+    fraction = float(np.median(side[True])) * 3 * flops / 1e9 / ((before + after) / 2)
+    print(f"target_fraction_of_matmul_1thread=0.25 met={fraction >= 0.25} (full-length batch, attention kernel)")
     real_len = encoded["mask"].sum(1).float()
     print(f"encode_examples_per_s={encode_per_s:.0f} (mean real length {real_len.mean():.1f} of {cfg.max_len})")
 
