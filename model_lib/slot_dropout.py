@@ -100,10 +100,14 @@ def keep_mask(slots: np.ndarray, n_features: int, seed: int, p: float) -> np.nda
     return h >= np.uint32(threshold_of(p))
 
 
-def _apply(x: Tensor, slots: Tensor | None, seed: int, p: float) -> Tensor:
+def _apply(
+    x: Tensor, slots: Tensor | None, seed: int, p: float, mask: Tensor | None = None
+) -> tuple[Tensor, Tensor | None]:
+    """(x with the mask applied, the mask if it was materialised: the reference path keeps it for
+    the backward pass instead of hashing again; the kernel recomputes it, cheaper than storing)."""
     scale = 1.0 / (1.0 - p)
     lib = kernel()
-    if lib is not None and x.device.type == "cpu" and x.dtype == torch.float32:
+    if mask is None and lib is not None and x.device.type == "cpu" and x.dtype == torch.float32:
         x = x.contiguous()
         out = torch.empty_like(x)
         lib.slot_dropout(
@@ -116,21 +120,23 @@ def _apply(x: Tensor, slots: Tensor | None, seed: int, p: float) -> Tensor:
             scale,
             out.data_ptr(),
         )
-        return out
-    where = np.arange(x.shape[0]) if slots is None else slots.cpu().numpy()
-    mask = torch.from_numpy(keep_mask(where, x.shape[1], seed, p)).to(x.device)
-    return x * mask * scale
+        return out, None
+    if mask is None:
+        where = np.arange(x.shape[0]) if slots is None else slots.cpu().numpy()
+        mask = torch.from_numpy(keep_mask(where, x.shape[1], seed, p)).to(x.device)
+    return x * mask * scale, mask
 
 
 class _SlotDropout(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, slots: Tensor | None, seed: int, p: float) -> Tensor:
-        ctx.slots, ctx.seed, ctx.p = slots, seed, p
-        return _apply(x, slots, seed, p)
+        out, mask = _apply(x, slots, seed, p)
+        ctx.slots, ctx.seed, ctx.p, ctx.mask = slots, seed, p, mask
+        return out
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        return _apply(grad, ctx.slots, ctx.seed, ctx.p), None, None, None  # the same mask and scale
+        return _apply(grad, ctx.slots, ctx.seed, ctx.p, ctx.mask)[0], None, None, None  # the same mask and scale
 
 
 def slot_dropout(x: Tensor, p: float, slots: Tensor | None = None) -> Tensor:
