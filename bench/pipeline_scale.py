@@ -293,7 +293,7 @@ def main(argv: list[str] | None = None) -> None:
         f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at start; homes under {root}",
         flush=True,
     )
-    results = []
+    results, tabled = [], 0
     for size in sizes:
         home, out = root / f"events_{size:.0e}", root / f"events_{size:.0e}.json"
         if args.reuse and out.exists():
@@ -329,9 +329,12 @@ def main(argv: list[str] | None = None) -> None:
             continue
         results.append(json.loads(out.read_text()))
         print_table(results)  # so far, in case a larger size does not finish
+        tabled = len(results)
         print(f"load average {os.getloadavg()[0]:.1f}", flush=True)
     if not results:
         sys.exit(1)
+    if tabled != len(results):  # the last sizes were reused: their table is still due
+        print_table(results)
 
 
 if __name__ == "__main__":
