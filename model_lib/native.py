@@ -50,7 +50,7 @@ def build(name: str, source: str) -> ctypes.CDLL | None:
         return None
     cc = shutil.which(os.environ.get("CC", "gcc"))
     if cc is None:
-        log.info("no C compiler: %s runs on its PyTorch reference", name)
+        log.info("no C compiler: %s runs on its PyTorch/numpy reference", name)
         return None
     compile_flags = flags()
     digest = hashlib.sha256("\0".join([source, cc, *compile_flags]).encode()).hexdigest()[:16]
@@ -69,7 +69,7 @@ def build(name: str, source: str) -> ctypes.CDLL | None:
                 os.replace(out, library)
         return ctypes.CDLL(str(library))
     except (OSError, subprocess.CalledProcessError) as e:
-        log.warning("%s not built (%s): it runs on its PyTorch reference", name, e)
+        log.warning("%s not built (%s): it runs on its PyTorch/numpy reference", name, e)
         return None
 
 

@@ -12,8 +12,9 @@ length would cost one kernel call per length).
 The result is the padded computation's up to float rounding: padding never reaches a real event
 (it is masked out of attention and pooling), so leaving it out changes no output and no gradient.
 Dropout's mask is a hash of the seed, the event's padded slot and the feature (slot_dropout.py), so
-a seed gives the same masks either way, and only the carried events draw one. ``Packing.of(mask, packed=False)`` is that padded
-computation itself (every slot carried, one attention group): the reference the tests compare to.
+a seed gives the same masks either way, and only the carried events draw one.
+``Packing.of(mask, packed=False)`` is that padded computation itself (every slot carried, one
+attention group): the reference the tests compare to.
 """
 
 from __future__ import annotations
